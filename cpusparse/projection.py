@@ -1,0 +1,359 @@
+r"""Euclidean projection of keep probabilities onto the budget set.
+
+After each gradient step on the scores, Zhou et al. (2021) project them back
+onto
+
+.. math::
+
+    \mathcal{S}_k = \{ s \in \mathbb{R}^n : 0 \le s_i \le 1, \;
+    \textstyle\sum_i s_i \le k \},
+
+where the budget :math:`k` is the expected number of kept units. One global
+budget can span all layers: concatenate the layers' scores with
+:func:`concat_scores`, project, and split them back with :func:`split_scores`.
+
+References
+----------
+.. [1] X. Zhou, W. Zhang, Z. Chen, S. Diao and T. Zhang, "Efficient Neural
+   Network Training via Forward and Backward Propagation Sparsification",
+   NeurIPS 2021. arXiv:2111.05685.
+"""
+
+from __future__ import annotations
+
+import numbers
+
+import numpy as np
+
+__all__ = ["project_scores", "concat_scores", "split_scores"]
+
+_METHODS = ("exact", "bisection")
+
+
+def _check_real_array(x, name):
+    x = np.asarray(x)
+    if x.dtype.kind not in "fiu":
+        raise TypeError(f"{name} must be a real floating or integer array, got dtype {x.dtype}")
+    return x
+
+
+def _check_positive_finite(value, name):
+    if not isinstance(value, numbers.Real) or isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    if not np.isfinite(value) or value <= 0:
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _clipped_sum(s, v):
+    """Sum of clip(s - v, 0, 1) in float64. NOTE: s is float64, v a float."""
+    return float(np.clip(s - v, 0.0, 1.0).sum())
+
+
+def _threshold_exact(s, budget):
+    """Smallest v >= 0 with sum(clip(s - v, 0, 1)) == budget.
+
+    NOTE: s is 1-D float64 and sum(clip(s, 0, 1)) > budget >= 0 (so max(s) > 0).
+    """
+    n = s.shape[0]
+    s_sorted = np.sort(s)
+    prefix = np.concatenate(([0.0], np.cumsum(s_sorted)))
+    s_max = s_sorted[-1]
+
+    # Breakpoints of f(v) = sum_i clip(s_i - v, 0, 1) inside [0, max s].
+    cand = np.concatenate(([0.0], s_sorted, s_sorted - 1.0))
+    cand = np.unique(cand[(cand >= 0.0) & (cand <= s_max)])
+
+    def segment_terms(v):
+        # Units with s_i <= v give 0, with s_i >= v + 1 give 1, others s_i - v.
+        lo = np.searchsorted(s_sorted, v, side="right")
+        hi = np.searchsorted(s_sorted, v + 1.0, side="left")
+        n_one = n - hi
+        n_active = hi - lo
+        active_sum = prefix[hi] - prefix[lo]
+        return n_one, n_active, active_sum
+
+    n_one, n_active, active_sum = segment_terms(cand)
+    f_cand = n_one + active_sum - cand * n_active
+    # f is nonincreasing, f(cand[0] = 0) > budget and f(cand[-1] = max s) = 0 <= budget.
+    j = int(np.argmax(f_cand <= budget))
+    j = max(j, 1)
+    left, right = cand[j - 1], cand[j]
+    # Inside (left, right) no unit changes state: f(v) = n_one + sum_active - v * n_active.
+    n_one, n_active, active_sum = segment_terms(0.5 * (left + right))
+    if n_active == 0:  # pragma: no cover - f would be flat across a crossing
+        return float(right)
+    v = (n_one + active_sum - budget) / n_active
+    return float(min(max(v, left), right))
+
+
+def _threshold_bisection(s, budget, tol, max_iter):
+    """Run the authors' bisection. NOTE: same preconditions as ``_threshold_exact``."""
+    lo, hi = 0.0, float(s.max())
+    mid = 0.5 * (lo + hi)
+    for _ in range(max_iter):
+        mid = 0.5 * (lo + hi)
+        total = _clipped_sum(s, mid)
+        if abs(total - budget) < tol:
+            break
+        if total > budget:
+            lo = mid
+        else:
+            hi = mid
+    return mid
+
+
+def project_scores(score, budget, *, method="exact", tol=1e-3, max_iter=20):
+    r"""Euclidean projection of ``score`` onto :math:`\{s : 0 \le s \le 1, \sum s \le k\}`.
+
+    Parameters
+    ----------
+    score : array-like of shape (n,)
+        Finite real values (typically scores after a gradient step, so they
+        may lie outside [0, 1]).
+    budget : float
+        The budget :math:`k \ge 0`, the largest allowed expected number of
+        kept units. ``budget >= n`` makes the constraint inactive.
+    method : {"exact", "bisection"}, default="exact"
+        ``"exact"`` solves for the threshold exactly from the sorted
+        breakpoints in :math:`O(n \log n)`. ``"bisection"`` is the solver of
+        the authors' code, controlled by ``tol`` and ``max_iter``.
+    tol : float, default=1e-3
+        Bisection only: stop when :math:`|\sum_i P(s)_i - k| <` ``tol``.
+    max_iter : int, default=20
+        Bisection only: the largest number of midpoints evaluated.
+
+    Returns
+    -------
+    projected : ndarray of shape (n,)
+        A new array, float32 if ``score`` is float32 and float64 otherwise
+        (the computation is done in float64).
+    threshold : float
+        The shift :math:`v \ge 0` with ``projected = clip(score - v, 0, 1)``;
+        0.0 when ``clip(score, 0, 1)`` is already feasible.
+
+    Raises
+    ------
+    ValueError
+        If ``score`` is not 1-D or not finite, ``budget`` is negative or not
+        finite, ``method`` is unknown, or ``tol``/``max_iter`` are not positive.
+    TypeError
+        If ``score`` is not a real array or a scalar argument has the wrong type.
+
+    Notes
+    -----
+    **KKT conditions.** The projection solves the strictly convex problem
+    :math:`\min_x \tfrac12 \lVert x - s \rVert^2` over the box
+    :math:`0 \le x \le 1` and :math:`\sum_i x_i \le k`. All constraints are
+    affine, so the KKT conditions are necessary and sufficient. Dualising only
+    the sum constraint with a multiplier :math:`v \ge 0`, the Lagrangian
+
+    .. math::
+
+        \tfrac12 \lVert x - s \rVert^2 + v \big(\textstyle\sum_i x_i - k\big)
+
+    separates over coordinates, and its minimiser over the box is
+    :math:`x_i(v) = \mathrm{clip}(s_i - v, 0, 1)`. Complementary slackness
+    :math:`v\,(\sum_i x_i(v) - k) = 0` leaves two cases: either :math:`v = 0`
+    and :math:`\sum_i \mathrm{clip}(s_i, 0, 1) \le k`, or :math:`v > 0` solves
+
+    .. math::
+
+        f(v) := \sum_i \mathrm{clip}(s_i - v, 0, 1) = k .
+
+    **Exact solve.** :math:`f` is continuous, nonincreasing and piecewise
+    linear with breakpoints at :math:`s_i` and :math:`s_i - 1`; on a segment
+    without breakpoints, with :math:`A` the units in the linear regime
+    (:math:`v < s_i < v + 1`) and :math:`U` those clipped at 1,
+    :math:`f(v) = |U| + \sum_{i \in A} s_i - v|A|`. The breakpoints are sorted,
+    :math:`f` is evaluated at all of them with prefix sums, the segment where
+    :math:`f` crosses :math:`k` is located and the linear equation solved:
+    :math:`v = (|U| + \sum_{A} s_i - k)/|A|`. Where :math:`f` is flat at
+    :math:`k` the threshold is not unique (the projection is); the smallest is
+    returned.
+
+    **Bisection.** Starting from :math:`[0, \max_i s_i]`, the midpoint is
+    evaluated up to ``max_iter`` times, stopping early when
+    :math:`|f(v) - k| <` ``tol``; the last midpoint is returned. Its result may
+    exceed the budget by up to ``tol`` (more if the cap is hit first). Because
+    both results have the form :math:`\mathrm{clip}(s - v, 0, 1)`, they differ
+    in one direction only, so
+    :math:`\lVert P_{\mathrm{bis}} - P_{\mathrm{exact}} \rVert_1 = |f(v_{\mathrm{bis}}) - k|`.
+
+    A float32 result is rounded after the float64 solve, so its sum may
+    exceed ``budget`` by a few float32 ulps.
+
+    References
+    ----------
+    .. [1] X. Zhou et al., "Efficient Neural Network Training via Forward and
+       Backward Propagation Sparsification", NeurIPS 2021. arXiv:2111.05685.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cpusparse.projection import project_scores
+    >>> p, v = project_scores(np.array([0.9, 0.6, 0.3, -0.2]), 1.2)
+    >>> p, v
+    (array([0.7, 0.4, 0.1, 0. ]), 0.2)
+    >>> project_scores(np.array([0.2, 1.5]), 2.0)  # clipping alone is feasible
+    (array([0.2, 1. ]), 0.0)
+    >>> q, _ = project_scores(np.array([0.9, 0.6, 0.3, -0.2]), 1.0, method="bisection")
+    >>> bool(abs(q.sum() - 1.0) < 1e-3)
+    True
+    """
+    if method not in _METHODS:
+        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    score = _check_real_array(score, "score")
+    if score.ndim != 1:
+        raise ValueError(f"score must be 1-D, got an array of shape {score.shape}")
+    if not np.all(np.isfinite(score)):
+        raise ValueError("score must be finite, got NaN or inf")
+    if not isinstance(budget, numbers.Real) or isinstance(budget, bool | np.bool_):
+        raise TypeError(f"budget must be a real number, got {type(budget).__name__}")
+    if not np.isfinite(budget) or budget < 0:
+        raise ValueError(f"budget must be a finite number >= 0, got {budget!r}")
+    _check_positive_finite(tol, "tol")
+    if not isinstance(max_iter, numbers.Integral) or isinstance(max_iter, bool | np.bool_):
+        raise TypeError(f"max_iter must be an int, got {type(max_iter).__name__}")
+    if max_iter < 1:
+        raise ValueError(f"max_iter must be >= 1, got {max_iter}")
+
+    out_dtype = np.float32 if score.dtype == np.float32 else np.float64
+    s = score.astype(np.float64)
+    budget = float(budget)
+    clipped = np.clip(s, 0.0, 1.0)
+    if clipped.sum() <= budget:
+        return clipped.astype(out_dtype, copy=False), 0.0
+    if method == "exact":
+        threshold = _threshold_exact(s, budget)
+    else:
+        threshold = _threshold_bisection(s, budget, float(tol), int(max_iter))
+    projected = np.clip(s - threshold, 0.0, 1.0)
+    return projected.astype(out_dtype, copy=False), float(threshold)
+
+
+def concat_scores(scores):
+    r"""Flatten and concatenate per-layer scores so that one budget spans all layers.
+
+    Parameters
+    ----------
+    scores : sequence of array-like
+        One score array per layer, of any shape, all of the same floating
+        dtype (float32 and float64 are not mixed silently).
+
+    Returns
+    -------
+    flat : ndarray of shape (offsets[-1],)
+        A new array holding every layer's scores, raveled in C order.
+    offsets : ndarray of shape (n_layers + 1,), dtype int64
+        Layer ``l`` occupies ``flat[offsets[l]:offsets[l + 1]]``.
+
+    Raises
+    ------
+    ValueError
+        If ``scores`` is empty.
+    TypeError
+        If the layers are not floating arrays of one dtype.
+
+    Notes
+    -----
+    With per-layer scores :math:`s^{(l)}` and a global budget :math:`k`,
+    the feasible set :math:`\{0 \le s^{(l)} \le 1, \sum_l \sum_i s^{(l)}_i \le k\}`
+    is the budget set of the concatenated vector, so a single
+    :func:`project_scores` call on ``flat`` projects all layers jointly and
+    lets the optimiser distribute the budget across layers.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cpusparse.projection import concat_scores, split_scores
+    >>> flat, offsets = concat_scores([np.full(2, 0.5), np.full((2, 2), 0.25)])
+    >>> flat
+    array([0.5 , 0.5 , 0.25, 0.25, 0.25, 0.25])
+    >>> offsets
+    array([0, 2, 6])
+    >>> [a.shape for a in split_scores(flat, offsets, shapes=[(2,), (2, 2)])]
+    [(2,), (2, 2)]
+    """
+    if isinstance(scores, np.ndarray):
+        raise TypeError("scores must be a sequence of arrays (one per layer), got an ndarray")
+    scores = [np.asarray(a) for a in scores]
+    if not scores:
+        raise ValueError("scores must hold at least one layer, got an empty sequence")
+    dtypes = {a.dtype for a in scores}
+    if len(dtypes) != 1 or next(iter(dtypes)).kind != "f":
+        names = sorted(str(d) for d in dtypes)
+        raise TypeError(f"scores must all have the same floating dtype, got dtypes {names}")
+    sizes = np.array([a.size for a in scores], dtype=np.int64)
+    offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
+    flat = np.concatenate([a.ravel() for a in scores])
+    return flat, offsets
+
+
+def split_scores(flat, offsets, *, shapes=None):
+    """Split a flat score vector back into per-layer arrays (inverse of :func:`concat_scores`).
+
+    Parameters
+    ----------
+    flat : array-like of shape (n_total,)
+        Concatenated scores, e.g. the output of :func:`project_scores`.
+    offsets : array-like of shape (n_layers + 1,), integer
+        Nondecreasing, ``offsets[0] == 0`` and ``offsets[-1] == n_total``.
+    shapes : sequence of tuple, optional
+        Shape of each layer; by default each piece stays 1-D.
+
+    Returns
+    -------
+    scores : list of ndarray
+        ``n_layers`` new arrays (copies, not views of ``flat``).
+
+    Raises
+    ------
+    ValueError
+        If ``flat`` is not 1-D or ``offsets`` / ``shapes`` are inconsistent with it.
+
+    Notes
+    -----
+    Layer :math:`l` is ``flat[offsets[l]:offsets[l + 1]]``, reshaped in C order,
+    so ``split_scores(*concat_scores(s), shapes=[a.shape for a in s])``
+    reproduces ``s`` exactly.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cpusparse.projection import split_scores
+    >>> split_scores(np.arange(5.0), np.array([0, 2, 5]))
+    [array([0., 1.]), array([2., 3., 4.])]
+    """
+    flat = np.asarray(flat)
+    if flat.ndim != 1:
+        raise ValueError(f"flat must be 1-D, got an array of shape {flat.shape}")
+    offsets = np.asarray(offsets)
+    if offsets.dtype.kind not in "iu":
+        raise TypeError(f"offsets must be an integer array, got dtype {offsets.dtype}")
+    if (
+        offsets.ndim != 1
+        or offsets.shape[0] < 2
+        or offsets[0] != 0
+        or offsets[-1] != flat.shape[0]
+        or np.any(np.diff(offsets) < 0)
+    ):
+        raise ValueError(
+            "offsets must be a nondecreasing 1-D integer array of length n_layers + 1 with "
+            f"offsets[0] == 0 and offsets[-1] == len(flat) == {flat.shape[0]}, got {offsets!r}"
+        )
+    n_layers = offsets.shape[0] - 1
+    if shapes is not None:
+        shapes = [tuple(int(d) for d in np.atleast_1d(shape)) for shape in shapes]
+        sizes = [int(np.prod(shape, dtype=np.int64)) for shape in shapes]
+        if len(shapes) != n_layers or sizes != np.diff(offsets).tolist():
+            raise ValueError(
+                f"shapes must give one shape per layer whose sizes match np.diff(offsets) = "
+                f"{np.diff(offsets).tolist()}, got {shapes}"
+            )
+    pieces = []
+    for layer in range(n_layers):
+        piece = flat[offsets[layer] : offsets[layer + 1]].copy()
+        if shapes is not None:
+            piece = piece.reshape(shapes[layer])
+        pieces.append(piece)
+    return pieces
