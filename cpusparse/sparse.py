@@ -1,0 +1,516 @@
+"""Masked sparse products on CSR patterns: validated wrappers over the Numba kernels.
+
+A weight matrix of shape ``(n_out, n_in)`` (the PyTorch orientation) is stored as a
+canonical CSR *pattern* ``(indptr, indices)`` -- row pointers and sorted, unique
+column indices -- with the values in a separate ``data`` array aligned with
+``indices``. A boolean mask then selects the *active* entries used by one forward
+and backward pass:
+
+- ``entry_mask`` of shape ``(nnz,)``: one bit per stored weight (weight granularity);
+- ``row_mask`` of shape ``(n_out,)``: one bit per output unit (neuron granularity);
+  a dropped row outputs exactly 0, bias included;
+- ``col_mask`` of shape ``(n_in,)``: inputs known to be 0 (dropped by the previous
+  layer), whose entries are skipped.
+
+:func:`select_active` compacts the active entries once, in one pass over the stored
+entries; :func:`masked_matmul` and :func:`masked_matmul_backward` then cost time
+proportional to the active entries times the batch size.
+
+Activations are feature-major: ``x`` has shape ``(n_in, n_batch)``, one column per
+sample, so that a feature's values over the batch are contiguous.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numba
+import numpy as np
+
+from . import _kernels
+from ._validation import check_array, check_random_state, check_same_dtype
+
+__all__ = [
+    "ActivePattern",
+    "check_pattern",
+    "full_pattern",
+    "random_pattern",
+    "pattern_from_dense",
+    "to_dense",
+    "select_active",
+    "masked_matmul",
+    "masked_matmul_backward",
+    "compact_pattern",
+]
+
+INDEX_DTYPE = np.int64
+
+
+class ActivePattern(NamedTuple):
+    """The active sub-pattern of a masked CSR matrix.
+
+    Attributes
+    ----------
+    indptr : ndarray of shape (n_out + 1,)
+        Row pointers of the active entries.
+    indices : ndarray of shape (n_active,)
+        Column indices of the active entries, sorted within each row.
+    data : ndarray of shape (n_active,)
+        Weight values of the active entries.
+    pos : ndarray of shape (n_active,)
+        Position of each active entry among the stored entries, so gradients can be
+        written back aligned with the stored pattern.
+    shape : tuple of int
+        ``(n_out, n_in)``.
+    nnz : int
+        Number of stored entries of the full pattern.
+    row_mask : ndarray of shape (n_out,) or None
+        Rows kept (neuron granularity); dropped rows output 0.
+    """
+
+    indptr: np.ndarray
+    indices: np.ndarray
+    data: np.ndarray
+    pos: np.ndarray
+    shape: tuple[int, int]
+    nnz: int
+    row_mask: np.ndarray | None
+
+    @property
+    def n_active(self) -> int:
+        """Number of active entries."""
+        return int(self.indices.shape[0])
+
+
+def check_pattern(indptr, indices, shape):
+    """Validate a canonical CSR pattern and return it with int64 indices.
+
+    Parameters
+    ----------
+    indptr : array-like of shape (n_out + 1,)
+        Row pointers, nondecreasing, starting at 0 and ending at ``nnz``.
+    indices : array-like of shape (nnz,)
+        Column indices in ``[0, n_in)``, strictly increasing within each row
+        (sorted, no duplicates), as scipy.sparse calls canonical.
+    shape : tuple of int
+        ``(n_out, n_in)``.
+
+    Returns
+    -------
+    indptr, indices : ndarray of int64
+
+    Raises
+    ------
+    ValueError
+        If the pattern is not canonical CSR for ``shape``.
+
+    Examples
+    --------
+    >>> indptr, indices = check_pattern([0, 2, 2, 3], [0, 2, 1], (3, 3))
+    >>> indices
+    array([0, 2, 1])
+    >>> check_pattern([0, 2], [1, 0], (1, 3))
+    Traceback (most recent call last):
+    ...
+    ValueError: indices must be sorted and unique within each row (canonical CSR), ...
+    """
+    if len(shape) != 2 or min(shape) < 0:
+        raise ValueError(f"shape must be a pair of nonnegative ints, got {shape!r}")
+    n_out, n_in = int(shape[0]), int(shape[1])
+    indptr = np.asarray(indptr)
+    indices = np.asarray(indices)
+    for name, arr in (("indptr", indptr), ("indices", indices)):
+        if arr.ndim != 1 or not (arr.size == 0 or np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(
+                f"{name} must be a 1-D integer array, got {arr.dtype} of shape {arr.shape}"
+            )
+    indptr = indptr.astype(INDEX_DTYPE, copy=False)
+    indices = np.ascontiguousarray(indices.astype(INDEX_DTYPE, copy=False))
+    if indptr.shape[0] != n_out + 1:
+        raise ValueError(f"indptr must have n_out + 1 = {n_out + 1} entries, got {indptr.shape[0]}")
+    if indptr[0] != 0 or indptr[-1] != indices.shape[0] or np.any(np.diff(indptr) < 0):
+        raise ValueError(
+            "indptr must be nondecreasing from 0 to len(indices) = "
+            f"{indices.shape[0]}, got {indptr[0]} .. {indptr[-1]}"
+        )
+    if indices.size and (indices.min() < 0 or indices.max() >= n_in):
+        raise ValueError(
+            f"indices must be in [0, n_in) = [0, {n_in}), got values in "
+            f"[{indices.min()}, {indices.max()}]"
+        )
+    if indices.size > 1:
+        step = np.diff(indices)
+        row_start = np.zeros(indices.shape[0], dtype=bool)
+        row_start[indptr[:-1][np.diff(indptr) > 0]] = True
+        bad = np.flatnonzero((step <= 0) & ~row_start[1:])
+        if bad.size:
+            row = int(np.searchsorted(indptr, bad[0], side="right") - 1)
+            cols = indices[indptr[row] : indptr[row + 1]]
+            raise ValueError(
+                "indices must be sorted and unique within each row (canonical CSR), "
+                f"got row {row} with columns {cols}"
+            )
+    return np.ascontiguousarray(indptr), indices
+
+
+def full_pattern(shape):
+    """The pattern that stores every entry of a dense ``(n_out, n_in)`` matrix.
+
+    Examples
+    --------
+    >>> full_pattern((2, 3))
+    (array([0, 3, 6]), array([0, 1, 2, 0, 1, 2]))
+    """
+    n_out, n_in = shape
+    indptr = np.arange(n_out + 1, dtype=INDEX_DTYPE) * n_in
+    indices = np.tile(np.arange(n_in, dtype=INDEX_DTYPE), n_out)
+    return indptr, indices
+
+
+def pattern_from_dense(mask):
+    """The CSR pattern of the True entries of a 2-D boolean array.
+
+    Examples
+    --------
+    >>> pattern_from_dense(np.array([[True, False], [True, True]]))
+    (array([0, 1, 3]), array([0, 0, 1]))
+    """
+    mask = np.asarray(mask, dtype=bool)
+    if mask.ndim != 2:
+        raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
+    indptr = np.zeros(mask.shape[0] + 1, dtype=INDEX_DTYPE)
+    np.cumsum(mask.sum(axis=1), out=indptr[1:])
+    indices = np.nonzero(mask)[1].astype(INDEX_DTYPE)
+    return indptr, indices
+
+
+def random_pattern(shape, density, *, rng=None):
+    """A uniformly random pattern with ``round(density * n_out * n_in)`` entries.
+
+    Parameters
+    ----------
+    shape : tuple of int
+        ``(n_out, n_in)``.
+    density : float in (0, 1]
+        Fraction of the entries stored.
+    rng : None, int or numpy.random.Generator
+        Source of randomness.
+
+    Examples
+    --------
+    >>> indptr, indices = random_pattern((4, 5), 0.5, rng=0)
+    >>> int(indptr[-1])
+    10
+    """
+    if not 0 < density <= 1:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    rng = check_random_state(rng)
+    n_out, n_in = shape
+    size = n_out * n_in
+    nnz = int(round(density * size))
+    flat = np.sort(rng.choice(size, size=nnz, replace=False))
+    mask = np.zeros(size, dtype=bool)
+    mask[flat] = True
+    return pattern_from_dense(mask.reshape(n_out, n_in))
+
+
+def to_dense(indptr, indices, data, shape, *, entry_mask=None, row_mask=None):
+    """The dense ``(n_out, n_in)`` matrix of a (masked) CSR pattern.
+
+    Examples
+    --------
+    >>> to_dense([0, 1, 3], [1, 0, 1], np.array([1.0, 2.0, 3.0]), (2, 2))
+    array([[0., 1.],
+           [2., 3.]])
+    """
+    indptr = np.asarray(indptr)
+    data = np.asarray(data)
+    n_out, n_in = shape
+    values = data.copy()
+    if entry_mask is not None:
+        values = values * np.asarray(entry_mask, dtype=bool)
+    rows = np.repeat(np.arange(n_out), np.diff(indptr))
+    if row_mask is not None:
+        values = values * np.asarray(row_mask, dtype=bool)[rows]
+    dense = np.zeros((n_out, n_in), dtype=data.dtype)
+    dense[rows, np.asarray(indices)] = values
+    return dense
+
+
+def _empty_bool():
+    return np.ones(1, dtype=bool)
+
+
+def _select_active(indptr, indices, data, shape, entry_mask, row_mask, col_mask):
+    # Unvalidated: the caller checked lengths and dtypes.
+    nnz = indices.shape[0]
+    a_indptr = np.empty(shape[0] + 1, dtype=INDEX_DTYPE)
+    a_indices = np.empty(nnz, dtype=INDEX_DTYPE)
+    a_data = np.empty(nnz, dtype=data.dtype)
+    a_pos = np.empty(nnz, dtype=INDEX_DTYPE)
+    dummy = _empty_bool()
+    count = _kernels.active_pattern(
+        indptr,
+        indices,
+        data,
+        dummy if entry_mask is None else entry_mask,
+        entry_mask is not None,
+        dummy if row_mask is None else row_mask,
+        row_mask is not None,
+        dummy if col_mask is None else col_mask,
+        col_mask is not None,
+        a_indptr,
+        a_indices,
+        a_data,
+        a_pos,
+    )
+    return ActivePattern(
+        a_indptr, a_indices[:count], a_data[:count], a_pos[:count], tuple(shape), nnz, row_mask
+    )
+
+
+def _check_mask(mask, length, name):
+    if mask is None:
+        return None
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"{name} must be a boolean array, got dtype {mask.dtype}")
+    if mask.shape != (length,):
+        raise ValueError(f"{name} must have shape ({length},), got {mask.shape}")
+    return np.ascontiguousarray(mask)
+
+
+def select_active(indptr, indices, data, shape, *, entry_mask=None, row_mask=None, col_mask=None):
+    """Compact the entries of a CSR pattern that a mask keeps.
+
+    One pass over the stored entries of the kept rows; the products that follow
+    touch only the active entries.
+
+    Parameters
+    ----------
+    indptr, indices : ndarray
+        Canonical CSR pattern of shape ``shape``.
+    data : ndarray of shape (nnz,)
+        Weight values aligned with ``indices``.
+    shape : tuple of int
+        ``(n_out, n_in)``.
+    entry_mask : ndarray of bool, shape (nnz,), optional
+        Keep bit of each stored entry (weight granularity).
+    row_mask : ndarray of bool, shape (n_out,), optional
+        Keep bit of each output unit (neuron granularity).
+    col_mask : ndarray of bool, shape (n_in,), optional
+        Inputs that may be nonzero; entries in other columns are skipped.
+
+    Returns
+    -------
+    ActivePattern
+
+    Examples
+    --------
+    >>> indptr, indices = full_pattern((2, 2))
+    >>> a = select_active(indptr, indices, np.arange(4.0), (2, 2),
+    ...                   entry_mask=np.array([True, False, False, True]))
+    >>> a.indices, a.data, a.pos
+    (array([0, 1]), array([0., 3.]), array([0, 3]))
+    """
+    indptr, indices = check_pattern(indptr, indices, shape)
+    data = check_array(data, "data", ndim=1, shape=(indices.shape[0],))
+    return _select_active(
+        indptr,
+        indices,
+        data,
+        shape,
+        _check_mask(entry_mask, indices.shape[0], "entry_mask"),
+        _check_mask(row_mask, shape[0], "row_mask"),
+        _check_mask(col_mask, shape[1], "col_mask"),
+    )
+
+
+def _masked_matmul(active, x, bias, relu):
+    out = np.empty((active.shape[0], x.shape[1]), dtype=x.dtype)
+    row_mask = active.row_mask
+    _kernels.spmm_forward(
+        active.indptr,
+        active.indices,
+        active.data,
+        x,
+        bias,
+        _empty_bool() if row_mask is None else row_mask,
+        row_mask is not None,
+        relu,
+        out,
+    )
+    return out
+
+
+def _check_activations(x, n_rows, name, dtype=None):
+    x = check_array(x, name, ndim=2, finite=True)
+    if x.shape[0] != n_rows:
+        raise ValueError(
+            f"{name} must have shape ({n_rows}, n_batch) (feature-major: one column per "
+            f"sample), got {x.shape}"
+        )
+    if dtype is not None:
+        check_same_dtype((name, x), ("weight", np.empty(0, dtype)))
+    return np.ascontiguousarray(x)
+
+
+def masked_matmul(active, x, bias=None, *, relu=False):
+    """``act(W_active @ x + bias)`` where ``act`` is the identity or ReLU.
+
+    Parameters
+    ----------
+    active : ActivePattern
+        From :func:`select_active`.
+    x : ndarray of shape (n_in, n_batch)
+        Feature-major input.
+    bias : ndarray of shape (n_out,), optional
+        Added to every kept row; dropped rows (``active.row_mask``) output 0.
+    relu : bool, default=False
+        Apply ``max(., 0)`` in the same pass.
+
+    Returns
+    -------
+    out : ndarray of shape (n_out, n_batch)
+
+    Notes
+    -----
+    Each output element is ``bias[o]`` plus the row's active products added in
+    stored order, for any number of threads.
+
+    Examples
+    --------
+    >>> indptr, indices = full_pattern((1, 2))
+    >>> a = select_active(indptr, indices, np.array([1.0, -2.0]), (1, 2))
+    >>> masked_matmul(a, np.array([[1.0, 2.0], [1.0, 0.0]]), np.array([0.5]))
+    array([[-0.5,  2.5]])
+    """
+    x = _check_activations(x, active.shape[1], "x", active.data.dtype)
+    if bias is None:
+        bias = np.zeros(active.shape[0], dtype=x.dtype)
+    bias = check_array(bias, "bias", ndim=1, shape=(active.shape[0],), finite=True)
+    check_same_dtype(("x", x), ("bias", bias))
+    return _masked_matmul(active, x, bias, bool(relu))
+
+
+def _masked_matmul_backward(active, x, dout, out, relu, need_dx):
+    n_out, n_in = active.shape
+    row_mask = active.row_mask
+    if relu or row_mask is not None:
+        dpre = np.empty_like(dout)
+    else:
+        dpre = dout
+    dbias = np.empty(n_out, dtype=dout.dtype)
+    _kernels.output_grad(
+        dout,
+        dout if out is None else out,
+        _empty_bool() if row_mask is None else row_mask,
+        row_mask is not None,
+        relu,
+        dpre,
+        dbias,
+    )
+    dweight = np.zeros(active.nnz, dtype=dout.dtype)
+    _kernels.sddmm(active.indptr, active.indices, active.pos, x, dpre, dweight)
+    if not need_dx:
+        return None, dweight, dbias
+    dx = np.zeros((n_in, dout.shape[1]), dtype=dout.dtype)
+    n_batch = dout.shape[1]
+    chunk = max(8, -(-n_batch // numba.get_num_threads()))
+    _kernels.spmm_t(active.indptr, active.indices, active.data, dpre, chunk, dx)
+    return dx, dweight, dbias
+
+
+def masked_matmul_backward(active, x, dout, out=None, *, relu=False, need_dx=True):
+    r"""Gradients of :func:`masked_matmul` at the active entries only.
+
+    Parameters
+    ----------
+    active : ActivePattern
+        The pattern used in the forward pass.
+    x : ndarray of shape (n_in, n_batch)
+        The forward input.
+    dout : ndarray of shape (n_out, n_batch)
+        Gradient of the loss with respect to the output.
+    out : ndarray of shape (n_out, n_batch), optional
+        The forward output; required when ``relu`` is True.
+    relu : bool, default=False
+        Whether the forward pass applied ReLU.
+    need_dx : bool, default=True
+        Compute the input gradient (not needed for the first layer).
+
+    Returns
+    -------
+    dx : ndarray of shape (n_in, n_batch) or None
+        ``W_active.T @ dpre``, where ``dpre`` is ``dout`` through the ReLU and the
+        row mask.
+    dweight : ndarray of shape (nnz,)
+        Aligned with the stored entries: ``dpre[o] . x[j]`` at active entries
+        (sampled dense-dense product, SDDMM) and 0 elsewhere.
+    dbias : ndarray of shape (n_out,)
+        ``dpre`` summed over the batch.
+
+    Notes
+    -----
+    With :math:`y = \operatorname{act}((W \odot M) x + b)` and
+    :math:`\delta = \partial L / \partial y \odot \operatorname{act}'`,
+
+    .. math::
+
+        \frac{\partial L}{\partial W_{oj}} = M_{oj} \sum_b \delta_{ob} x_{jb},
+        \qquad \frac{\partial L}{\partial x} = (W \odot M)^\top \delta,
+        \qquad \frac{\partial L}{\partial b_o} = \sum_b \delta_{ob}.
+
+    Only the active entries are visited; each dot product over the batch and each
+    sum over rows runs in a fixed order (see :mod:`cpusparse._kernels`), so the
+    result does not depend on the number of threads.
+
+    Examples
+    --------
+    >>> indptr, indices = full_pattern((1, 2))
+    >>> a = select_active(indptr, indices, np.array([1.0, -2.0]), (1, 2),
+    ...                   entry_mask=np.array([True, False]))
+    >>> dx, dw, db = masked_matmul_backward(a, np.ones((2, 3)), np.ones((1, 3)))
+    >>> dw, db
+    (array([3., 0.]), array([3.]))
+    """
+    n_out, n_in = active.shape
+    x = _check_activations(x, n_in, "x", active.data.dtype)
+    dout = _check_activations(dout, n_out, "dout", active.data.dtype)
+    if dout.shape[1] != x.shape[1]:
+        raise ValueError(
+            f"dout must have n_batch = {x.shape[1]} columns like x, got {dout.shape[1]}"
+        )
+    if relu:
+        if out is None:
+            raise ValueError("out is required when relu is True")
+        out = _check_activations(out, n_out, "out", active.data.dtype)
+    return _masked_matmul_backward(active, x, dout, out, bool(relu), bool(need_dx))
+
+
+def compact_pattern(indptr, indices, keep):
+    """Drop the stored entries where ``keep`` is False.
+
+    Parameters
+    ----------
+    indptr, indices : ndarray
+        Canonical CSR pattern.
+    keep : ndarray of bool, shape (nnz,)
+
+    Returns
+    -------
+    indptr, indices : ndarray
+        The smaller canonical pattern; arrays aligned with the old entries are
+        compacted with ``array[keep]``.
+
+    Examples
+    --------
+    >>> compact_pattern(np.array([0, 2, 3]), np.array([0, 1, 1]), np.array([True, False, True]))
+    (array([0, 1, 2]), array([0, 1]))
+    """
+    indptr = np.asarray(indptr, dtype=INDEX_DTYPE)
+    indices = np.asarray(indices, dtype=INDEX_DTYPE)
+    keep = _check_mask(keep, indices.shape[0], "keep")
+    new_indptr = np.empty_like(indptr)
+    _kernels.scatter_rows(indptr, keep, new_indptr)
+    return new_indptr, indices[keep]
