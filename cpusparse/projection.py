@@ -54,36 +54,37 @@ def _threshold_exact(s, budget):
 
     NOTE: s is 1-D float64 and sum(clip(s, 0, 1)) > budget >= 0 (so max(s) > 0).
     """
-    n = s.shape[0]
-    s_sorted = np.sort(s)
-    prefix = np.concatenate(([0.0], np.cumsum(s_sorted)))
-    s_max = s_sorted[-1]
-
-    # Breakpoints of f(v) = sum_i clip(s_i - v, 0, 1) inside [0, max s].
-    cand = np.concatenate(([0.0], s_sorted, s_sorted - 1.0))
+    s_max = float(s.max())
+    # Breakpoints of f(v) = sum_i clip(s_i - v, 0, 1) inside [0, max s], sorted.
+    cand = np.concatenate(([0.0], s, s - 1.0))
     cand = np.unique(cand[(cand >= 0.0) & (cand <= s_max)])
 
-    def segment_terms(v):
-        # Units with s_i <= v give 0, with s_i >= v + 1 give 1, others s_i - v.
-        lo = np.searchsorted(s_sorted, v, side="right")
-        hi = np.searchsorted(s_sorted, v + 1.0, side="left")
-        n_one = n - hi
-        n_active = hi - lo
-        active_sum = prefix[hi] - prefix[lo]
-        return n_one, n_active, active_sum
-
-    n_one, n_active, active_sum = segment_terms(cand)
-    f_cand = n_one + active_sum - cand * n_active
-    # f is nonincreasing, f(cand[0] = 0) > budget and f(cand[-1] = max s) = 0 <= budget.
-    j = int(np.argmax(f_cand <= budget))
-    j = max(j, 1)
-    left, right = cand[j - 1], cand[j]
-    # Inside (left, right) no unit changes state: f(v) = n_one + sum_active - v * n_active.
-    n_one, n_active, active_sum = segment_terms(0.5 * (left + right))
-    if n_active == 0:  # pragma: no cover - f would be flat across a crossing
-        return float(right)
-    v = (n_one + active_sum - budget) / n_active
-    return float(min(max(v, left), right))
+    # Binary search over the breakpoints for the first one with f <= budget. f is
+    # evaluated directly (each term and the fixed-order sum are monotone in v even in
+    # floating point); prefix sums would be O(1) per breakpoint but cancel badly.
+    # Invariant: f(cand[lo]) > budget >= f(cand[hi]); f(0) > budget, f(max s) = 0.
+    lo, hi = 0, cand.shape[0] - 1
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _clipped_sum(s, cand[mid]) > budget:
+            lo = mid
+        else:
+            hi = mid
+    left, right = float(cand[lo]), float(cand[hi])
+    if budget == 0.0 or _clipped_sum(s, right) == budget:
+        # f decreases strictly on (left, right), so a root at its end is the root; this
+        # returns breakpoint solutions (ties, budget = 0) without rounding.
+        return right
+    # Inside (left, right) no unit changes state, so with A = {v < s_i < v + 1} and
+    # U = {s_i >= v + 1}: f(v) = |U| + sum_A s_i - v |A|. Solve f(v) = budget.
+    mid = 0.5 * (left + right)
+    active = (s > mid) & (s < mid + 1.0)
+    n_active = int(active.sum())
+    if n_active == 0:  # pragma: no cover - f cannot be flat on a segment where it crosses
+        return right
+    n_one = int((s >= mid + 1.0).sum())
+    v = (n_one + s[active].sum() - budget) / n_active
+    return min(max(v, left), right)
 
 
 def _threshold_bisection(s, budget, tol, max_iter):
@@ -164,10 +165,14 @@ def project_scores(score, budget, *, method="exact", tol=1e-3, max_iter=20):
     linear with breakpoints at :math:`s_i` and :math:`s_i - 1`; on a segment
     without breakpoints, with :math:`A` the units in the linear regime
     (:math:`v < s_i < v + 1`) and :math:`U` those clipped at 1,
-    :math:`f(v) = |U| + \sum_{i \in A} s_i - v|A|`. The breakpoints are sorted,
-    :math:`f` is evaluated at all of them with prefix sums, the segment where
-    :math:`f` crosses :math:`k` is located and the linear equation solved:
-    :math:`v = (|U| + \sum_{A} s_i - k)/|A|`. Where :math:`f` is flat at
+    :math:`f(v) = |U| + \sum_{i \in A} s_i - v|A|`. The breakpoints in
+    :math:`[0, \max_i s_i]` are sorted, the segment where :math:`f` crosses
+    :math:`k` is found by binary search over them (:math:`O(\log n)`
+    evaluations of :math:`f`, each :math:`O(n)`), and the linear equation is
+    solved there, :math:`v = (|U| + \sum_{A} s_i - k)/|A|`, or :math:`v` is
+    the breakpoint itself when :math:`f` equals :math:`k` there. The sums are
+    taken directly rather than from prefix sums, which cancel catastrophically
+    when tiny and large scores are mixed. Where :math:`f` is flat at
     :math:`k` the threshold is not unique (the projection is); the smallest is
     returned.
 
