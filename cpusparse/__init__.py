@@ -10,6 +10,10 @@ Where things live:
   kernels of :mod:`cpusparse._kernels`);
 - :mod:`cpusparse.layers`, :mod:`cpusparse.losses`, :mod:`cpusparse.network`: the
   autograd-free engine, ``forward -> (out, cache)`` and ``backward -> (dx, grads)``;
+- :mod:`cpusparse.estimators`: Bernoulli masks, score function, REINFORCE, VR-PGE
+  and the exact gradient by enumeration;
+- :mod:`cpusparse.projection`: projection of the scores onto the budget set;
+- :mod:`cpusparse.train`: the training step (Algorithm 1 of the paper);
 - :mod:`cpusparse.optim`: optimizers with explicit state;
 - :mod:`cpusparse.datasets`: offline data sets.
 """
@@ -17,16 +21,36 @@ Where things live:
 __version__ = "0.1.0"
 
 from .datasets import DATASETS, Dataset, load_dataset
+from .estimators import (
+    check_random_state,
+    exact_expectation,
+    exact_grad,
+    reinforce_grad,
+    sample_masks,
+    score_function,
+    vrpge_grad,
+)
 from .layers import Linear, ReLU, SparseLinear
 from .losses import softmax, softmax_cross_entropy
 from .network import Sequential, make_mlp
 from .optim import SGD, Adam, clip_grad_norm, compact_state, constant_schedule, cosine_schedule
+from .projection import concat_scores, project_scores, split_scores
 
 __all__ = [
     "__version__",
     "DATASETS",
     "Dataset",
     "load_dataset",
+    "check_random_state",
+    "exact_expectation",
+    "exact_grad",
+    "reinforce_grad",
+    "sample_masks",
+    "score_function",
+    "vrpge_grad",
+    "concat_scores",
+    "project_scores",
+    "split_scores",
     "Linear",
     "ReLU",
     "SparseLinear",

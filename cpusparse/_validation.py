@@ -9,6 +9,8 @@ import numbers
 
 import numpy as np
 
+from .estimators import check_random_state  # noqa: F401  (one implementation)
+
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
@@ -39,23 +41,6 @@ def check_same_dtype(*named):
                 f"{name} must have the same dtype as {first_name} ({first.dtype}), got "
                 f"{arr.dtype}; cast explicitly instead of mixing float32 and float64"
             )
-
-
-def check_random_state(rng):
-    """Turn ``None``, an int seed or a Generator into a ``numpy.random.Generator``.
-
-    Examples
-    --------
-    >>> check_random_state(0).integers(10)
-    np.int64(8)
-    """
-    if rng is None or isinstance(rng, (numbers.Integral, np.integer)):
-        return np.random.default_rng(rng)
-    if isinstance(rng, np.random.Generator):
-        return rng
-    raise TypeError(
-        f"rng must be None, an int seed or a numpy.random.Generator, got {type(rng).__name__}"
-    )
 
 
 def check_density(density, name="density"):

@@ -96,14 +96,19 @@ class Sequential:
         x = sparse._check_activations(x, self.n_in, "x", self.dtype)
         return self._forward(x, self._check_masks(masks))
 
-    def _forward(self, x, masks):
+    def _forward(self, x, masks, straight_through=False):
+        # straight_through: every stored entry is computed and the mask is applied
+        # multiplicatively, so that the backward pass yields dL/dmask (the chain-rule
+        # baseline); masks are then not used to skip work.
         layer_masks = dict(zip(self.prunable, masks, strict=True))
         caches = []
         zero_outside = None  # inputs known to be 0: units dropped by a neuron mask
         for i, layer in enumerate(self.layers):
             mask = layer_masks.get(i)
-            x, cache = layer._forward(x, mask, zero_outside)
+            x, cache = layer._forward(x, mask, zero_outside, straight_through)
             caches.append(cache)
+            if straight_through:
+                continue
             if isinstance(layer, SparseLinear) and layer.granularity == "neuron":
                 zero_outside = mask
             elif not isinstance(layer, ReLU):
