@@ -58,6 +58,10 @@ __all__ = [
     "split_masks",
     "expected_density",
     "evaluate",
+    "EpochStats",
+    "iterate_batches",
+    "run_epoch",
+    "check_parameters_finite",
 ]
 
 ESTIMATORS = ("vrpge", "vrpge-sqrt", "reinforce", "straight-through")
@@ -556,3 +560,89 @@ def evaluate(network, x, y, masks, *, batch_size=1024):
         total_loss += loss * yb.shape[0]
         correct += int((logits.argmax(axis=0) == yb).sum())
     return total_loss / n, correct / n
+
+
+class EpochStats(NamedTuple):
+    """Averages over the steps of one epoch.
+
+    Attributes
+    ----------
+    loss : float
+        Mean training loss (over steps, and over the K passes of each step).
+    realised_density : float
+        Mean fraction of the initial units kept by the sampled masks.
+    grad_variance : float
+        Mean over units of the variance, across the epoch's steps, of the score
+        gradient (NaN in fine-tuning). It measures the estimator's noise (plus
+        the drift of the scores during the epoch): compare estimators with it.
+    n_steps : int
+    """
+
+    loss: float
+    realised_density: float
+    grad_variance: float
+    n_steps: int
+
+
+def iterate_batches(n, batch_size, rng):
+    """Index arrays of the mini-batches of one epoch, in the order drawn from ``rng``.
+
+    One ``rng.permutation(n)`` per epoch; the last batch may be smaller.
+    """
+    order = rng.permutation(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def run_epoch(state, x, y, config, *, batch_size, masks=None, on_step=None):
+    """One pass over the data: sparse training, or fine-tuning on fixed ``masks``.
+
+    Parameters
+    ----------
+    state : TrainState
+        Updated in place.
+    x : ndarray of shape (n_in, n_samples)
+        The whole training set, feature-major.
+    y : ndarray of int, shape (n_samples,)
+    config : TrainConfig
+    batch_size : int
+    masks : list of ndarray of bool, optional
+        Fixed masks: fine-tune the weights only (:func:`finetune_step`).
+    on_step : callable, optional
+        Called after every step with ``(state, loss)``, e.g. to advance a
+        progress bar.
+
+    Returns
+    -------
+    EpochStats
+    """
+    losses, densities = [], []
+    g_sum = g_sq = None
+    g_count = 0
+    for idx in iterate_batches(y.shape[0], batch_size, state.data_rng):
+        xb = np.ascontiguousarray(x[:, idx])
+        yb = y[idx]
+        if masks is None:
+            info = train_step(state, xb, yb, config)
+            loss = float(info.losses.mean())
+            densities.append(info.realised_density)
+            g = info.dscore.astype(np.float64)
+            if g_sum is None or g_sum.shape != g.shape:  # compaction restarts the count
+                g_sum, g_sq, g_count = np.zeros_like(g), np.zeros_like(g), 0
+            g_sum += g
+            g_sq += g * g
+            g_count += 1
+        else:
+            loss = finetune_step(state, xb, yb, masks, config)
+        losses.append(loss)
+        if on_step is not None:
+            on_step(state, loss)
+    if g_count > 1:
+        mean = g_sum / g_count
+        variance = float(np.mean(g_sq / g_count - mean * mean))
+    else:
+        variance = float("nan")
+    if masks is None:
+        realised = float(np.mean(densities))
+    else:
+        realised = sum(int(m.sum()) for m in masks) / state.n_units_initial
+    return EpochStats(float(np.mean(losses)), realised, variance, len(losses))
