@@ -1,0 +1,87 @@
+"""Shared helpers for the engine tests: random CSR data, tolerances, finite differences."""
+
+import numpy as np
+import pytest
+
+from cpusparse import sparse
+
+DTYPES = [np.float32, np.float64]
+
+# Relative tolerance of a comparison with the float64 dense reference. The absolute
+# part is RTOL times the same expression evaluated on absolute values (a bound on the
+# rounding of a sum of products), so cancellation cannot cause false failures.
+RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
+
+
+def assert_close(got, ref, scale, dtype, name="array"):
+    """Assert ``|got - ref| <= rtol * (|ref| + scale)`` elementwise, rtol from ``dtype``."""
+    rtol = RTOL[np.dtype(dtype)]
+    got = np.asarray(got, dtype=np.float64)
+    ref = np.asarray(ref, dtype=np.float64)
+    assert got.shape == ref.shape, f"{name}: shape {got.shape} != {ref.shape}"
+    err = np.abs(got - ref)
+    bound = rtol * (np.abs(ref) + np.asarray(scale, dtype=np.float64))
+    bad = err > bound
+    assert not bad.any(), (
+        f"{name}: {int(bad.sum())} of {bad.size} elements out of tolerance; "
+        f"max error {err.max():.3g}, at {np.argwhere(bad)[0].tolist()}"
+    )
+
+
+def random_csr(rng, shape, density, dtype, *, empty_rows=0):
+    """A random canonical pattern with values; the first ``empty_rows`` rows are empty."""
+    dense_mask = rng.random(shape) < density
+    dense_mask[:empty_rows] = False
+    indptr, indices = sparse.pattern_from_dense(dense_mask)
+    data = rng.standard_normal(indices.shape[0]).astype(dtype)
+    return indptr, indices, data
+
+
+def entry_rows(indptr):
+    """Row index of each stored entry."""
+    indptr = np.asarray(indptr)
+    return np.repeat(np.arange(indptr.shape[0] - 1), np.diff(indptr))
+
+
+def dense_entry_mask(indptr, indices, shape, entry_mask=None):
+    """Dense boolean ``(n_out, n_in)`` mask of the stored (and kept) entries."""
+    dense = np.zeros(shape, dtype=bool)
+    keep = np.ones(len(indices), dtype=bool) if entry_mask is None else entry_mask
+    dense[entry_rows(indptr)[keep], np.asarray(indices)[keep]] = True
+    return dense
+
+
+def central_differences(f, arr, eps=1e-6):
+    """Central finite differences of scalar ``f()`` with respect to every entry of ``arr``.
+
+    ``arr`` is perturbed in place and restored exactly.
+    """
+    grad = np.zeros(arr.shape, dtype=np.float64)
+    flat = arr.reshape(-1)
+    assert arr.size == 0 or np.shares_memory(flat, arr), "arr must be contiguous"
+    for i in range(flat.shape[0]):
+        orig = flat[i]
+        flat[i] = orig + eps
+        f_plus = f()
+        flat[i] = orig - eps
+        f_minus = f()
+        flat[i] = orig
+        grad.reshape(-1)[i] = (f_plus - f_minus) / (2 * eps)
+    return grad
+
+
+def assert_grad_close(got, fd, name, tol=1e-6):
+    """Relative error ``max|got - fd| / max(|got|, |fd|)`` below ``tol``."""
+    got = np.asarray(got, dtype=np.float64)
+    scale = max(np.abs(got).max(initial=0.0), np.abs(fd).max(initial=0.0))
+    if scale == 0.0:
+        return
+    rel = np.abs(got - fd).max() / scale
+    assert rel < tol, f"{name}: relative error {rel:.3g} >= {tol}"
+
+
+@pytest.fixture
+def rng(request):
+    """A Generator seeded from the test's name, so every test has its own stream."""
+    seed = int.from_bytes(request.node.nodeid.encode(), "little") % (2**63)
+    return np.random.default_rng(seed)
