@@ -19,6 +19,14 @@ Conventions shared by every kernel
   lane ``b % 8`` in ascending ``b`` and combines the lanes as
   ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``; a sum over rows of the
   weight matrix runs over the rows in ascending order. No ``fastmath``.
+- Tiling never changes an order. The products over the batch are elementwise in
+  the batch index ``b``, so ``_make_row_tile`` holds a tile of the batch (8 vectors
+  of 64 bytes: 128 float32 or 64 float64, then narrower vectors and a scalar loop
+  for the rest) in registers and still applies, to every element, one multiply and
+  one add per active entry in stored (forward) or ascending-row (input gradient)
+  order. ``_dot4`` computes four ``_dot`` products sharing one operand, each in the
+  order of ``_dot``. Results are therefore bit-identical for any tiling, any
+  ``n_batch`` split and any thread count.
 """
 
 from llvmlite import ir
@@ -69,54 +77,6 @@ def active_pattern(
             c += 1
         a_indptr[o + 1] = c
     return c
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def spmm_forward(a_indptr, a_indices, a_data, x, bias, row_mask, use_row_mask, relu, out):
-    """``out = act(W_active @ x + bias)``; rows dropped by ``row_mask`` are 0.
-
-    Each output element is ``bias`` plus the row's active products in stored order.
-    """
-    # NOTE: x (n_in, n_batch) and out (n_out, n_batch) C-contiguous, same dtype.
-    n_out, n_batch = out.shape
-    for o in prange(n_out):
-        row = out[o]
-        if use_row_mask and not row_mask[o]:
-            for b in range(n_batch):
-                row[b] = 0
-            continue
-        b0 = bias[o]
-        for b in range(n_batch):
-            row[b] = b0
-        k = a_indptr[o]
-        end = a_indptr[o + 1]
-        # Four entries per sweep over the batch keep the output row in registers;
-        # the additions still happen in stored order.
-        while k + 4 <= end:
-            w0 = a_data[k]
-            w1 = a_data[k + 1]
-            w2 = a_data[k + 2]
-            w3 = a_data[k + 3]
-            x0 = x[a_indices[k]]
-            x1 = x[a_indices[k + 1]]
-            x2 = x[a_indices[k + 2]]
-            x3 = x[a_indices[k + 3]]
-            for b in range(n_batch):
-                r = row[b] + w0 * x0[b]
-                r = r + w1 * x1[b]
-                r = r + w2 * x2[b]
-                row[b] = r + w3 * x3[b]
-            k += 4
-        while k < end:
-            w0 = a_data[k]
-            x0 = x[a_indices[k]]
-            for b in range(n_batch):
-                row[b] = row[b] + w0 * x0[b]
-            k += 1
-        if relu:
-            for b in range(n_batch):
-                if row[b] < 0:
-                    row[b] = 0
 
 
 LANES = 8
@@ -244,57 +204,303 @@ def output_grad(dout, out, row_mask, use_row_mask, relu, dpre, dbias):
         dbias[o] = _sum(g)
 
 
-@njit(cache=True, nogil=True)
-def backward_fused(a_indptr, a_indices, a_data, a_pos, x, dpre, need_dx, dweight, dx):
-    """Weight gradient at the active entries (SDDMM) and ``dx += W_active.T @ dpre``.
+def _dots4_intrinsic():
+    """Build ``_dot4(u, v0, v1, v2, v3)``: four ``_dot`` products sharing ``u``."""
 
-    One serial pass over the active entries, reading each input row once for both.
+    @intrinsic
+    def _dot4(typingctx, u, v0, v1, v2, v3):
+        vs = (v0, v1, v2, v3)
+        if not (
+            isinstance(u, types.Array)
+            and u.ndim == 1
+            and isinstance(u.dtype, types.Float)
+            and all(isinstance(v, types.Array) and v.ndim == 1 and v.dtype == u.dtype for v in vs)
+        ):
+            return None
+        sig = types.UniTuple(u.dtype, 4)(u, *vs)
+
+        def codegen(context, builder, signature, args):
+            # NOTE: u and every v have unit stride and the same length.
+            u_arr = context.make_array(signature.args[0])(context, builder, args[0])
+            v_arrs = [
+                context.make_array(signature.args[i + 1])(context, builder, args[i + 1])
+                for i in range(4)
+            ]
+            n = builder.extract_value(u_arr.shape, 0)
+            intp = n.type
+            fty = context.get_value_type(signature.args[0].dtype)
+            vec = ir.VectorType(fty, LANES)
+            lanes = ir.Constant(intp, LANES)
+            zero = ir.Constant(vec, [ir.Constant(fty, 0.0)] * LANES)
+            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
+            n_blocks = builder.udiv(n, lanes)
+            with cgutils.for_range(builder, n_blocks) as loop:
+                offset = builder.mul(loop.index, lanes)
+                pu = builder.bitcast(builder.gep(u_arr.data, [offset]), vec.as_pointer())
+                uu = builder.load(pu, align=1)
+                for v_arr, acc in zip(v_arrs, accs, strict=True):
+                    pv = builder.bitcast(builder.gep(v_arr.data, [offset]), vec.as_pointer())
+                    prod = builder.fmul(uu, builder.load(pv, align=1))
+                    builder.store(builder.fadd(builder.load(acc), prod), acc)
+            start = builder.mul(n_blocks, lanes)
+            with cgutils.for_range(builder, builder.sub(n, start)) as loop:
+                b = builder.add(start, loop.index)
+                ub = builder.load(builder.gep(u_arr.data, [b]))
+                lane = builder.trunc(loop.index, ir.IntType(32))
+                for v_arr, acc in zip(v_arrs, accs, strict=True):
+                    prod = builder.fmul(ub, builder.load(builder.gep(v_arr.data, [b])))
+                    a = builder.load(acc)
+                    a = builder.insert_element(
+                        a, builder.fadd(builder.extract_element(a, lane), prod), lane
+                    )
+                    builder.store(a, acc)
+            results = []
+            for acc in accs:
+                a = builder.load(acc)
+                part = [
+                    builder.extract_element(a, ir.Constant(ir.IntType(32), i)) for i in range(LANES)
+                ]
+                while len(part) > 1:
+                    part = [builder.fadd(part[i], part[i + 1]) for i in range(0, len(part), 2)]
+                results.append(part[0])
+            return context.make_tuple(builder, signature.return_type, results)
+
+        return sig, codegen
+
+    return _dot4
+
+
+_dot4 = _dots4_intrinsic()
+
+
+def _splat(builder, vec, value):
+    v = builder.insert_element(
+        ir.Constant(vec, ir.Undefined), value, ir.Constant(ir.IntType(32), 0)
+    )
+    mask = ir.Constant(ir.VectorType(ir.IntType(32), vec.count), [0] * vec.count)
+    return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), mask)
+
+
+def _make_row_tile(n_vec, vec_bytes, scatter):
+    """Build a tile kernel over ``n_vec`` vectors of ``vec_bytes`` bytes.
+
+    gather (``scatter=False``), ``_tile(mat, cols, vals, start, end, row, b0)``:
+        ``row[t] += vals[k] * mat[cols[k], t]`` for k = start, ..., end - 1 in this
+        order, the tile ``t = b0 .. b0 + T - 1`` of ``row`` held in registers.
+    scatter (``scatter=True``), same arguments:
+        ``mat[cols[k], t] += vals[k] * row[t]`` for k = start, ..., end - 1, the tile
+        of ``row`` held in registers.
+
+    ``T = n_vec * vec_bytes / itemsize`` elements. Each element sees one ``+=`` per
+    ``k``, in ascending ``k``: a multiply then an add, never fused.
     """
-    # NOTE: dweight has the stored length and is zero outside a_pos; dx is zero on
-    # entry, shape (n_in, n_batch). Same results as sddmm + spmm_t, bit for bit.
-    n_out = a_indptr.shape[0] - 1
-    for o in range(n_out):
-        g = dpre[o]
-        for k in range(a_indptr[o], a_indptr[o + 1]):
-            j = a_indices[k]
-            dweight[a_pos[k]] = _dot(g, x[j])
-            if need_dx:
-                w = a_data[k]
-                r = dx[j]
-                for b in range(g.shape[0]):
-                    r[b] = r[b] + w * g[b]
+
+    @intrinsic
+    def _tile(typingctx, mat, cols, vals, start, end, row, b0):
+        if not (
+            isinstance(mat, types.Array)
+            and mat.ndim == 2
+            and isinstance(row, types.Array)
+            and row.ndim == 1
+            and isinstance(vals, types.Array)
+            and isinstance(cols, types.Array)
+            and isinstance(cols.dtype, types.Integer)
+            and isinstance(mat.dtype, types.Float)
+            and row.dtype == mat.dtype
+            and vals.dtype == mat.dtype
+        ):
+            return None
+        sig = types.void(mat, cols, vals, types.intp, types.intp, row, types.intp)
+
+        def codegen(context, builder, signature, args):
+            # NOTE: mat C-contiguous; row unit stride; b0 + T <= row and mat widths.
+            mat_a = context.make_array(signature.args[0])(context, builder, args[0])
+            cols_a = context.make_array(signature.args[1])(context, builder, args[1])
+            vals_a = context.make_array(signature.args[2])(context, builder, args[2])
+            row_a = context.make_array(signature.args[5])(context, builder, args[5])
+            start, end, b0 = args[3], args[4], args[6]
+            fty = context.get_value_type(signature.args[0].dtype)
+            width = vec_bytes // context.get_abi_sizeof(fty)
+            vec = ir.VectorType(fty, width)
+            vptr = vec.as_pointer()
+            intp = start.type
+            n_cols = builder.extract_value(mat_a.shape, 1)
+            offs = [ir.Constant(intp, t * width) for t in range(n_vec)]
+            row_ptrs = [
+                builder.bitcast(builder.gep(row_a.data, [builder.add(b0, off)]), vptr)
+                for off in offs
+            ]
+            regs = [builder.load(p, align=1) for p in row_ptrs]
+            if not scatter:
+                regs = [cgutils.alloca_once_value(builder, r) for r in regs]
+            with cgutils.for_range(builder, builder.sub(end, start)) as loop:
+                k = builder.add(start, loop.index)
+                j = builder.load(builder.gep(cols_a.data, [k]))
+                j = context.cast(builder, j, signature.args[1].dtype, types.intp)
+                w = _splat(builder, vec, builder.load(builder.gep(vals_a.data, [k])))
+                base = builder.add(builder.mul(j, n_cols), b0)
+                for off, reg in zip(offs, regs, strict=True):
+                    p = builder.bitcast(builder.gep(mat_a.data, [builder.add(base, off)]), vptr)
+                    if scatter:
+                        builder.store(
+                            builder.fadd(builder.load(p, align=1), builder.fmul(w, reg)),
+                            p,
+                            align=1,
+                        )
+                    else:
+                        prod = builder.fmul(w, builder.load(p, align=1))
+                        builder.store(builder.fadd(builder.load(reg), prod), reg)
+            if not scatter:
+                for p, reg in zip(row_ptrs, regs, strict=True):
+                    builder.store(builder.load(reg), p, align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _tile
+
+
+# Tiles of 8 x 64 bytes (128 float32 or 64 float64 over the batch) stay in
+# registers; narrower tiles cover the rest of the batch, then a scalar loop.
+TILE_VECS = 8
+_gather_8z = _make_row_tile(TILE_VECS, 64, scatter=False)
+_gather_z = _make_row_tile(1, 64, scatter=False)
+_gather_y = _make_row_tile(1, 32, scatter=False)
+_gather_x = _make_row_tile(1, 16, scatter=False)
+_scatter_8z = _make_row_tile(TILE_VECS, 64, scatter=True)
+_scatter_z = _make_row_tile(1, 64, scatter=True)
+_scatter_y = _make_row_tile(1, 32, scatter=True)
+_scatter_x = _make_row_tile(1, 16, scatter=True)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _gather_row(mat, cols, vals, start, end, row, b0):
+    """``row[b] += vals[k] * mat[cols[k], b]`` for ``b >= b0``, k ascending."""
+    # NOTE: mat C-contiguous with row.shape[0] columns.
+    n = row.shape[0]
+    z = 64 // row.itemsize
+    while b0 + TILE_VECS * z <= n:
+        _gather_8z(mat, cols, vals, start, end, row, b0)
+        b0 += TILE_VECS * z
+    while b0 + z <= n:
+        _gather_z(mat, cols, vals, start, end, row, b0)
+        b0 += z
+    if b0 + z // 2 <= n:
+        _gather_y(mat, cols, vals, start, end, row, b0)
+        b0 += z // 2
+    if b0 + z // 4 <= n:
+        _gather_x(mat, cols, vals, start, end, row, b0)
+        b0 += z // 4
+    if b0 < n:
+        for k in range(start, end):
+            w = vals[k]
+            src = mat[cols[k]]
+            for b in range(b0, n):
+                row[b] = row[b] + w * src[b]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def spmm_forward(a_indptr, a_indices, a_data, x, bias, row_mask, use_row_mask, relu, out):
+    """``out = act(W_active @ x + bias)``; rows dropped by ``row_mask`` are 0.
+
+    Each output element is ``bias`` plus the row's active products in stored order;
+    a tile of the output row over the batch stays in registers for the whole row.
+    """
+    # NOTE: x (n_in, n_batch) and out (n_out, n_batch) C-contiguous, same dtype.
+    n_out, n_batch = out.shape
+    for o in prange(n_out):
+        row = out[o]
+        if use_row_mask and not row_mask[o]:
+            for b in range(n_batch):
+                row[b] = 0
+            continue
+        b0 = bias[o]
+        for b in range(n_batch):
+            row[b] = b0
+        _gather_row(x, a_indices, a_data, a_indptr[o], a_indptr[o + 1], row, 0)
+        if relu:
+            for b in range(n_batch):
+                if row[b] < 0:
+                    row[b] = 0
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def sddmm(a_indptr, a_indices, a_pos, x, dpre, dweight):
-    """``dweight[a_pos[c]] = dpre[row(c)] . x[col(c)]`` for every active entry ``c``."""
+    """``dweight[a_pos[c]] = dpre[row(c)] . x[col(c)]`` for every active entry ``c``.
+
+    Four dot products at a time share the loads of ``dpre[row]``; each keeps the
+    order of ``_dot``.
+    """
     # NOTE: dweight has the stored length and is zero outside a_pos.
     n_out = a_indptr.shape[0] - 1
     for o in prange(n_out):
         g = dpre[o]
-        for k in range(a_indptr[o], a_indptr[o + 1]):
+        k = a_indptr[o]
+        end = a_indptr[o + 1]
+        while k + 4 <= end:
+            d0, d1, d2, d3 = _dot4(
+                g, x[a_indices[k]], x[a_indices[k + 1]], x[a_indices[k + 2]], x[a_indices[k + 3]]
+            )
+            dweight[a_pos[k]] = d0
+            dweight[a_pos[k + 1]] = d1
+            dweight[a_pos[k + 2]] = d2
+            dweight[a_pos[k + 3]] = d3
+            k += 4
+        while k < end:
             dweight[a_pos[k]] = _dot(g, x[a_indices[k]])
+            k += 1
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _scatter_rows_tile(a_indptr, a_indices, a_data, dpre, b0, dx):
+    # dx[:, tile] += W_active.T @ dpre[:, tile] for the tile starting at b0 (one
+    # width step of the cascade), rows in ascending order; returns the next b0.
+    n_out, n_batch = dpre.shape
+    z = 64 // dpre.itemsize
+    if b0 + TILE_VECS * z <= n_batch:
+        for o in range(n_out):
+            _scatter_8z(dx, a_indices, a_data, a_indptr[o], a_indptr[o + 1], dpre[o], b0)
+        return b0 + TILE_VECS * z
+    if b0 + z <= n_batch:
+        for o in range(n_out):
+            _scatter_z(dx, a_indices, a_data, a_indptr[o], a_indptr[o + 1], dpre[o], b0)
+        return b0 + z
+    if b0 + z // 2 <= n_batch:
+        for o in range(n_out):
+            _scatter_y(dx, a_indices, a_data, a_indptr[o], a_indptr[o + 1], dpre[o], b0)
+        return b0 + z // 2
+    if b0 + z // 4 <= n_batch:
+        for o in range(n_out):
+            _scatter_x(dx, a_indices, a_data, a_indptr[o], a_indptr[o + 1], dpre[o], b0)
+        return b0 + z // 4
+    for o in range(n_out):
+        g = dpre[o]
+        for k in range(a_indptr[o], a_indptr[o + 1]):
+            w = a_data[k]
+            r = dx[a_indices[k]]
+            for b in range(b0, n_batch):
+                r[b] = r[b] + w * g[b]
+    return n_batch
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def spmm_t(a_indptr, a_indices, a_data, dpre, chunk, dx):
-    """``dx += W_active.T @ dpre``, in parallel over blocks of ``chunk`` batch columns.
+def spmm_t(a_indptr, a_indices, a_data, dpre, dx):
+    """``dx += W_active.T @ dpre``, in parallel over tiles of batch columns.
 
-    Each element of ``dx`` sums its terms over the rows in ascending order.
+    Each element of ``dx`` sums its terms over the rows in ascending order; a tile
+    of ``dpre[row]`` stays in registers while the row's entries are scattered.
     """
-    # NOTE: dx (n_in, n_batch) zero on entry; chunk >= 1.
-    n_out, n_batch = dpre.shape
-    n_chunks = (n_batch + chunk - 1) // chunk
-    for c in prange(n_chunks):
-        lo = c * chunk
-        hi = min(lo + chunk, n_batch)
-        for o in range(n_out):
-            g = dpre[o, lo:hi]
-            for k in range(a_indptr[o], a_indptr[o + 1]):
-                w = a_data[k]
-                r = dx[a_indices[k], lo:hi]
-                for b in range(hi - lo):
-                    r[b] = r[b] + w * g[b]
+    # NOTE: dx (n_in, n_batch) zero on entry, dpre (n_out, n_batch) C-contiguous.
+    n_batch = dpre.shape[1]
+    tile = TILE_VECS * (64 // dpre.itemsize)
+    n_full = n_batch // tile
+    for c in prange(n_full + 1):
+        b0 = c * tile
+        if c < n_full:
+            _scatter_rows_tile(a_indptr, a_indices, a_data, dpre, b0, dx)
+        else:
+            while b0 < n_batch:
+                b0 = _scatter_rows_tile(a_indptr, a_indices, a_data, dpre, b0, dx)
 
 
 @njit(cache=True, nogil=True)

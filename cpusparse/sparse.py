@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
-import numba
 import numpy as np
 
 from . import _kernels
@@ -415,9 +414,7 @@ def _masked_matmul_backward(active, x, dout, out, relu, need_dx):
     if not need_dx:
         return None, dweight, dbias
     dx = np.zeros((n_in, dout.shape[1]), dtype=dout.dtype)
-    n_batch = dout.shape[1]
-    chunk = max(8, -(-n_batch // numba.get_num_threads()))
-    _kernels.spmm_t(active.indptr, active.indices, active.data, dpre, chunk, dx)
+    _kernels.spmm_t(active.indptr, active.indices, active.data, dpre, dx)
     return dx, dweight, dbias
 
 
