@@ -203,7 +203,7 @@ def test_make_mlp_rejects_bad_arguments():
 
 # ---------------------------------------------------------------- Sequential.backward
 BACKWARD_GAP = (
-    "engine bug: Sequential.backward (network.py, line 123) validates dout only with "
+    "engine bug: Sequential.backward (network.py) validates dout only with "
     "check_array(ndim=2, finite=True): no dtype, shape or contiguity check, and it calls "
     "the unvalidated _backward, whose kernels assume C-contiguous float arrays of the "
     "network's dtype and batch size"
