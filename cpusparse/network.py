@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from . import sparse
-from ._validation import check_array, check_density, check_random_state
+from ._validation import check_density, check_random_state
 from .layers import GRANULARITIES, Linear, ReLU, SparseLinear
 from .losses import softmax_cross_entropy
 
@@ -125,7 +125,17 @@ class Sequential:
         grads : list of dict
             One dict per layer, keyed like its ``params()``.
         """
-        dout = check_array(dout, "dout", ndim=2, finite=True)
+        if len(caches) != len(self.layers):
+            raise ValueError(
+                f"caches must hold one cache per layer ({len(self.layers)}), got {len(caches)}"
+            )
+        last = caches[-1]
+        expected = last.positive.shape if hasattr(last, "positive") else last.out.shape
+        dout = sparse._check_activations(dout, expected[0], "dout", self.dtype)
+        if dout.shape != expected:
+            raise ValueError(
+                f"dout must have the forward output's shape {expected}, got {dout.shape}"
+            )
         return self._backward(dout, caches, need_dx)
 
     def _backward(self, dout, caches, need_dx=False):

@@ -174,7 +174,9 @@ def pattern_from_dense(mask):
     >>> pattern_from_dense(np.array([[True, False], [True, True]]))
     (array([0, 1, 3]), array([0, 0, 1]))
     """
-    mask = np.asarray(mask, dtype=bool)
+    mask = np.asarray(mask)
+    if mask.dtype != np.bool_:
+        raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
     if mask.ndim != 2:
         raise ValueError(f"mask must be 2-D, got shape {mask.shape}")
     indptr = np.zeros(mask.shape[0] + 1, dtype=INDEX_DTYPE)
@@ -222,15 +224,17 @@ def to_dense(indptr, indices, data, shape, *, entry_mask=None, row_mask=None):
     array([[0., 1.],
            [2., 3.]])
     """
-    indptr = np.asarray(indptr)
-    data = np.asarray(data)
+    indptr, indices = check_pattern(indptr, indices, shape)
+    data = check_array(data, "data", ndim=1, shape=indices.shape)
+    entry_mask = _check_mask(entry_mask, indices.shape[0], "entry_mask")
+    row_mask = _check_mask(row_mask, shape[0], "row_mask")
     n_out, n_in = shape
     values = data.copy()
     if entry_mask is not None:
-        values = values * np.asarray(entry_mask, dtype=bool)
+        values = values * entry_mask
     rows = np.repeat(np.arange(n_out), np.diff(indptr))
     if row_mask is not None:
-        values = values * np.asarray(row_mask, dtype=bool)[rows]
+        values = values * row_mask[rows]
     dense = np.zeros((n_out, n_in), dtype=data.dtype)
     dense[rows, np.asarray(indices)] = values
     return dense

@@ -202,13 +202,6 @@ def test_make_mlp_rejects_bad_arguments():
 
 
 # ---------------------------------------------------------------- Sequential.backward
-BACKWARD_GAP = (
-    "engine bug: Sequential.backward (network.py) validates dout only with "
-    "check_array(ndim=2, finite=True): no dtype, shape or contiguity check, and it calls "
-    "the unvalidated _backward, whose kernels assume C-contiguous float arrays of the "
-    "network's dtype and batch size"
-)
-
 
 def _sparse_classifier_net():
     rng = np.random.default_rng(1)
@@ -218,7 +211,6 @@ def _sparse_classifier_net():
     return net, caches, rng.standard_normal(out.shape)
 
 
-@pytest.mark.xfail(strict=True, reason=BACKWARD_GAP + " (wrong weight gradients)")
 def test_sequential_backward_fortran_dout_gives_the_same_gradients():
     net, caches, dout = _sparse_classifier_net()
     _, want = net.backward(dout, caches)
@@ -227,14 +219,12 @@ def test_sequential_backward_fortran_dout_gives_the_same_gradients():
         np.testing.assert_array_equal(g["weight"], w["weight"])
 
 
-@pytest.mark.xfail(strict=True, reason=BACKWARD_GAP + " (numba TypingError, not TypeError)")
 def test_sequential_backward_rejects_mixed_dtype_dout():
     net, caches, dout = _sparse_classifier_net()
     with pytest.raises(TypeError, match="dout"):
         net.backward(dout.astype(np.float32), caches)
 
 
-@pytest.mark.xfail(strict=True, reason=BACKWARD_GAP + " (wrong batch silently accepted)")
 def test_sequential_backward_rejects_dout_of_wrong_shape():
     net, caches, dout = _sparse_classifier_net()
     with pytest.raises(ValueError, match="dout"):

@@ -396,14 +396,7 @@ def test_pattern_helpers_reject_bad_values():
         sparse.random_pattern((3, 3), 0.5, rng="seed")
 
 
-TO_DENSE_GAP = (
-    "engine bug: sparse.to_dense does not validate its masks (sparse.py, to_dense): a "
-    "non-bool mask is silently cast with np.asarray(mask, dtype=bool) and a mask of the "
-    "wrong length fails inside NumPy broadcasting with a message that does not name it"
-)
 
-
-@pytest.mark.xfail(strict=True, reason=TO_DENSE_GAP)
 @pytest.mark.parametrize("name", ["entry_mask", "row_mask"])
 def test_to_dense_rejects_masks_of_wrong_length(name):
     indptr, indices, data, shape = _layer_inputs()
@@ -412,7 +405,6 @@ def test_to_dense_rejects_masks_of_wrong_length(name):
         sparse.to_dense(indptr, indices, data, shape, **{name: np.ones(n + 1, bool)})
 
 
-@pytest.mark.xfail(strict=True, reason=TO_DENSE_GAP)
 @pytest.mark.parametrize("name", ["entry_mask", "row_mask"])
 def test_to_dense_rejects_non_bool_masks(name):
     indptr, indices, data, shape = _layer_inputs()
