@@ -1,0 +1,347 @@
+"""Checkpoints: the whole training state in one ``.npz`` file, written atomically.
+
+A checkpoint holds everything :func:`~cpusparse.train.run_epoch` reads or changes,
+so that training resumed from it is bit-identical to training that never stopped:
+
+- every layer's arrays (``SparseLinear``: CSR pattern, weights, bias, shape,
+  granularity, activation; ``Linear``: weight, bias, activation);
+- the flat score vector, its layer offsets, the budget and the initial number of
+  units;
+- the weight and score optimizer states (lists of dicts of arrays, 0-d arrays
+  included) and the step counter;
+- the exact states of the data-order and mask random streams;
+- the epoch, the phase (``"sparse"`` or ``"finetune"``), the fixed masks of the
+  fine-tuning phase, the history and the :class:`~cpusparse.train.TrainConfig`;
+- the format version and the cpusparse version.
+
+Format
+------
+One file written by :func:`numpy.savez`. Arrays are stored under flat names
+(``layer0.weight``, ``weight_state3.exp_avg``, ``mask1`` ...); everything else is a
+JSON document stored as a 0-d unicode array under ``meta``. Nothing is pickled:
+files are read with ``allow_pickle=False``. Python floats survive JSON exactly
+(``repr`` round-trips), NaN included.
+
+Examples
+--------
+>>> import os, tempfile
+>>> from cpusparse.network import make_mlp
+>>> from cpusparse.train import TrainConfig, init_state, spawn_streams
+>>> init, data, masks = spawn_streams(0)
+>>> config = TrainConfig(density=0.5)
+>>> state = init_state(make_mlp(4, (3,), 2, rng=init), config, data_rng=data, mask_rng=masks)
+>>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
+>>> save_checkpoint(path, state, config, epoch=0, phase="sparse", history=[])
+>>> restored, config2 = restore_state(load_checkpoint(path))
+>>> config2 == config, bool(np.array_equal(restored.score, state.score))
+(True, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+import zipfile
+
+import numpy as np
+
+from .layers import Linear, SparseLinear
+from .network import Sequential
+from .train import TrainConfig, TrainState
+
+__all__ = [
+    "FORMAT_VERSION",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "restore_state",
+    "atomic_write",
+]
+
+FORMAT_VERSION = 1
+"""Version of the checkpoint layout; :func:`load_checkpoint` refuses any other."""
+
+PHASES = ("sparse", "finetune")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file is corrupt, incomplete or of another format version."""
+
+
+def atomic_write(path, write):
+    """Write a file atomically: a temporary file in the same directory, then rename.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination. An existing file is replaced only once the new content is
+        completely written and flushed to disk, so a crash at any point leaves
+        either the old file or the new one, never a mix, and no temporary file.
+    write : callable
+        Called with a binary file object opened for writing.
+    """
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    try:  # make the rename itself durable (POSIX; not possible everywhere)
+        dir_fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(dir_fd)
+    except OSError:
+        pass
+    finally:
+        os.close(dir_fd)
+
+
+def _layer_record(layer, i, arrays):
+    if isinstance(layer, SparseLinear):
+        arrays[f"layer{i}.indptr"] = layer.indptr
+        arrays[f"layer{i}.indices"] = layer.indices
+        arrays[f"layer{i}.weight"] = layer.weight
+        arrays[f"layer{i}.bias"] = layer.bias
+        return {
+            "type": "SparseLinear",
+            "shape": list(layer.shape),
+            "granularity": layer.granularity,
+            "activation": layer.activation,
+        }
+    if isinstance(layer, Linear):
+        arrays[f"layer{i}.weight"] = layer.weight
+        arrays[f"layer{i}.bias"] = layer.bias
+        return {"type": "Linear", "shape": list(layer.shape), "activation": layer.activation}
+    raise TypeError(
+        f"layer {i} must be a SparseLinear or a Linear to be checkpointed, got "
+        f"{type(layer).__name__}"
+    )
+
+
+def _optimizer_record(prefix, opt_state, arrays):
+    keys = []
+    for j, entry in enumerate(opt_state):
+        keys.append(list(entry))  # insertion order, as the optimizer created it
+        for key, value in entry.items():
+            arrays[f"{prefix}{j}.{key}"] = np.asarray(value)
+    return keys
+
+
+def save_checkpoint(path, state, config, *, epoch, phase, history, masks=None, extra=None):
+    """Write the training state to ``path`` atomically.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+        Destination file (conventionally ending in ``.npz``; no suffix is added).
+    state : TrainState
+    config : TrainConfig
+    epoch : int
+        Number of epochs completed in ``phase``.
+    phase : {"sparse", "finetune"}
+    history : list of dict
+        Per-epoch records; must be JSON-serialisable (floats, ints, strings, None).
+    masks : list of ndarray of bool, optional
+        The fixed masks of the fine-tuning phase (required when
+        ``phase="finetune"``).
+    extra : dict, optional
+        Any other JSON-serialisable information (e.g. the estimator's parameters).
+
+    Notes
+    -----
+    The file is first written to a temporary file in the same directory, flushed
+    and ``fsync``-ed, then moved over ``path`` with :func:`os.replace`; see
+    :func:`atomic_write`.
+    """
+    if phase not in PHASES:
+        raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
+    if phase == "finetune" and masks is None:
+        raise ValueError("masks are required for phase='finetune'")
+    arrays = {}
+    layers = [_layer_record(layer, i, arrays) for i, layer in enumerate(state.network.layers)]
+    arrays["score"] = state.score
+    arrays["offsets"] = state.offsets
+    weight_keys = _optimizer_record("weight_state", state.weight_state, arrays)
+    score_keys = _optimizer_record("score_state", state.score_state, arrays)
+    if masks is not None:
+        for j, m in enumerate(masks):
+            arrays[f"mask{j}"] = np.asarray(m, dtype=bool)
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "cpusparse_version": _version(),
+        "epoch": int(epoch),
+        "phase": phase,
+        "step": int(state.step),
+        "budget": float(state.budget),
+        "n_units_initial": int(state.n_units_initial),
+        "layers": layers,
+        "weight_state_keys": weight_keys,
+        "score_state_keys": score_keys,
+        "n_masks": None if masks is None else len(masks),
+        "data_rng": state.data_rng.bit_generator.state,
+        "mask_rng": state.mask_rng.bit_generator.state,
+        "config": dataclasses.asdict(config),
+        "history": list(history),
+        "extra": {} if extra is None else dict(extra),
+    }
+    arrays["meta"] = np.array(json.dumps(meta, allow_nan=True))
+    atomic_write(path, lambda f: np.savez(f, **arrays))
+
+
+def _version():
+    from . import __version__
+
+    return __version__
+
+
+def load_checkpoint(path):
+    """Read a checkpoint written by :func:`save_checkpoint`.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    ckpt : dict
+        Keys ``format_version``, ``cpusparse_version``, ``epoch``, ``phase``,
+        ``step``, ``budget``, ``n_units_initial``, ``layers`` (list of dicts with
+        the layer's description and arrays), ``score``, ``offsets``,
+        ``weight_state`` and ``score_state`` (lists of dicts of arrays),
+        ``masks`` (list of ndarray of bool, or None), ``data_rng`` and
+        ``mask_rng`` (bit-generator states), ``config`` (dict of
+        :class:`~cpusparse.train.TrainConfig` fields), ``history`` and ``extra``.
+
+    Raises
+    ------
+    FileNotFoundError
+        If ``path`` does not exist.
+    CheckpointError
+        (a ``ValueError``) if the file is not a readable checkpoint or has another
+        format version.
+    """
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint file not found: {path!r}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {name: np.array(npz[name]) for name in npz.files}  # writable copies
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise CheckpointError(
+            f"{path!r} is not a readable cpusparse checkpoint (corrupt or truncated?): {exc}"
+        ) from exc
+    try:
+        meta = json.loads(str(arrays.pop("meta")))
+        version = meta["format_version"]
+    except (KeyError, ValueError, TypeError) as exc:
+        raise CheckpointError(f"{path!r} is not a cpusparse checkpoint: no valid metadata") from exc
+    if version != FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path!r} has checkpoint format version {version!r}; this cpusparse "
+            f"({_version()}) reads version {FORMAT_VERSION} only"
+        )
+    try:
+        return _unpack(meta, arrays)
+    except KeyError as exc:
+        raise CheckpointError(f"{path!r} is an incomplete checkpoint: missing {exc}") from exc
+
+
+def _unpack(meta, arrays):
+    layers = []
+    for i, record in enumerate(meta["layers"]):
+        names = ("indptr", "indices", "weight", "bias")
+        if record["type"] == "Linear":
+            names = ("weight", "bias")
+        layers.append({**record, **{name: arrays[f"layer{i}.{name}"] for name in names}})
+
+    def optimizer(prefix, keys):
+        return [{key: arrays[f"{prefix}{j}.{key}"] for key in ks} for j, ks in enumerate(keys)]
+
+    n_masks = meta["n_masks"]
+    return {
+        "format_version": meta["format_version"],
+        "cpusparse_version": meta["cpusparse_version"],
+        "epoch": meta["epoch"],
+        "phase": meta["phase"],
+        "step": meta["step"],
+        "budget": meta["budget"],
+        "n_units_initial": meta["n_units_initial"],
+        "layers": layers,
+        "score": arrays["score"],
+        "offsets": arrays["offsets"],
+        "weight_state": optimizer("weight_state", meta["weight_state_keys"]),
+        "score_state": optimizer("score_state", meta["score_state_keys"]),
+        "masks": None if n_masks is None else [arrays[f"mask{j}"] for j in range(n_masks)],
+        "data_rng": meta["data_rng"],
+        "mask_rng": meta["mask_rng"],
+        "config": meta["config"],
+        "history": meta["history"],
+        "extra": meta["extra"],
+    }
+
+
+def _generator(bit_state):
+    bit_generator = getattr(np.random, bit_state["bit_generator"])()
+    bit_generator.state = bit_state
+    return np.random.Generator(bit_generator)
+
+
+def restore_state(ckpt):
+    """Rebuild the training state and configuration from :func:`load_checkpoint`'s dict.
+
+    Parameters
+    ----------
+    ckpt : dict
+
+    Returns
+    -------
+    state : TrainState
+        With fresh arrays (the dict's arrays are used, not copied) and random
+        streams at exactly the saved positions.
+    config : TrainConfig
+    """
+    layers = []
+    for rec in ckpt["layers"]:
+        if rec["type"] == "SparseLinear":
+            layers.append(
+                SparseLinear(
+                    rec["indptr"],
+                    rec["indices"],
+                    rec["weight"],
+                    rec["bias"],
+                    rec["shape"][1],
+                    granularity=rec["granularity"],
+                    activation=rec["activation"],
+                )
+            )
+        elif rec["type"] == "Linear":
+            layers.append(Linear(rec["weight"], rec["bias"], activation=rec["activation"]))
+        else:
+            raise CheckpointError(f"unknown layer type {rec['type']!r} in checkpoint")
+    config = TrainConfig(**ckpt["config"])
+    state = TrainState(
+        network=Sequential(layers),
+        score=ckpt["score"],
+        offsets=ckpt["offsets"],
+        budget=ckpt["budget"],
+        n_units_initial=ckpt["n_units_initial"],
+        weight_state=ckpt["weight_state"],
+        score_state=ckpt["score_state"],
+        step=ckpt["step"],
+        data_rng=_generator(ckpt["data_rng"]),
+        mask_rng=_generator(ckpt["mask_rng"]),
+    )
+    return state, config

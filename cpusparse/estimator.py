@@ -1,0 +1,705 @@
+r"""A scikit-learn classifier trained completely sparse (VR-PGE).
+
+:class:`SparseMLPClassifier` wraps :mod:`cpusparse.train`: it builds a ReLU MLP
+whose hidden layers are sparse (:func:`~cpusparse.network.make_mlp`), trains weights
+and keep probabilities together with :func:`~cpusparse.train.run_epoch` under one
+global budget, then fixes a mask and fine-tunes the weights on it. Prediction uses
+the fixed mask only, so the deployed network has at most ``density`` of its
+prunable units.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import numbers
+import os
+import sys
+import time
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin
+from sklearn.model_selection import train_test_split
+from sklearn.preprocessing import LabelEncoder
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+from ._validation import check_choice, check_density
+from .checkpoint import load_checkpoint, restore_state, save_checkpoint
+from .network import make_mlp
+from .train import (
+    ESTIMATORS,
+    TrainConfig,
+    check_parameters_finite,
+    evaluate,
+    expected_density,
+    fixed_mask,
+    init_state,
+    run_epoch,
+    spawn_streams,
+)
+
+__all__ = ["SparseMLPClassifier"]
+
+# Parameters that do not change the result of ``fit`` (not compared on resume).
+_RUN_ONLY_PARAMS = ("verbose", "checkpoint", "resume", "random_state")
+
+# Number of training samples on which the progress bar measures the accuracy when
+# there is no validation set (only computed when ``verbose``; it draws no random
+# numbers, so it does not change the result).
+_PROGRESS_EVAL_SAMPLES = 2048
+
+
+def _check_int(value, name, low):
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
+    if value < low:
+        raise ValueError(f"{name} must be an int >= {low}, got {value}")
+    return int(value)
+
+
+def _check_positive(value, name):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, numbers.Real)
+        or not math.isfinite(value)
+        or value <= 0
+    ):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_hidden(hidden):
+    if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
+        hidden = (hidden,)
+    try:
+        sizes = tuple(hidden)
+    except TypeError:
+        raise TypeError(
+            f"hidden_layer_sizes must be a sequence of positive ints, got {hidden!r}"
+        ) from None
+    if not sizes or any(
+        isinstance(h, bool) or not isinstance(h, numbers.Integral) or h < 1 for h in sizes
+    ):
+        raise ValueError(
+            f"hidden_layer_sizes must be a nonempty sequence of positive ints, got {hidden!r}"
+        )
+    return tuple(int(h) for h in sizes)
+
+
+def _json_value(value):
+    if isinstance(value, tuple):
+        return [_json_value(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
+    r"""Multi-layer perceptron classifier trained with sparse forward and backward passes.
+
+    Training solves
+
+    .. math::
+
+        \min_{w,\ s}\ \mathbb{E}_{m \sim \text{Bernoulli}(s)}\, L(w \odot m)
+        \quad \text{s.t.} \quad 0 \le s \le 1,\ \ \textstyle\sum_i s_i \le k
+        = \text{density} \times n
+
+    over the weights :math:`w` and the keep probabilities :math:`s` of the
+    :math:`n` prunable units, with the variance-reduced policy-gradient estimator
+    (VR-PGE) for :math:`s`: every step runs ``n_samples`` sparse forward passes
+    and sparse backward passes only (Zhou et al., 2021). After ``max_iter`` epochs
+    a deterministic mask within the budget is fixed and the weights are
+    fine-tuned on it for ``finetune_iter`` epochs.
+
+    Parameters
+    ----------
+    hidden_layer_sizes : tuple of int, default=(300, 100)
+        Width of each hidden (sparse, ReLU) layer.
+    density : float in (0, 1], default=0.1
+        Kept fraction of the prunable units (the budget).
+    granularity : {"weight", "neuron"}, default="weight"
+        One mask bit per stored weight, or per hidden unit.
+    n_samples : int >= 2, default=2
+        Number :math:`K` of sampled masks (forward passes) per step.
+    estimator : {"vrpge", "vrpge-sqrt", "reinforce", "straight-through"}, default="vrpge"
+        Gradient estimator of the scores (see :class:`~cpusparse.train.TrainConfig`).
+    projection : {"exact", "bisection"}, default="exact"
+        Solver of the projection onto the budget set.
+    max_iter : int >= 1, default=30
+        Epochs of sparse training (weights and scores).
+    finetune_iter : int >= 0, default=10
+        Epochs of weight training on the fixed mask; 0 skips fine-tuning.
+    fixed_mask : {"topk", "best-of-n"}, default="topk"
+        How the final mask is chosen (:func:`~cpusparse.train.fixed_mask`):
+        the ``floor(k)`` largest scores, or the most accurate of 10 sampled masks
+        on the validation part (the training data without one). A sampled mask
+        can exceed the budget; it is then cut to its ``floor(k)`` units of
+        largest score, so that ``density_ <= density`` always holds.
+    batch_size : int >= 1, default=64
+        Mini-batch size (the last batch of an epoch may be smaller).
+    learning_rate_init : float > 0, default=1e-3
+        Initial learning rate of the weights; both learning rates follow a
+        cosine schedule over all the steps of both phases.
+    score_learning_rate : float > 0, default=0.05
+        Initial learning rate of the scores.
+    optimizer, score_optimizer : {"adam", "sgd"}, default="adam"
+        Optimizers of the weights and of the scores.
+    clip_norm : float > 0 or None, default=None
+        Clip the global norm of the weight gradients.
+    sparse_classifier : bool, default=False
+        Make the output layer sparse (and prunable) too.
+    weight_grad : {"mean", "first"}, default="mean"
+        Average the weight gradient over the K passes, or use the first only.
+    dtype : {"float32", "float64"}, default="float32"
+        Floating type of parameters and activations.
+    random_state : int, RandomState instance or None, default=None
+        Seed of the three random streams (initialisation, data order, masks)
+        and of the validation split. Fixed: training is bit-reproducible,
+        whatever the number of threads.
+    verbose : bool, default=False
+        Show a progress bar (on stderr) with the loss, accuracy and density.
+    validation_fraction : float in [0, 1), default=0.0
+        Stratified held-out fraction of the training data, on which the
+        accuracy is recorded each epoch in ``history_`` (0 disables it).
+    checkpoint : str or os.PathLike, default=None
+        File written atomically at the end of every epoch
+        (:func:`~cpusparse.checkpoint.save_checkpoint`).
+    resume : bool, default=False
+        Continue from ``checkpoint`` if that file exists (it must have been
+        written by a fit with the same parameters on the same data); the result
+        is bit-identical to an uninterrupted fit. Without the file, ``fit``
+        starts from scratch.
+
+    Attributes
+    ----------
+    classes_ : ndarray of shape (n_classes,)
+        Class labels.
+    n_features_in_ : int
+        Number of features seen during fit.
+    network_ : Sequential
+        The trained network.
+    masks_ : list of ndarray of bool
+        The fixed masks used for prediction, one per prunable layer.
+    score_ : ndarray of shape (n_units,)
+        Final keep probabilities of the (remaining) prunable units, concatenated.
+    n_active_ : int
+        Number of prunable units kept by ``masks_``.
+    density_ : float
+        ``n_active_`` over the number of prunable units at initialisation;
+        at most ``density``.
+    n_iter_ : int
+        Number of epochs run (sparse and fine-tuning).
+    loss_curve_ : list of float
+        Mean training loss of each epoch.
+    history_ : list of dict
+        One record per epoch: ``phase`` ("sparse" or "finetune"), ``epoch``
+        (1-based within the phase), ``loss``, ``val_accuracy`` (with
+        ``validation_fraction > 0``; accuracy with the current top-k mask during
+        the sparse phase, with the fixed mask during fine-tuning),
+        ``expected_density`` (``sum(s) / n``), ``realised_density`` (mean kept
+        fraction of the sampled masks, or of the fixed mask), ``grad_variance``
+        (mean variance of the score gradient over the epoch, NaN in
+        fine-tuning; see :class:`~cpusparse.train.EpochStats`) and ``seconds``.
+        All but ``seconds`` are bit-reproducible.
+
+    See Also
+    --------
+    cpusparse.train.train_step : The training step (Algorithm 1 of the paper).
+
+    Notes
+    -----
+    Inputs are converted once to feature-major arrays of shape
+    ``(n_features, n_samples)`` in ``dtype``. The number of steps of the cosine
+    schedules is ``(max_iter + finetune_iter) * ceil(n_train / batch_size)``.
+
+    References
+    ----------
+    .. [1] X. Zhou, W. Zhang, Z. Chen, S. Diao, T. Zhang, "Efficient Neural Network
+       Training via Forward and Backward Propagation Sparsification",
+       NeurIPS 2021, arXiv:2111.05685.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from sklearn.model_selection import train_test_split
+    >>> X, y = load_digits(return_X_y=True)
+    >>> X_train, X_test, y_train, y_test = train_test_split(
+    ...     X / 16, y, test_size=0.2, stratify=y, random_state=0)
+    >>> clf = SparseMLPClassifier(hidden_layer_sizes=(64,), density=0.2, max_iter=8,
+    ...                           finetune_iter=2, learning_rate_init=0.01, random_state=0)
+    >>> clf.fit(X_train, y_train)
+    SparseMLPClassifier(...)
+    >>> clf.score(X_test, y_test)
+    0.9...
+    >>> clf.density_, clf.n_active_  # floor(0.2 * 64 * 64) weights of the hidden layer
+    (0.1999..., 819)
+    >>> clf.layer_densities()[0]
+    {'layer': 0, 'type': 'SparseLinear', 'shape': (64, 64), 'prunable': True, 'n_units': 4096, 'active': 819, 'density': 0.1999...}
+    >>> [record["phase"] for record in clf.history_][-3:]
+    ['sparse', 'finetune', 'finetune']
+    """  # noqa: E501
+
+    def __init__(
+        self,
+        hidden_layer_sizes=(300, 100),
+        density=0.1,
+        granularity="weight",
+        n_samples=2,
+        estimator="vrpge",
+        projection="exact",
+        max_iter=30,
+        finetune_iter=10,
+        fixed_mask="topk",
+        batch_size=64,
+        learning_rate_init=1e-3,
+        score_learning_rate=0.05,
+        optimizer="adam",
+        score_optimizer="adam",
+        clip_norm=None,
+        sparse_classifier=False,
+        weight_grad="mean",
+        dtype="float32",
+        random_state=None,
+        verbose=False,
+        validation_fraction=0.0,
+        checkpoint=None,
+        resume=False,
+    ):
+        self.hidden_layer_sizes = hidden_layer_sizes
+        self.density = density
+        self.granularity = granularity
+        self.n_samples = n_samples
+        self.estimator = estimator
+        self.projection = projection
+        self.max_iter = max_iter
+        self.finetune_iter = finetune_iter
+        self.fixed_mask = fixed_mask
+        self.batch_size = batch_size
+        self.learning_rate_init = learning_rate_init
+        self.score_learning_rate = score_learning_rate
+        self.optimizer = optimizer
+        self.score_optimizer = score_optimizer
+        self.clip_norm = clip_norm
+        self.sparse_classifier = sparse_classifier
+        self.weight_grad = weight_grad
+        self.dtype = dtype
+        self.random_state = random_state
+        self.verbose = verbose
+        self.validation_fraction = validation_fraction
+        self.checkpoint = checkpoint
+        self.resume = resume
+
+    # ------------------------------------------------------------------ validation
+
+    def _check_params(self):
+        """Validate the parameters; return the hidden sizes and the dtype."""
+        hidden = _check_hidden(self.hidden_layer_sizes)
+        check_density(self.density)
+        check_choice(self.granularity, "granularity", ("weight", "neuron"))
+        if (
+            isinstance(self.n_samples, bool)
+            or not isinstance(self.n_samples, numbers.Integral)
+            or self.n_samples < 2
+        ):
+            raise ValueError(f"n_samples must be an int >= 2 (K), got {self.n_samples!r}")
+        check_choice(self.estimator, "estimator", ESTIMATORS)
+        check_choice(self.projection, "projection", ("exact", "bisection"))
+        _check_int(self.max_iter, "max_iter", 1)
+        _check_int(self.finetune_iter, "finetune_iter", 0)
+        check_choice(self.fixed_mask, "fixed_mask", ("topk", "best-of-n"))
+        _check_int(self.batch_size, "batch_size", 1)
+        _check_positive(self.learning_rate_init, "learning_rate_init")
+        _check_positive(self.score_learning_rate, "score_learning_rate")
+        check_choice(self.optimizer, "optimizer", ("adam", "sgd"))
+        check_choice(self.score_optimizer, "score_optimizer", ("adam", "sgd"))
+        if self.clip_norm is not None:
+            _check_positive(self.clip_norm, "clip_norm")
+        check_choice(self.weight_grad, "weight_grad", ("mean", "first"))
+        if self.dtype not in ("float32", "float64", np.float32, np.float64):
+            raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
+        v = self.validation_fraction
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v < 1.0:
+            raise ValueError(f"validation_fraction must be in [0, 1), got {v!r}")
+        if self.checkpoint is None and self.resume:
+            raise ValueError("resume=True needs checkpoint=<path>, got checkpoint=None")
+        if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
+            raise TypeError(f"checkpoint must be None or a path, got {self.checkpoint!r}")
+        return hidden, np.dtype(self.dtype)
+
+    def _entropy(self):
+        """The seed of all random streams, as an int."""
+        rs = self.random_state
+        if rs is None:
+            return int(np.random.SeedSequence().entropy)
+        if isinstance(rs, numbers.Integral) and not isinstance(rs, bool):
+            if rs < 0:
+                raise ValueError(f"random_state must be None or an int >= 0, got {rs}")
+            return int(rs)
+        if isinstance(rs, np.random.RandomState):  # scikit-learn convention
+            return int(rs.randint(np.iinfo(np.int32).max))
+        if isinstance(rs, np.random.Generator):
+            return int(rs.integers(2**63 - 1))
+        raise TypeError(
+            f"random_state must be None, an int, a RandomState or a Generator, got {rs!r}"
+        )
+
+    def _run_params(self):
+        """The parameters that determine the result, JSON-ready (saved in checkpoints)."""
+        return {
+            k: _json_value(v if k != "dtype" else np.dtype(v).name)
+            for k, v in self.get_params(deep=False).items()
+            if k not in _RUN_ONLY_PARAMS
+        }
+
+    # ------------------------------------------------------------------------ fit
+
+    def fit(self, X, y):
+        """Train the sparse network on ``(X, y)``.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+            Training data (finite).
+        y : array-like of shape (n_samples,)
+            Class labels (at least two classes).
+
+        Returns
+        -------
+        self : SparseMLPClassifier
+            The fitted classifier.
+
+        Raises
+        ------
+        cpusparse.train.NonFiniteError
+            If a loss or a parameter becomes NaN or infinite; the message names
+            the step (and the layer). The last checkpoint is left intact.
+        """
+        hidden, dtype = self._check_params()
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        encoder = LabelEncoder()
+        y_enc = encoder.fit_transform(y).astype(np.int64)
+        classes = encoder.classes_
+        if classes.shape[0] < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs samples of at least 2 classes in the data, "
+                f"but the data contains only one class: {classes[0]!r}"
+            )
+        X = np.ascontiguousarray(X, dtype=dtype)
+
+        ckpt = None
+        if self.resume and os.path.exists(self.checkpoint):
+            ckpt = load_checkpoint(self.checkpoint)
+            entropy = self._check_resumable(ckpt, X, y_enc, classes)
+        else:
+            entropy = self._entropy()
+
+        if self.validation_fraction > 0:
+            train_idx, val_idx = self._split(y_enc, entropy)
+        else:
+            train_idx, val_idx = np.arange(y_enc.shape[0]), None
+        x_train = np.ascontiguousarray(X[train_idx].T)
+        y_train = y_enc[train_idx]
+        if val_idx is not None:
+            x_val, y_val = np.ascontiguousarray(X[val_idx].T), y_enc[val_idx]
+        else:
+            x_val = y_val = None
+
+        n_batches = -(-y_train.shape[0] // self.batch_size)
+        config = TrainConfig(
+            density=float(self.density),
+            n_samples=int(self.n_samples),
+            estimator=self.estimator,
+            projection=self.projection,
+            weight_grad=self.weight_grad,
+            clip_norm=None if self.clip_norm is None else float(self.clip_norm),
+            optimizer=self.optimizer,
+            lr=float(self.learning_rate_init),
+            score_optimizer=self.score_optimizer,
+            score_lr=float(self.score_learning_rate),
+            schedule="cosine",
+            total_steps=max(1, (self.max_iter + self.finetune_iter) * n_batches),
+        )
+
+        if ckpt is None:
+            init_rng, data_rng, mask_rng = spawn_streams(entropy)
+            network = make_mlp(
+                X.shape[1],
+                hidden,
+                classes.shape[0],
+                granularity=self.granularity,
+                sparse_classifier=bool(self.sparse_classifier),
+                dtype=dtype,
+                rng=init_rng,
+            )
+            state = init_state(network, config, data_rng=data_rng, mask_rng=mask_rng)
+            phase, epoch, history, masks = "sparse", 0, [], None
+        else:
+            state, saved_config = restore_state(ckpt)
+            if saved_config != config:
+                raise ValueError(
+                    f"checkpoint {os.fspath(self.checkpoint)!r} was written with another "
+                    f"training configuration: {saved_config} != {config}"
+                )
+            phase, epoch, history, masks = (
+                ckpt["phase"],
+                ckpt["epoch"],
+                ckpt["history"],
+                ckpt["masks"],
+            )
+
+        extra = {
+            "params": self._run_params(),
+            "entropy": entropy,
+            "fingerprint": _fingerprint(X, y_enc, classes),
+        }
+        self.classes_ = classes
+        data = (x_train, y_train, x_val, y_val)
+        self._train(state, config, data, (phase, epoch, history, masks), extra)
+        return self
+
+    def _split(self, y_enc, entropy):
+        # The fourth child of the seed: independent of the three training streams.
+        split_rng = np.random.default_rng(np.random.SeedSequence(entropy).spawn(4)[3])
+        seed = int(split_rng.integers(np.iinfo(np.int32).max))
+        try:
+            return train_test_split(
+                np.arange(y_enc.shape[0]),
+                test_size=self.validation_fraction,
+                stratify=y_enc,
+                random_state=seed,
+            )
+        except ValueError as exc:
+            raise ValueError(
+                f"validation_fraction={self.validation_fraction} cannot make a stratified "
+                f"split of {y_enc.shape[0]} samples: {exc}"
+            ) from exc
+
+    def _check_resumable(self, ckpt, X, y_enc, classes):
+        """Check that ``ckpt`` was written by this fit; return its seed."""
+        extra = ckpt["extra"]
+        where = f"checkpoint {os.fspath(self.checkpoint)!r}"
+        try:
+            saved, entropy, fingerprint = extra["params"], extra["entropy"], extra["fingerprint"]
+        except KeyError:
+            raise ValueError(f"{where} was not written by SparseMLPClassifier") from None
+        current = json.loads(json.dumps(self._run_params()))
+        differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
+        if differ:
+            detail = ", ".join(f"{k}: {saved.get(k)!r} != {current.get(k)!r}" for k in differ)
+            raise ValueError(f"{where} was written with other parameters ({detail})")
+        rs = self.random_state
+        if isinstance(rs, numbers.Integral) and not isinstance(rs, bool) and rs != entropy:
+            raise ValueError(f"{where} was written with random_state={entropy}, got {rs}")
+        if fingerprint != _fingerprint(X, y_enc, classes):
+            raise ValueError(f"{where} was written for other training data")
+        return entropy
+
+    def _train(self, state, config, data, progress, extra):
+        """Run the remaining epochs of both phases; set the fitted attributes."""
+        x_train, y_train, x_val, y_val = data
+        phase, epoch, history, masks = progress
+        n_batches = -(-y_train.shape[0] // self.batch_size)
+        done = epoch if phase == "sparse" else self.max_iter + epoch
+        total = (self.max_iter + self.finetune_iter) * n_batches
+        bar = _progress_bar(self.verbose, total, done * n_batches)
+        x_progress = y_progress = None
+        if self.verbose and x_val is None:
+            x_progress = np.ascontiguousarray(x_train[:, :_PROGRESS_EVAL_SAMPLES])
+            y_progress = y_train[:_PROGRESS_EVAL_SAMPLES]
+        running = []
+
+        def on_step(_state, loss):
+            running.append(loss)
+            if bar is not None:
+                bar.update(1)
+                if len(running) % 5 == 0:
+                    bar.set_postfix(loss=f"{np.mean(running[-n_batches:]):.4f}", refresh=False)
+
+        def end_of_epoch(stats, t0, epoch_masks):
+            check_parameters_finite(state)
+            record = {"phase": phase, "epoch": epoch, "loss": stats.loss}
+            eval_masks = epoch_masks
+            if eval_masks is None and (x_val is not None or bar is not None):
+                eval_masks = fixed_mask(state)  # what the network would be now
+            if x_val is not None:
+                record["val_accuracy"] = evaluate(state.network, x_val, y_val, eval_masks)[1]
+            record["expected_density"] = expected_density(state)
+            record["realised_density"] = stats.realised_density
+            record["grad_variance"] = stats.grad_variance
+            record["seconds"] = time.perf_counter() - t0
+            history.append(record)
+            if self.checkpoint is not None:
+                save_checkpoint(
+                    self.checkpoint,
+                    state,
+                    config,
+                    epoch=epoch,
+                    phase=phase,
+                    history=history,
+                    masks=epoch_masks,
+                    extra=extra,
+                )
+            if bar is not None:
+                if x_val is not None:
+                    acc = record["val_accuracy"]
+                else:
+                    acc = evaluate(state.network, x_progress, y_progress, eval_masks)[1]
+                density = (
+                    record["expected_density"] if phase == "sparse" else stats.realised_density
+                )
+                bar.set_postfix(
+                    phase=phase,
+                    loss=f"{stats.loss:.4f}",
+                    acc=f"{acc:.3f}",
+                    density=f"{density:.4f}",
+                )
+
+        try:
+            # Overflow is detected explicitly (NonFiniteError), not through warnings.
+            with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+                if phase == "sparse":
+                    while epoch < self.max_iter:
+                        t0 = time.perf_counter()
+                        stats = run_epoch(
+                            state, x_train, y_train, config, batch_size=self.batch_size,
+                            on_step=on_step,
+                        )  # fmt: skip
+                        epoch += 1
+                        end_of_epoch(stats, t0, None)
+                    masks = self._final_masks(state, x_train, y_train, x_val, y_val)
+                    phase, epoch = "finetune", 0
+                while epoch < self.finetune_iter:
+                    t0 = time.perf_counter()
+                    stats = run_epoch(
+                        state, x_train, y_train, config, batch_size=self.batch_size,
+                        masks=masks, on_step=on_step,
+                    )  # fmt: skip
+                    epoch += 1
+                    end_of_epoch(stats, t0, masks)
+        finally:
+            if bar is not None:
+                bar.close()
+
+        self.network_ = state.network
+        self.masks_ = masks
+        self.score_ = state.score.copy()
+        self.n_active_ = int(sum(int(m.sum()) for m in masks))
+        self.density_ = self.n_active_ / state.n_units_initial
+        self.n_iter_ = len(history)
+        self.history_ = history
+        self.loss_curve_ = [record["loss"] for record in history]
+
+    def _final_masks(self, state, x_train, y_train, x_val, y_val):
+        """The fixed masks after sparse training, within the budget."""
+        if self.fixed_mask == "topk":
+            return fixed_mask(state, "topk")
+        x, y = (x_train, y_train) if x_val is None else (x_val, y_val)
+        masks = fixed_mask(state, "best-of-n", x=x, y=y, rng=state.mask_rng)
+        # A sampled mask may exceed the budget: keep its floor(k) units of largest score.
+        flat = np.concatenate(masks)
+        k = int(math.floor(state.budget + 1e-9))
+        if flat.sum() > k:
+            active = np.flatnonzero(flat)
+            order = np.argsort(-state.score[active].astype(np.float64), kind="stable")
+            flat = np.zeros_like(flat)
+            flat[active[order[:k]]] = True
+        o = state.offsets
+        return [flat[o[i] : o[i + 1]].copy() for i in range(len(o) - 1)]
+
+    # -------------------------------------------------------------------- predict
+
+    def predict_proba(self, X):
+        """Class probabilities of the network with the fixed masks.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        proba : ndarray of shape (n_samples, n_classes)
+            Softmax of the logits, computed in float64; columns follow ``classes_``.
+        """
+        check_is_fitted(self, "network_")
+        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        net = self.network_
+        x = np.ascontiguousarray(X.T, dtype=net.dtype)
+        logits, _ = net.forward(x, self.masks_)
+        z = logits.T.astype(np.float64)
+        z -= z.max(axis=1, keepdims=True)
+        np.exp(z, out=z)
+        z /= z.sum(axis=1, keepdims=True)
+        return z
+
+    def predict(self, X):
+        """Predicted class labels with the fixed masks.
+
+        Parameters
+        ----------
+        X : array-like of shape (n_samples, n_features)
+
+        Returns
+        -------
+        y : ndarray of shape (n_samples,)
+        """
+        proba = self.predict_proba(X)
+        return self.classes_[np.argmax(proba, axis=1)]
+
+    def layer_densities(self):
+        """Per-layer report of the fixed masks.
+
+        Returns
+        -------
+        report : list of dict
+            One dict per layer with parameters: ``layer`` (index in the network),
+            ``type``, ``shape`` ``(n_out, n_in)``, ``prunable``, ``n_units`` (units at
+            initialisation: ``n_out * n_in`` weights, or ``n_out`` neurons; all the
+            weights of a dense layer), ``active`` (units kept by the mask) and
+            ``density`` (``active / n_units``).
+        """
+        check_is_fitted(self, "network_")
+        net = self.network_
+        masks = dict(zip(net.prunable, self.masks_, strict=True))
+        report = []
+        for i, layer in enumerate(net.layers):
+            if not layer.params():
+                continue
+            shape = tuple(int(s) for s in layer.shape)
+            if i in masks:
+                gran = layer.granularity
+                n_units = shape[0] * shape[1] if gran == "weight" else shape[0]
+                active = int(masks[i].sum())
+            else:
+                n_units = active = shape[0] * shape[1]
+            report.append(
+                {
+                    "layer": i,
+                    "type": type(layer).__name__,
+                    "shape": shape,
+                    "prunable": i in masks,
+                    "n_units": n_units,
+                    "active": active,
+                    "density": active / n_units,
+                }
+            )
+        return report
+
+
+def _fingerprint(X, y_enc, classes):
+    h = hashlib.sha256()
+    h.update(repr((X.shape, X.dtype.str, classes.tolist())).encode())
+    h.update(np.ascontiguousarray(X).tobytes())
+    h.update(np.ascontiguousarray(y_enc).tobytes())
+    return h.hexdigest()
+
+
+def _progress_bar(verbose, total, initial):
+    if not verbose:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, file=sys.stderr, unit="step", dynamic_ncols=True)

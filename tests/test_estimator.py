@@ -1,0 +1,279 @@
+"""SparseMLPClassifier: scikit-learn compatibility, accuracy, density, history, reproducibility."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import numba
+import numpy as np
+import pytest
+from sklearn.datasets import load_digits
+from sklearn.model_selection import train_test_split
+from sklearn.utils.estimator_checks import check_estimator
+
+from cpusparse.estimator import SparseMLPClassifier
+from cpusparse.train import NonFiniteError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_numba_thread():
+    # Results do not depend on the thread count (test_threads_do_not_change_results
+    # checks it in subprocesses); one thread avoids the parallel overhead that
+    # dominates these tiny problems.
+    before = numba.get_num_threads()
+    numba.set_num_threads(1)
+    yield
+    numba.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = load_digits(return_X_y=True)
+    return train_test_split(X / 16, y, test_size=0.2, stratify=y, random_state=0)
+
+
+SMALL = dict(
+    hidden_layer_sizes=(64,),
+    density=0.2,
+    max_iter=8,
+    finetune_iter=2,
+    learning_rate_init=0.01,
+    validation_fraction=0.1,
+)
+
+
+@pytest.fixture(scope="module")
+def fitted(digits):
+    X_train, _, y_train, _ = digits
+    return SparseMLPClassifier(**SMALL, random_state=0).fit(X_train, y_train)
+
+
+def history_text(history):
+    """History without the wall-clock field, as text (NaN compares equal to NaN)."""
+    return json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in history])
+
+
+def test_check_estimator():
+    # The brief's tiny setting (hidden (8,), max_iter=2) cannot pass
+    # check_classifiers_train, which requires accuracy > 0.83 on 300 blobs: 8 units
+    # at density 0.1 keep 2 weights, and 10 Adam steps at lr 1e-3 do not train.
+    # This setting is still small (~2 s for all checks) and needs no tag exemptions.
+    check_estimator(
+        SparseMLPClassifier(
+            hidden_layer_sizes=(16,),
+            density=0.5,
+            max_iter=5,
+            finetune_iter=2,
+            batch_size=16,
+            learning_rate_init=0.05,
+        )
+    )
+
+
+def test_check_estimator_tiny_setting():
+    # The setting of the brief: every check passes except the accuracy threshold of
+    # check_classifiers_train (see above), which is declared, not hidden.
+    check_estimator(
+        SparseMLPClassifier(max_iter=2, finetune_iter=1, hidden_layer_sizes=(8,)),
+        expected_failed_checks={
+            "check_classifiers_train": "3 epochs of an 8-unit layer at density 0.1 "
+            "(2 weights kept) cannot reach the check's accuracy of 0.83"
+        },
+    )
+
+
+def test_digits_accuracy(fitted, digits):
+    _, X_test, _, y_test = digits
+    # Measured on this split: 0.922-0.936 over seeds 0-5 (0.925 for seed 0).
+    assert fitted.score(X_test, y_test) > 0.85
+    proba = fitted.predict_proba(X_test)
+    np.testing.assert_allclose(proba.sum(axis=1), 1.0, rtol=1e-12)
+    np.testing.assert_array_equal(fitted.predict(X_test), fitted.classes_[proba.argmax(axis=1)])
+
+
+def test_density_within_budget_and_consistent(fitted):
+    n_initial = sum(r["n_units"] for r in fitted.layer_densities() if r["prunable"])
+    n_active = sum(int(m.sum()) for m in fitted.masks_)
+    assert fitted.n_active_ == n_active
+    assert fitted.density_ == n_active / n_initial
+    assert fitted.density_ <= fitted.density
+    # the fixed mask is what the fine-tuning epochs used
+    assert fitted.history_[-1]["realised_density"] == fitted.density_
+    report = fitted.layer_densities()
+    assert [r["layer"] for r in report] == [0, 1]
+    assert report[0]["type"] == "SparseLinear" and report[0]["shape"] == (64, 64)
+    assert report[0]["n_units"] == 64 * 64 and report[0]["active"] == n_active
+    assert report[1] == {
+        "layer": 1,
+        "type": "Linear",
+        "shape": (10, 64),
+        "prunable": False,
+        "n_units": 640,
+        "active": 640,
+        "density": 1.0,
+    }
+
+
+def test_history_fields(fitted):
+    h = fitted.history_
+    assert [r["phase"] for r in h] == ["sparse"] * 8 + ["finetune"] * 2
+    assert [r["epoch"] for r in h] == [*range(1, 9), 1, 2]
+    assert fitted.n_iter_ == 10
+    assert fitted.loss_curve_ == [r["loss"] for r in h]
+    for r in h:
+        assert set(r) == {
+            "phase",
+            "epoch",
+            "loss",
+            "val_accuracy",
+            "expected_density",
+            "realised_density",
+            "grad_variance",
+            "seconds",
+        }
+        assert np.isfinite(r["loss"]) and r["loss"] > 0
+        assert 0.0 <= r["val_accuracy"] <= 1.0
+        assert r["expected_density"] <= fitted.density + 1e-6
+        assert 0.0 < r["realised_density"] <= 1.0 and r["seconds"] >= 0.0
+        if r["phase"] == "sparse":
+            assert np.isfinite(r["grad_variance"]) and r["grad_variance"] >= 0.0
+        else:
+            assert np.isnan(r["grad_variance"])
+    # training decreases the loss and the expected density ends at the budget
+    assert h[-1]["loss"] < h[0]["loss"]
+    assert h[-1]["val_accuracy"] > h[0]["val_accuracy"]
+    assert fitted.score_.shape == (sum(m.shape[0] for m in fitted.masks_),)
+
+
+def test_same_seed_is_bit_identical_different_seed_differs(digits):
+    X_train, X_test, y_train, _ = digits
+    params = dict(SMALL, max_iter=2, finetune_iter=1)
+    a = SparseMLPClassifier(**params, random_state=3).fit(X_train, y_train)
+    b = SparseMLPClassifier(**params, random_state=3).fit(X_train, y_train)
+    c = SparseMLPClassifier(**params, random_state=4).fit(X_train, y_train)
+    assert history_text(a.history_) == history_text(b.history_)
+    np.testing.assert_array_equal(a.predict_proba(X_test), b.predict_proba(X_test))
+    np.testing.assert_array_equal(a.score_, b.score_)
+    for la, lb in zip(a.network_.layers, b.network_.layers, strict=True):
+        for name, arr in la.params().items():
+            np.testing.assert_array_equal(arr, lb.params()[name], err_msg=name)
+    assert history_text(a.history_) != history_text(c.history_)
+    assert not np.array_equal(a.predict_proba(X_test), c.predict_proba(X_test))
+
+
+_THREAD_SCRIPT = textwrap.dedent(
+    """
+    import hashlib, json
+    import numpy as np
+    from sklearn.datasets import load_digits
+    from cpusparse.estimator import SparseMLPClassifier
+    X, y = load_digits(return_X_y=True)
+    clf = SparseMLPClassifier(hidden_layer_sizes=(48, 24), density=0.2, max_iter=2,
+                              finetune_iter=1, batch_size=128, validation_fraction=0.1,
+                              random_state=7).fit(X[:800] / 16, y[:800])
+    h = hashlib.sha256()
+    h.update(json.dumps([{k: v for k, v in r.items() if k != "seconds"}
+                         for r in clf.history_]).encode())
+    h.update(clf.predict_proba(X[800:] / 16).tobytes())
+    h.update(clf.score_.tobytes())
+    for layer in clf.network_.layers:
+        for arr in layer.params().values():
+            h.update(arr.tobytes())
+    import numba
+    print(numba.get_num_threads(), h.hexdigest())
+    """
+)
+
+
+def test_threads_do_not_change_results():
+    digests = []
+    for n_threads in ("1", "2"):
+        env = dict(os.environ, NUMBA_NUM_THREADS=n_threads)
+        out = subprocess.run(
+            [sys.executable, "-c", _THREAD_SCRIPT],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=True,
+        ).stdout.split()
+        assert out[0] == n_threads
+        digests.append(out[1])
+    assert digests[0] == digests[1]
+
+
+def test_best_of_n_stays_within_budget(digits):
+    X_train, _, y_train, _ = digits
+    clf = SparseMLPClassifier(
+        **dict(SMALL, max_iter=2, finetune_iter=1, density=0.05), fixed_mask="best-of-n"
+    )
+    clf.set_params(random_state=1).fit(X_train, y_train)
+    assert clf.density_ <= 0.05
+    assert clf.n_active_ <= int(0.05 * 64 * 64)
+
+
+def test_neuron_granularity_reports_neurons(digits):
+    X_train, X_test, y_train, y_test = digits
+    clf = SparseMLPClassifier(
+        hidden_layer_sizes=(32, 16),
+        granularity="neuron",
+        density=0.5,
+        max_iter=2,
+        finetune_iter=0,
+        random_state=0,
+    ).fit(X_train, y_train)
+    report = clf.layer_densities()
+    assert [r["n_units"] for r in report if r["prunable"]] == [32, 16]
+    assert sum(r["active"] for r in report if r["prunable"]) == clf.n_active_ <= 24
+    assert clf.n_iter_ == 2 and all(r["phase"] == "sparse" for r in clf.history_)
+    assert clf.predict(X_test).shape == y_test.shape
+
+
+def test_string_labels_and_float32_dtype():
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(40, 3)).astype(np.float32)
+    y = np.where(X[:, 0] > 0, "pos", "neg")
+    clf = SparseMLPClassifier(hidden_layer_sizes=(4,), max_iter=1, finetune_iter=0, random_state=0)
+    clf.fit(X, y)
+    assert list(clf.classes_) == ["neg", "pos"]
+    assert set(clf.predict(X)) <= {"neg", "pos"}
+    assert clf.network_.dtype == np.float32 and clf.n_features_in_ == 3
+
+
+X_OK = np.random.default_rng(0).normal(size=(20, 3))
+Y_OK = np.arange(20) % 2
+
+
+@pytest.mark.parametrize(
+    "params, X, y, error, match",
+    [
+        ({}, np.where(np.eye(20, 3) > 0, np.nan, X_OK), Y_OK, ValueError, "NaN"),
+        ({}, X_OK, np.zeros(20), ValueError, "only one class"),
+        ({}, X_OK, np.linspace(0, 1, 20), ValueError, "Unknown label type"),
+        ({"density": 1.5}, X_OK, Y_OK, ValueError, r"density must be in \(0, 1\], got 1.5"),
+        ({"density": 0}, X_OK, Y_OK, ValueError, r"density must be in \(0, 1\], got 0"),
+        ({"n_samples": 1}, X_OK, Y_OK, ValueError, "n_samples must be an int >= 2"),
+        ({"estimator": "foo"}, X_OK, Y_OK, ValueError, "estimator must be one of.*got 'foo'"),
+        ({"granularity": "row"}, X_OK, Y_OK, ValueError, "granularity must be one of"),
+        ({"hidden_layer_sizes": (4, 0)}, X_OK, Y_OK, ValueError, "hidden_layer_sizes must"),
+        ({"max_iter": 0}, X_OK, Y_OK, ValueError, "max_iter must be an int >= 1, got 0"),
+        ({"learning_rate_init": -1.0}, X_OK, Y_OK, ValueError, "learning_rate_init must be"),
+        ({"validation_fraction": 1.0}, X_OK, Y_OK, ValueError, r"validation_fraction must be"),
+        ({"resume": True}, X_OK, Y_OK, ValueError, "resume=True needs checkpoint"),
+        ({"dtype": "float16"}, X_OK, Y_OK, ValueError, "dtype must be"),
+    ],
+)
+def test_bad_inputs(params, X, y, error, match):
+    clf = SparseMLPClassifier(**{"hidden_layer_sizes": (4,), "max_iter": 1, **params})
+    with pytest.raises(error, match=match):
+        clf.fit(X, y)
+
+
+def test_huge_learning_rate_raises_non_finite_error_naming_the_step():
+    clf = SparseMLPClassifier(
+        hidden_layer_sizes=(8,), max_iter=2, finetune_iter=0, learning_rate_init=1e30
+    )
+    with pytest.raises(NonFiniteError, match=r"at step \d+"):
+        clf.set_params(random_state=0).fit(X_OK, Y_OK)
