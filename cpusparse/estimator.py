@@ -325,8 +325,15 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"validation_fraction must be in [0, 1), got {v!r}")
         if self.checkpoint is None and self.resume:
             raise ValueError("resume=True needs checkpoint=<path>, got checkpoint=None")
-        if self.checkpoint is not None and not isinstance(self.checkpoint, (str, os.PathLike)):
-            raise TypeError(f"checkpoint must be None or a path, got {self.checkpoint!r}")
+        if self.checkpoint is not None:
+            if not isinstance(self.checkpoint, (str, os.PathLike)):
+                raise TypeError(f"checkpoint must be None or a path, got {self.checkpoint!r}")
+            directory = os.path.dirname(os.path.abspath(self.checkpoint))
+            if not os.path.isdir(directory):
+                raise ValueError(
+                    f"checkpoint must be in an existing directory, got {self.checkpoint!r} "
+                    f"({directory!r} does not exist)"
+                )
         return hidden, np.dtype(self.dtype)
 
     def _entropy(self):

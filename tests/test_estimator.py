@@ -263,6 +263,7 @@ Y_OK = np.arange(20) % 2
         ({"validation_fraction": 1.0}, X_OK, Y_OK, ValueError, r"validation_fraction must be"),
         ({"resume": True}, X_OK, Y_OK, ValueError, "resume=True needs checkpoint"),
         ({"dtype": "float16"}, X_OK, Y_OK, ValueError, "dtype must be"),
+        ({"checkpoint": "/no/such/dir/c.npz"}, X_OK, Y_OK, ValueError, "existing directory"),
     ],
 )
 def test_bad_inputs(params, X, y, error, match):
