@@ -341,7 +341,7 @@ def check_parameters_finite(state):
         raise NonFiniteError(f"scores have non-finite values after step {state.step}")
 
 
-def train_step(state, x, y, config):
+def train_step(state, x, y, config, *, record=None):
     r"""One step of sparse training (Algorithm 1 of the paper) on one mini-batch.
 
     Parameters
@@ -352,6 +352,13 @@ def train_step(state, x, y, config):
         Feature-major mini-batch, the network's dtype.
     y : ndarray of int, shape (n_batch,)
     config : TrainConfig
+    record : dict, optional
+        If given, filled with the step's intermediate results for golden traces:
+        ``score`` (before the step), ``uniforms`` and ``masks`` (K, n), ``losses``
+        (K,), ``weight_grads_per_sample`` (K lists of arrays aligned with
+        :meth:`TrainState.param_list`), ``weight_grads`` (their mean, before
+        clipping), ``grad_norm``, ``dscore``, ``score_before_projection``,
+        ``threshold``, ``lr`` and ``score_lr``.
 
     Returns
     -------
@@ -389,7 +396,12 @@ def train_step(state, x, y, config):
     straight_through = config.estimator == "straight-through"
 
     # 1. K independent masks from the keep probabilities s.
-    masks = estimators.sample_masks(state.score, K, rng=state.mask_rng)
+    masks, uniforms = estimators.sample_masks(
+        state.score, K, rng=state.mask_rng, return_uniforms=True
+    )
+    if record is not None:
+        record.update(score=state.score.copy(), uniforms=uniforms, masks=masks)
+        record["weight_grads_per_sample"] = []
 
     # 2.-3. K forward passes on the same batch; sparse backward for the weights.
     losses = np.empty(K)
@@ -404,6 +416,8 @@ def train_step(state, x, y, config):
             if straight_through:
                 st_grads.append(np.concatenate([grads[i].pop("mask") for i in net.prunable]))
             flat = [g for layer_grads in grads for g in layer_grads.values()]
+            if record is not None:
+                record["weight_grads_per_sample"].append([g.copy() for g in flat])
             if weight_grads is None:
                 weight_grads = flat
             else:
@@ -415,14 +429,25 @@ def train_step(state, x, y, config):
     # 4. Score gradient (VR-PGE by default): forward passes only, no backward.
     dscore = _score_gradient(config, losses, masks, state.score, st_grads)
 
+    if record is not None:
+        record.update(losses=losses.copy(), weight_grads=[g.copy() for g in weight_grads])
+        record["dscore"] = dscore.copy()
+
     # 5. Clip, then one step of each optimizer.
-    weight_grads, _ = clip_grad_norm(weight_grads, config.clip_norm)
+    weight_grads, grad_norm = clip_grad_norm(weight_grads, config.clip_norm)
     weight_opt, score_opt, (lr_w, lr_s) = config.optimizers
     weight_opt.step(state.param_list(), weight_grads, state.weight_state, lr=lr_w(state.step))
     score_opt.step([state.score], [dscore], state.score_state, lr=lr_s(state.step))
 
     # 6. Project s back onto the budget set.
-    projected, _ = project_scores(
+    if record is not None:
+        record.update(
+            grad_norm=grad_norm,
+            lr=lr_w(state.step),
+            score_lr=lr_s(state.step),
+            score_before_projection=state.score.copy(),
+        )
+    projected, threshold = project_scores(
         state.score,
         state.budget,
         method=config.projection,
@@ -431,6 +456,8 @@ def train_step(state, x, y, config):
     )
     state.score[:] = projected
     state.step += 1
+    if record is not None:
+        record["threshold"] = threshold
 
     if config.compact_every and state.step % config.compact_every == 0:
         compact(state)
@@ -468,9 +495,12 @@ def compact(state):
     """Drop weight-granularity units whose score is exactly 0.
 
     A unit with :math:`s_i = 0` is never sampled (:math:`u < 0` is impossible) and
-    its gradient is 0, so removing it changes no result; it makes mask sampling
-    and the active-pattern pass cheaper. Scores, the layer's stored pattern and
-    the optimizer states of its weights and of the scores are compacted together.
+    its gradient is 0, so removing it leaves the distribution of every later step
+    unchanged while making mask sampling and the active-pattern pass cheaper. The
+    random draws themselves do change: later steps draw ``(K, n)`` uniforms for the
+    smaller ``n``. Runs are bit-reproducible for a given ``compact_every``.
+    Scores, the layer's stored pattern and the optimizer states of its weights
+    and of the scores are compacted together.
     Neuron-granularity layers keep their units (their number fixes the next
     layer's input size) but drop the stored weights of rows with score 0.
 
