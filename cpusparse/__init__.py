@@ -15,12 +15,18 @@ Where things live:
 - :mod:`cpusparse.projection`: projection of the scores onto the budget set;
 - :mod:`cpusparse.train`: the training step (Algorithm 1 of the paper);
 - :mod:`cpusparse.optim`: optimizers with explicit state;
-- :mod:`cpusparse.datasets`: offline data sets.
+- :mod:`cpusparse.estimator`: :class:`SparseMLPClassifier`, the scikit-learn interface;
+- :mod:`cpusparse.checkpoint`: atomic, bit-exact checkpoints;
+- :mod:`cpusparse.cli`: the ``cpusparse`` command (train, bench, trace, verify);
+- :mod:`cpusparse.datasets`: offline data sets;
+- :mod:`cpusparse.reference`: dense NumPy oracle of every sparse operation.
 """
 
 __version__ = "0.1.0"
 
+from .checkpoint import CheckpointError, load_checkpoint, restore_state, save_checkpoint
 from .datasets import DATASETS, Dataset, load_dataset
+from .estimator import SparseMLPClassifier
 from .estimators import (
     check_random_state,
     exact_expectation,
@@ -38,6 +44,11 @@ from .projection import concat_scores, project_scores, split_scores
 
 __all__ = [
     "__version__",
+    "SparseMLPClassifier",
+    "CheckpointError",
+    "load_checkpoint",
+    "restore_state",
+    "save_checkpoint",
     "DATASETS",
     "Dataset",
     "load_dataset",

@@ -97,7 +97,11 @@ def build_parser():
     model.add_argument("--batch-size", type=int, default=64)
     model.add_argument("--lr", type=float, default=3e-3, help="initial weight learning rate")
     model.add_argument("--score-lr", type=float, default=0.05, help="initial score learning rate")
+    model.add_argument("--init", choices=("kaiming", "uniform"), default="kaiming")
     model.add_argument("--seed", type=int, default=0)
+    model.add_argument(
+        "--threads", type=int, default=1, help="Numba threads (results do not depend on it)"
+    )
     out = train.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write metrics, history and config as JSON")
     out.add_argument("--checkpoint", metavar="PATH", help="checkpoint written every epoch")
@@ -205,6 +209,8 @@ def _train(args, parser):
         batch_size=args.batch_size,
         learning_rate_init=args.lr,
         score_learning_rate=args.score_lr,
+        init=args.init,
+        n_jobs=args.threads,
         random_state=args.seed,
         verbose=not args.quiet,
         checkpoint=args.checkpoint,

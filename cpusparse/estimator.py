@@ -25,8 +25,10 @@ from sklearn.preprocessing import LabelEncoder
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
+from ._threads import numba_threads
 from ._validation import check_choice, check_density
 from .checkpoint import load_checkpoint, restore_state, save_checkpoint
+from .losses import softmax
 from .network import make_mlp
 from .train import (
     ESTIMATORS,
@@ -43,7 +45,7 @@ from .train import (
 __all__ = ["SparseMLPClassifier"]
 
 # Parameters that do not change the result of ``fit`` (not compared on resume).
-_RUN_ONLY_PARAMS = ("verbose", "checkpoint", "resume", "random_state")
+_RUN_ONLY_PARAMS = ("verbose", "checkpoint", "resume", "random_state", "n_jobs")
 
 # Number of training samples on which the progress bar measures the accuracy when
 # there is no validation set (only computed when ``verbose``; it draws no random
@@ -153,8 +155,15 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         Make the output layer sparse (and prunable) too.
     weight_grad : {"mean", "first"}, default="mean"
         Average the weight gradient over the K passes, or use the first only.
+    init : {"kaiming", "uniform"}, default="kaiming"
+        Weight initialisation; the fan-in counts only the inputs expected to be
+        kept at ``density`` (see :func:`~cpusparse.network.make_mlp`).
     dtype : {"float32", "float64"}, default="float32"
         Floating type of parameters and activations.
+    n_jobs : int or None, default=None
+        Number of threads of the Numba kernels during ``fit`` and ``predict``;
+        None means 1 (results are bit-identical for any value). More threads
+        help only on large layers and an otherwise idle machine.
     random_state : int, RandomState instance or None, default=None
         Seed of the three random streams (initialisation, data order, masks)
         and of the validation split. Fixed: training is bit-reproducible,
@@ -261,7 +270,9 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         clip_norm=None,
         sparse_classifier=False,
         weight_grad="mean",
+        init="kaiming",
         dtype="float32",
+        n_jobs=None,
         random_state=None,
         verbose=False,
         validation_fraction=0.0,
@@ -285,7 +296,9 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         self.clip_norm = clip_norm
         self.sparse_classifier = sparse_classifier
         self.weight_grad = weight_grad
+        self.init = init
         self.dtype = dtype
+        self.n_jobs = n_jobs
         self.random_state = random_state
         self.verbose = verbose
         self.validation_fraction = validation_fraction
@@ -318,6 +331,9 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         if self.clip_norm is not None:
             _check_positive(self.clip_norm, "clip_norm")
         check_choice(self.weight_grad, "weight_grad", ("mean", "first"))
+        check_choice(self.init, "init", ("kaiming", "uniform"))
+        if self.n_jobs is not None:
+            _check_int(self.n_jobs, "n_jobs", 1)
         if self.dtype not in ("float32", "float64", np.float32, np.float64):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         v = self.validation_fraction
@@ -439,6 +455,8 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
                 classes.shape[0],
                 granularity=self.granularity,
                 sparse_classifier=bool(self.sparse_classifier),
+                init=self.init,
+                init_density=float(self.density),
                 dtype=dtype,
                 rng=init_rng,
             )
@@ -465,7 +483,8 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         }
         self.classes_ = classes
         data = (x_train, y_train, x_val, y_val)
-        self._train(state, config, data, (phase, epoch, history, masks), extra)
+        with numba_threads(self.n_jobs):
+            self._train(state, config, data, (phase, epoch, history, masks), extra)
         return self
 
     def _split(self, y_enc, entropy):
@@ -635,12 +654,9 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         net = self.network_
         x = np.ascontiguousarray(X.T, dtype=net.dtype)
-        logits, _ = net.forward(x, self.masks_)
-        z = logits.T.astype(np.float64)
-        z -= z.max(axis=1, keepdims=True)
-        np.exp(z, out=z)
-        z /= z.sum(axis=1, keepdims=True)
-        return z
+        with numba_threads(self.n_jobs):
+            logits, _ = net.forward(x, self.masks_)
+        return softmax(logits.astype(np.float64)).T
 
     def predict(self, X):
         """Predicted class labels with the fixed masks.

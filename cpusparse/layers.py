@@ -38,12 +38,27 @@ __all__ = [
 ]
 
 GRANULARITIES = ("weight", "neuron")
+INITS = ("uniform", "kaiming")
 
 
 def _init_uniform(shape, fan_in, dtype, rng):
     # PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     bound = 1.0 / np.sqrt(fan_in) if fan_in > 0 else 0.0
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+def _init_weight(shape, fan_in, init, dtype, rng):
+    # "uniform": PyTorch's nn.Linear default; "kaiming": He normal, std sqrt(2 / fan_in).
+    check_choice(init, "init", INITS)
+    if init == "uniform":
+        return _init_uniform(shape, fan_in, dtype, rng)
+    std = np.sqrt(2.0 / fan_in) if fan_in > 0 else 0.0
+    return rng.normal(0.0, std, size=shape).astype(dtype)
+
+
+def _check_fan_in_scale(fan_in_scale):
+    if not 0 < fan_in_scale <= 1:
+        raise ValueError(f"fan_in_scale must be in (0, 1], got {fan_in_scale}")
 
 
 class SparseLinearCache(NamedTuple):
@@ -119,10 +134,12 @@ class SparseLinear:
         density=1.0,
         granularity="weight",
         activation=None,
+        init="uniform",
+        fan_in_scale=1.0,
         dtype=np.float32,
         rng=None,
     ):
-        """A layer with a random pattern and PyTorch's default initialisation.
+        r"""A layer with a random pattern and random weights.
 
         Parameters
         ----------
@@ -133,6 +150,15 @@ class SparseLinear:
             (the starting point of training, where masks do the sparsifying).
         granularity, activation
             As in the class.
+        init : {"uniform", "kaiming"}, default="uniform"
+            Weight distribution: PyTorch's ``nn.Linear`` default
+            :math:`U(\pm 1/\sqrt{f})`, or He's normal :math:`N(0, 2/f)`, with
+            :math:`f` the effective fan-in. The bias is always
+            :math:`U(\pm 1/\sqrt{n_{in}})`.
+        fan_in_scale : float in (0, 1], default=1.0
+            Expected fraction of the inputs that a unit sees, so that
+            :math:`f = n_{in} \times` ``fan_in_scale``: with masks at density
+            :math:`d`, ``d`` keeps the scale of the activations as if dense.
         dtype : {numpy.float32, numpy.float64}
         rng : None, int or numpy.random.Generator
             Draws, in order: the pattern (if ``density < 1``), the weights, the bias.
@@ -147,7 +173,8 @@ class SparseLinear:
             indptr, indices = sparse.full_pattern((n_out, n_in))
         else:
             indptr, indices = sparse.random_pattern((n_out, n_in), density, rng=rng)
-        weight = _init_uniform(indices.shape[0], n_in, dtype, rng)
+        _check_fan_in_scale(fan_in_scale)
+        weight = _init_weight(indices.shape[0], n_in * fan_in_scale, init, dtype, rng)
         bias = _init_uniform(n_out, n_in, dtype, rng)
         return cls(
             indptr, indices, weight, bias, n_in, granularity=granularity, activation=activation
@@ -364,10 +391,21 @@ class Linear:
         self.activation = check_choice(activation, "activation", (None, "relu"))
 
     @classmethod
-    def random(cls, n_in, n_out, *, activation=None, dtype=np.float32, rng=None):
-        """A layer with PyTorch's default initialisation (weights, then bias)."""
+    def random(
+        cls,
+        n_in,
+        n_out,
+        *,
+        activation=None,
+        init="uniform",
+        fan_in_scale=1.0,
+        dtype=np.float32,
+        rng=None,
+    ):
+        """A layer with random weights, then bias (see :meth:`SparseLinear.random`)."""
         rng = check_random_state(rng)
-        weight = _init_uniform((n_out, n_in), n_in, dtype, rng)
+        _check_fan_in_scale(fan_in_scale)
+        weight = _init_weight((n_out, n_in), n_in * fan_in_scale, init, dtype, rng)
         bias = _init_uniform(n_out, n_in, dtype, rng)
         return cls(weight, bias, activation=activation)
 

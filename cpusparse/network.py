@@ -171,6 +171,8 @@ def make_mlp(
     granularity="weight",
     sparse_classifier=False,
     density=1.0,
+    init="uniform",
+    init_density=1.0,
     dtype=np.float32,
     rng=None,
 ):
@@ -191,6 +193,14 @@ def make_mlp(
         code keeps it dense.
     density : float in (0, 1], default=1.0
         Fraction of entries stored at initialisation (1.0: all; masks sparsify).
+    init : {"uniform", "kaiming"}, default="uniform"
+        Weight initialisation (see :meth:`SparseLinear.random`).
+    init_density : float in (0, 1], default=1.0
+        Expected kept fraction of the units (the training density). The fan-in of
+        a layer whose inputs or weights are masked counts only the inputs expected
+        to be active -- every sparse layer for weight granularity, every layer after
+        the first for neuron granularity -- so that masked activations start at
+        the scale of dense ones.
     dtype : {numpy.float32, numpy.float64}
     rng : None, int or numpy.random.Generator
         Initialisation stream, used layer by layer (weights then bias).
@@ -206,8 +216,11 @@ def make_mlp(
     sizes = [int(n_in), *map(int, hidden_layer_sizes), int(n_out)]
     if min(sizes) < 1:
         raise ValueError(f"layer sizes must be positive, got {sizes}")
+    init_density = check_density(init_density, "init_density")
+    weight_level = granularity == "weight"
     layers = []
-    for fan_in, fan_out in zip(sizes[:-2], sizes[1:-1], strict=True):
+    for i, (fan_in, fan_out) in enumerate(zip(sizes[:-2], sizes[1:-1], strict=True)):
+        masked_inputs = weight_level or i > 0
         layers.append(
             SparseLinear.random(
                 fan_in,
@@ -215,14 +228,20 @@ def make_mlp(
                 density=density,
                 granularity=granularity,
                 activation="relu",
+                init=init,
+                fan_in_scale=init_density if masked_inputs else 1.0,
                 dtype=dtype,
                 rng=rng,
             )
         )
+    # The classifier's inputs are masked units for neuron granularity; with a
+    # sparse classifier its own weights are masked.
+    masked_inputs = (not weight_level and len(sizes) > 2) or sparse_classifier
+    common = dict(
+        init=init, fan_in_scale=init_density if masked_inputs else 1.0, dtype=dtype, rng=rng
+    )
     if sparse_classifier:
-        layers.append(
-            SparseLinear.random(sizes[-2], sizes[-1], density=density, dtype=dtype, rng=rng)
-        )
+        layers.append(SparseLinear.random(sizes[-2], sizes[-1], density=density, **common))
     else:
-        layers.append(Linear.random(sizes[-2], sizes[-1], dtype=dtype, rng=rng))
+        layers.append(Linear.random(sizes[-2], sizes[-1], **common))
     return Sequential(layers)
