@@ -1,0 +1,239 @@
+"""The training step: each stage of Algorithm 1 checked against an independent computation."""
+
+import copy
+
+import numpy as np
+import pytest
+
+from cpusparse import estimators, make_mlp
+from cpusparse.losses import softmax_cross_entropy
+from cpusparse.train import (
+    NonFiniteError,
+    TrainConfig,
+    compact,
+    expected_density,
+    fixed_mask,
+    init_state,
+    run_epoch,
+    spawn_streams,
+    split_masks,
+    train_step,
+)
+
+
+def make_problem(granularity="weight", *, seed=0, dtype=np.float64, density=0.4, **cfg):
+    init, data, mask = spawn_streams(seed)
+    net = make_mlp(6, (7, 5), 3, granularity=granularity, dtype=dtype, rng=init)
+    config = TrainConfig(density=density, compact_every=0, **cfg)
+    state = init_state(net, config, data_rng=data, mask_rng=mask)
+    rng = np.random.default_rng(seed + 100)
+    x = rng.standard_normal((6, 9)).astype(dtype)
+    y = rng.integers(0, 3, size=9)
+    return state, config, x, y
+
+
+def dense_loss(state, x, y, flat_mask):
+    """Loss of the MLP with real-valued masks, in plain NumPy (no cpusparse kernels)."""
+    masks = split_masks(state, np.asarray(flat_mask, dtype=np.float64))
+    h = x
+    p = 0
+    layers = state.network.layers
+    for i, layer in enumerate(layers):
+        if i in state.network.prunable:
+            w = layer.to_dense()
+            m = masks[p]
+            p += 1
+            if layer.granularity == "weight":
+                dense_m = layer.to_dense(np.ones(layer.nnz, dtype=bool)) * 0
+                rows = np.repeat(np.arange(layer.shape[0]), np.diff(layer.indptr))
+                dense_m[rows, layer.indices] = m
+                pre = (w * dense_m) @ h + layer.bias[:, None]
+                h = np.maximum(pre, 0) if layer.activation == "relu" else pre
+            else:
+                pre = w @ h + layer.bias[:, None]
+                act = np.maximum(pre, 0) if layer.activation == "relu" else pre
+                h = m[:, None] * act
+        else:
+            h = layer.weight @ h + layer.bias[:, None]
+    return softmax_cross_entropy(h, y)[0]
+
+
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+def test_step_is_bit_reproducible(granularity):
+    results = []
+    for _ in range(2):
+        state, config, x, y = make_problem(granularity)
+        losses = [train_step(state, x, y, config).losses for _ in range(5)]
+        results.append((np.array(losses), state.score.copy(), state.param_list()))
+    (l1, s1, p1), (l2, s2, p2) = results
+    assert np.array_equal(l1, l2) and np.array_equal(s1, s2)
+    assert all(np.array_equal(a, b) for a, b in zip(p1, p2, strict=True))
+    state, config, x, y = make_problem(granularity, seed=1)
+    other = np.array([train_step(state, x, y, config).losses for _ in range(5)])
+    assert not np.array_equal(l1, other)
+
+
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+@pytest.mark.parametrize("estimator", ["vrpge", "vrpge-sqrt", "reinforce"])
+@pytest.mark.parametrize("n_samples", [2, 3])
+def test_step_stages_match_independent_computation(granularity, estimator, n_samples):
+    state, config, x, y = make_problem(granularity, estimator=estimator, n_samples=n_samples)
+    train_step(state, x, y, config)  # move away from the uniform initial scores
+    before = copy.deepcopy(state.network)
+    record = {}
+    train_step(state, x, y, config, record=record)
+
+    # 1. masks are the documented comparison of the uniforms with the scores
+    assert np.array_equal(record["masks"], record["uniforms"] < record["score"])
+    # 2. the K losses are those of the masked network (plain NumPy forward)
+    ref_state = copy.copy(state)
+    ref_state.network = before
+    for k in range(n_samples):
+        expected = dense_loss(ref_state, x, y, record["masks"][k])
+        assert record["losses"][k] == pytest.approx(expected, rel=1e-12)
+    # 3. the weight gradient is the mean of the per-sample sparse backward passes
+    per_sample = record["weight_grads_per_sample"]
+    assert len(per_sample) == n_samples
+    for j, g in enumerate(record["weight_grads"]):
+        np.testing.assert_allclose(g, np.mean([s[j] for s in per_sample], axis=0), rtol=1e-12)
+    for k in range(n_samples):
+        _, grads, _ = before.loss_and_grads(x, y, split_masks(state, record["masks"][k]))
+        flat = [a for d in grads for a in d.values()]
+        for a, b in zip(flat, per_sample[k], strict=True):
+            np.testing.assert_array_equal(a, b)
+    # 4. the score gradient is the chosen estimator of those losses and masks
+    fn = {
+        "vrpge": lambda *a: estimators.vrpge_grad(*a),
+        "vrpge-sqrt": lambda *a: estimators.vrpge_grad(*a, scaling="sqrt"),
+        "reinforce": lambda *a: estimators.reinforce_grad(*a),
+    }[estimator]
+    expected = fn(record["losses"], record["masks"], record["score"])
+    np.testing.assert_allclose(record["dscore"], expected, rtol=1e-12, atol=1e-15)
+    # 6. the new scores are the projection of the optimizer's output
+    projected = np.clip(record["score_before_projection"] - record["threshold"], 0, 1)
+    np.testing.assert_allclose(state.score, projected, atol=1e-12)
+    assert state.score.sum() <= state.budget + 1e-9
+
+
+def test_weight_grad_first_uses_one_backward():
+    state, config, x, y = make_problem(weight_grad="first", n_samples=3)
+    record = {}
+    train_step(state, x, y, config, record=record)
+    assert len(record["weight_grads_per_sample"]) == 1
+    for a, b in zip(record["weight_grads"], record["weight_grads_per_sample"][0], strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+def test_straight_through_score_gradient_is_dloss_dmask(granularity):
+    state, config, x, y = make_problem(granularity, estimator="straight-through")
+    before = copy.deepcopy(state.network)
+    record = {}
+    train_step(state, x, y, config, record=record)
+    ref_state = copy.copy(state)
+    ref_state.network = before
+    fd = []
+    eps = 1e-6
+    for mask in record["masks"]:
+        m = mask.astype(np.float64)
+        g = np.empty_like(m)
+        for i in range(m.size):
+            up, down = m.copy(), m.copy()
+            up[i] += eps
+            down[i] -= eps
+            g[i] = (dense_loss(ref_state, x, y, up) - dense_loss(ref_state, x, y, down)) / (2 * eps)
+        fd.append(g)
+    np.testing.assert_allclose(record["dscore"], np.mean(fd, axis=0), rtol=1e-5, atol=1e-8)
+
+
+@pytest.mark.parametrize("projection", ["exact", "bisection"])
+def test_scores_stay_feasible_during_training(projection):
+    state, config, x, y = make_problem(
+        projection=projection, score_lr=0.3, dtype=np.float32, density=0.3
+    )
+    tol = 0 if projection == "exact" else config.projection_tol
+    for _ in range(20):
+        train_step(state, x, y, config)
+        assert state.score.min() >= 0 and state.score.max() <= 1
+        assert state.score.sum(dtype=np.float64) <= state.budget + tol + 1e-4
+    assert expected_density(state) <= 0.3 + 1e-4
+
+
+def test_compact_drops_zero_scores_and_keeps_everything_else_aligned():
+    state, config, x, y = make_problem(density=0.5)
+    for _ in range(3):
+        train_step(state, x, y, config)
+    layer = state.network.layers[0]
+    n0 = state.score.shape[0]
+    s = state.score[: layer.nnz]
+    s[::3] = 0  # units that can never be sampled again
+    keep = s > 0
+    old_weight = layer.weight.copy()
+    old_state = {k: v.copy() for k, v in state.weight_state[0].items()}
+    old_scores = state.score.copy()
+    x_masks = [np.ones(n, dtype=bool) for n in state.network.n_units()]
+    x_masks[0] = keep.copy()
+    out_before, _ = state.network.forward(x, x_masks)
+
+    dropped = compact(state)
+
+    assert dropped == int((~keep).sum())
+    assert state.score.shape[0] == n0 - dropped
+    new = state.network.layers[0]
+    np.testing.assert_array_equal(new.weight, old_weight[keep])
+    for key, value in old_state.items():
+        if np.ndim(value):
+            np.testing.assert_array_equal(state.weight_state[0][key], value[keep])
+    kept_scores = np.concatenate([old_scores[: layer.nnz][keep], old_scores[layer.nnz :]])
+    np.testing.assert_array_equal(state.score, kept_scores)
+    np.testing.assert_array_equal(state.offsets, np.cumsum([0, *state.network.n_units()]))
+    new_masks = [np.ones(n, dtype=bool) for n in state.network.n_units()]
+    out_after, _ = state.network.forward(x, new_masks)
+    np.testing.assert_array_equal(out_before, out_after)
+    train_step(state, x, y, config)  # the compacted state trains on
+
+
+def test_fixed_mask_topk_is_within_budget_and_takes_the_largest_scores():
+    state, config, x, y = make_problem(density=0.25)
+    for _ in range(5):
+        train_step(state, x, y, config)
+    masks = fixed_mask(state)
+    flat = np.concatenate(masks)
+    k = int(np.floor(state.budget))
+    assert flat.sum() <= k
+    assert flat.sum() / state.n_units_initial <= 0.25
+    if flat.any() and (~flat).any():
+        assert state.score[flat].min() >= state.score[~flat].max()
+
+
+def test_nonfinite_loss_stops_training_with_the_step():
+    state, config, x, y = make_problem(lr=1e30, optimizer="sgd", momentum=0.0, dtype=np.float32)
+    with pytest.raises(NonFiniteError, match="step"), np.errstate(all="ignore"):
+        for _ in range(10):
+            train_step(state, x, y, config)
+
+
+def test_run_epoch_covers_the_data_once():
+    state, config, x, y = make_problem()
+    seen = []
+    stats = run_epoch(state, x, y, config, batch_size=4, on_step=lambda s, loss: seen.append(loss))
+    assert stats.n_steps == 3 == len(seen)
+    assert stats.loss == pytest.approx(np.mean(seen))
+    assert 0 < stats.realised_density < 1
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"density": 0.0}, "density"),
+        ({"density": 1.5}, "density"),
+        ({"n_samples": 1}, "n_samples"),
+        ({"estimator": "foo"}, "estimator"),
+        ({"projection": "foo"}, "projection"),
+        ({"lr": -1.0}, "lr"),
+        ({"clip_norm": 0.0}, "clip_norm"),
+    ],
+)
+def test_config_rejects_bad_values(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
