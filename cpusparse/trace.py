@@ -1,0 +1,980 @@
+r"""Golden traces: every intermediate of a few training steps, for checking other ports.
+
+A *trace* is one ``.npz`` file holding, for each of a few steps of
+:func:`~cpusparse.train.train_step` on a small MLP, the mini-batch, the weights and
+scores before the step, the uniforms and masks drawn, the K losses, the weight,
+bias and score gradients, the projection and the updated parameters, all as dense
+arrays in the PyTorch orientation, under flat names such as
+``step0/layer1/weight_grad_mean``. Someone porting the method (to a GPU, to
+PyTorch, to JAX) replays each step from the stored inputs and compares their
+arrays with :func:`compare_traces` or ``cpusparse verify``. The layout is
+documented array by array in ``docs/trace_format.rst``.
+
+- :func:`make_trace` runs the steps and returns the arrays;
+  :func:`write_trace` writes them (atomically, byte-identical for the same
+  options: no time stamps, no pickles); :func:`load_trace` reads them back.
+- :func:`compare_traces` checks ``|other - ref| <= atol + rtol * |ref|``
+  elementwise (exact equality for bool, int and str arrays) and returns a
+  :class:`Report` that separates missing arrays, shape, dtype and value
+  differences.
+- :func:`main_trace` and :func:`main_verify` are ``cpusparse trace`` and
+  ``cpusparse verify``.
+
+Examples
+--------
+>>> trace = make_trace(layers=(6, 5, 3), steps=1, batch_size=4, n_samples=2)
+>>> trace["step0/x"].shape, trace["step0/layer0/masks"].shape
+((4, 6), (2, 5, 6))
+>>> bool(np.array_equal(trace["step0/layer0/masks"],
+...                     trace["step0/layer0/uniforms"] < trace["step0/layer0/score"]))
+True
+>>> compare_traces(trace, make_trace(layers=(6, 5, 3), steps=1, batch_size=4, n_samples=2)).ok
+True
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import fnmatch
+import io
+import json
+import math
+import numbers
+import os
+import re
+import sys
+import zipfile
+from typing import NamedTuple
+
+import numpy as np
+
+from ._validation import check_choice
+from .checkpoint import atomic_write
+from .layers import SparseLinear
+from .network import make_mlp
+from .train import ESTIMATORS, TrainConfig, init_state, iterate_batches, spawn_streams, train_step
+
+__all__ = [
+    "FORMAT_VERSION",
+    "DEFAULT_TOLERANCES",
+    "TraceError",
+    "Mismatch",
+    "Report",
+    "make_trace",
+    "write_trace",
+    "load_trace",
+    "compare_traces",
+    "main_trace",
+    "main_verify",
+]
+
+FORMAT_VERSION = 1
+"""Version of the trace layout (``meta/format_version``); bumped on any change."""
+
+DEFAULT_TOLERANCES = {
+    "float32": (1e-5, 1e-6),
+    "float64": (1e-12, 1e-14),
+}
+"""Default ``(rtol, atol)`` of :func:`compare_traces`, by the trace's dtype."""
+
+DATASETS = ("synthetic", "digits")
+
+OUTSIDE_UNIFORM = 1.0
+"""Value of ``uniforms`` outside the stored pattern (never below a score)."""
+
+CONVENTIONS = """\
+cpusparse trace conventions (format version 1)
+- Inputs x are stored batch-major, (n_batch, n_in), like PyTorch; the engine itself is
+  feature-major. Weights are (n_out, n_in); a layer computes x @ W.T + b.
+- Every per-layer array is dense: entries outside the stored pattern are 0 (False for
+  masks, 1.0 for uniforms, so that masks == (uniforms < score) holds everywhere).
+- Random streams: SeedSequence(seed).spawn(4) -> [init, data order, masks, synthetic data].
+- Masks: one draw per step, u = default_rng(masks stream).random((K, n_units)) (float64,
+  C order), masks = u < score.astype(float64). The flat unit vector concatenates the
+  prunable layers in order; a weight-granularity layer contributes array[pattern]
+  (row-major over the stored entries), a neuron-granularity layer its n_out units.
+- Mini-batches: one data_rng.permutation(n_data) per epoch, cut into batch_size chunks.
+- Neuron granularity: out = m * relu(x @ W.T + b) (the bias is dropped with the unit).
+- Loss: mean softmax cross-entropy over the batch; losses are float64.
+- Score gradient (VR-PGE): 1/(K-1) sum_k (L_k - mean(L)) (m_k - s) / (s (1 - s)), computed in
+  float64 and 0 where s is 0 or 1; vrpge-sqrt divides by sqrt(s (1 - s)) instead;
+  reinforce is 1/K sum_k L_k (m_k - s) / (s (1 - s)).
+- Weight gradients are averaged over the K passes (weight_grad=mean) or taken from the
+  first pass (first) and clipped to a global norm clip_norm (if set) before the optimizer.
+- Projection: score_projected = clip(score_before_projection - threshold, 0, 1) onto
+  {0 <= s <= 1, sum s <= budget}, budget = density * n_units; threshold 0 if clipping is
+  feasible.
+"""
+
+_NAME_RE = re.compile(r"(?:^|/)step(\d+)/(?:layer(\d+)/)?")
+
+
+class TraceError(ValueError):
+    """A trace file is unreadable, not a trace, or of another format version."""
+
+
+# ---------------------------------------------------------------------------
+# Options
+# ---------------------------------------------------------------------------
+
+_DEFAULTS = {
+    "layers": (20, 16, 12, 5),
+    "granularity": "weight",
+    "density": 0.5,
+    "init_density": 1.0,
+    "sparse_classifier": False,
+    "n_samples": 3,
+    "estimator": "vrpge",
+    "projection": "exact",
+    "projection_tol": 1e-3,
+    "projection_max_iter": 20,
+    "seed": 0,
+    "steps": 3,
+    "batch_size": 8,
+    "n_data": 64,
+    "dataset": "synthetic",
+    "dtype": "float64",
+    "weight_grad": "mean",
+    "clip_norm": None,
+    "optimizer": "adam",
+    "lr": 0.01,
+    "momentum": 0.9,
+    "nesterov": False,
+    "weight_decay": 0.0,
+    "score_optimizer": "adam",
+    "score_lr": 0.05,
+    "score_momentum": 0.9,
+    "schedule": "constant",
+    "initial_score": None,
+}
+
+
+def _check_int(value, name, low):
+    if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    if value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value}")
+    return int(value)
+
+
+def _options(options):
+    unknown = sorted(set(options) - set(_DEFAULTS))
+    if unknown:
+        raise TypeError(f"unknown trace options {unknown}; known: {sorted(_DEFAULTS)}")
+    opts = {**_DEFAULTS, **options}
+    layers = opts["layers"]
+    if isinstance(layers, str) or not hasattr(layers, "__len__"):
+        raise TypeError(f"layers must be a sequence of ints, got {layers!r}")
+    layers = tuple(_check_int(n, "layers[i]", 1) for n in layers)
+    if len(layers) < 3 and not (len(layers) == 2 and opts["sparse_classifier"]):
+        raise ValueError(
+            "layers must hold the input size, at least one hidden size and the number of "
+            f"classes (or two sizes with sparse_classifier=True), got {list(layers)}"
+        )
+    opts["layers"] = layers
+    for name in ("steps", "batch_size", "n_data"):
+        opts[name] = _check_int(opts[name], name, 1)
+    opts["seed"] = _check_int(opts["seed"], "seed", 0)
+    check_choice(opts["dataset"], "dataset", DATASETS)
+    check_choice(opts["dtype"], "dtype", ("float32", "float64"))
+    check_choice(opts["granularity"], "granularity", ("weight", "neuron"))
+    opts["sparse_classifier"] = bool(opts["sparse_classifier"])
+    opts["nesterov"] = bool(opts["nesterov"])
+    for name in (
+        "density",
+        "init_density",
+        "lr",
+        "score_lr",
+        "momentum",
+        "score_momentum",
+        "weight_decay",
+        "projection_tol",
+        "clip_norm",
+        "initial_score",
+    ):
+        value = opts[name]
+        if value is None and name in ("clip_norm", "initial_score"):
+            continue
+        if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+        opts[name] = float(value)
+    opts["projection_max_iter"] = _check_int(opts["projection_max_iter"], "projection_max_iter", 1)
+    opts["n_samples"] = _check_int(opts["n_samples"], "n_samples", 2)
+    if not 0.0 < opts["init_density"] <= 1.0:
+        raise ValueError(f"init_density must be in (0, 1], got {opts['init_density']}")
+    return opts
+
+
+def _config(opts):
+    return TrainConfig(
+        density=opts["density"],
+        n_samples=opts["n_samples"],
+        estimator=opts["estimator"],
+        projection=opts["projection"],
+        projection_tol=opts["projection_tol"],
+        projection_max_iter=opts["projection_max_iter"],
+        weight_grad=opts["weight_grad"],
+        clip_norm=opts["clip_norm"],
+        optimizer=opts["optimizer"],
+        lr=opts["lr"],
+        momentum=opts["momentum"],
+        nesterov=opts["nesterov"],
+        weight_decay=opts["weight_decay"],
+        score_optimizer=opts["score_optimizer"],
+        score_lr=opts["score_lr"],
+        score_momentum=opts["score_momentum"],
+        schedule=opts["schedule"],
+        total_steps=opts["steps"],
+        initial_score=opts["initial_score"],
+        compact_every=0,  # stored patterns stay fixed for the whole trace
+    )
+
+
+def _data(opts, dtype):
+    """Batch-major ``(X, y)`` for the trace: synthetic from the seed, or digits."""
+    n_in, n_classes = opts["layers"][0], opts["layers"][-1]
+    if opts["dataset"] == "digits":
+        from .datasets import load_dataset
+
+        ds = load_dataset("digits", dtype=dtype)
+        if (n_in, n_classes) != (ds.X.shape[1], ds.n_classes):
+            raise ValueError(
+                f"layers must start with {ds.X.shape[1]} inputs and end with {ds.n_classes} "
+                f"classes for dataset='digits', got {list(opts['layers'])}"
+            )
+        return ds.X, ds.y.astype(np.int64)
+    # A fourth stream after init, data order and masks (spawn_streams uses the first 3).
+    rng = np.random.default_rng(np.random.SeedSequence(opts["seed"]).spawn(4)[3])
+    x = rng.standard_normal((opts["n_data"], n_in))
+    teacher = rng.standard_normal((n_classes, n_in))
+    y = np.argmax(x @ teacher.T, axis=1).astype(np.int64)
+    return x.astype(dtype), y
+
+
+# ---------------------------------------------------------------------------
+# Dense layout of the per-layer arrays
+# ---------------------------------------------------------------------------
+
+
+class _Layout:
+    """Turns one layer's per-entry or per-unit arrays into dense arrays."""
+
+    def __init__(self, layer):
+        self.sparse = isinstance(layer, SparseLinear)
+        self.shape = tuple(layer.shape)
+        if self.sparse:
+            self.rows = np.repeat(np.arange(self.shape[0]), np.diff(layer.indptr))
+            self.cols = np.asarray(layer.indices, dtype=np.int64)
+            self.pattern = np.zeros(self.shape, dtype=bool)
+            self.pattern[self.rows, self.cols] = True
+            self.granularity = layer.granularity
+        else:
+            self.pattern = np.ones(self.shape, dtype=bool)
+            self.granularity = None
+
+    def weight(self, values, fill=0):
+        """Dense ``(..., n_out, n_in)`` from ``(..., nnz)`` (sparse) or as is (dense)."""
+        values = np.asarray(values)
+        if not self.sparse:
+            return values.copy()
+        out = np.full(values.shape[:-1] + self.shape, fill, dtype=values.dtype)
+        out[..., self.rows, self.cols] = values
+        return out
+
+    def units(self, values, fill=0):
+        """Dense layout of per-unit arrays (scores, masks, uniforms)."""
+        if self.granularity == "weight":
+            return self.weight(values, fill)
+        return np.array(values, copy=True)
+
+
+def _state_arrays(prefix, state_i, to_dense, arrays):
+    for key, value in state_i.items():
+        value = np.asarray(value)
+        arrays[f"{prefix}/{key}"] = value.copy() if value.ndim == 0 else to_dense(value)
+
+
+def _json(value):
+    return np.array(json.dumps(value, sort_keys=True, allow_nan=True))
+
+
+# ---------------------------------------------------------------------------
+# Making, writing and reading traces
+# ---------------------------------------------------------------------------
+
+
+def make_trace(**options):
+    """Run a few training steps of a small sparse MLP and record every intermediate.
+
+    Parameters
+    ----------
+    layers : tuple of int, default=(20, 16, 12, 5)
+        Layer sizes including the input size and the number of classes.
+    granularity : {"weight", "neuron"}, default="weight"
+    density : float, default=0.5
+        Kept fraction (budget = density * n_units).
+    init_density : float, default=1.0
+        Fraction of entries stored in each sparse layer's pattern (1.0: all).
+    sparse_classifier : bool, default=False
+        Make the classifier a weight-granularity sparse layer too.
+    n_samples : int, default=3
+        K, masks per step.
+    estimator : {"vrpge", "vrpge-sqrt", "reinforce", "straight-through"}
+    projection : {"exact", "bisection"}
+    projection_tol, projection_max_iter : float, int
+        Bisection stopping rule (1e-3, 20).
+    seed : int, default=0
+        Everything random is spawned from it (see ``meta/conventions``).
+    steps, batch_size : int, default=3, 8
+    n_data : int, default=64
+        Size of the synthetic data set.
+    dataset : {"synthetic", "digits"}, default="synthetic"
+        Synthetic Gaussian inputs labelled by a random linear teacher, or
+        scikit-learn's digits (needs ``layers=(64, ..., 10)``).
+    dtype : {"float32", "float64"}, default="float64"
+    weight_grad : {"mean", "first"}
+    clip_norm : float or None
+    optimizer, lr, momentum, nesterov, weight_decay
+        Weight optimizer (``"adam"``, 0.01, 0.9, False, 0.0).
+    score_optimizer, score_lr, score_momentum
+        Score optimizer (``"adam"``, 0.05, 0.9).
+    schedule : {"constant", "cosine"}
+        Learning-rate schedule over ``steps``.
+    initial_score : float or None
+        Initial keep probability (None: ``density``).
+
+    Returns
+    -------
+    trace : dict of str to ndarray
+        In the order written; the names are documented in ``docs/trace_format.rst``.
+
+    Raises
+    ------
+    ValueError, TypeError
+        For an invalid option.
+    """
+    opts = _options(options)
+    config = _config(opts)
+    dtype = np.dtype(opts["dtype"])
+    init_rng, data_rng, mask_rng = spawn_streams(opts["seed"])
+    network = make_mlp(
+        opts["layers"][0],
+        opts["layers"][1:-1],
+        opts["layers"][-1],
+        granularity=opts["granularity"],
+        sparse_classifier=opts["sparse_classifier"],
+        density=opts["init_density"],
+        dtype=dtype.type,
+        rng=init_rng,
+    )
+    state = init_state(network, config, data_rng=data_rng, mask_rng=mask_rng)
+    x_all, y_all = _data(opts, dtype)
+    layouts = [_Layout(layer) for layer in network.layers]
+    prunable = {li: p for p, li in enumerate(network.prunable)}
+
+    from . import __version__
+
+    try:
+        import numba
+
+        numba_version = numba.__version__
+    except ImportError:  # pragma: no cover - numba is a hard dependency
+        numba_version = "unavailable"
+    layer_info = [
+        {
+            "index": i,
+            "type": type(layer).__name__,
+            "n_in": int(layer.shape[1]),
+            "n_out": int(layer.shape[0]),
+            "activation": layer.activation,
+            "granularity": layer.granularity,
+            "prunable": i in prunable,
+        }
+        for i, layer in enumerate(network.layers)
+    ]
+    arrays = {
+        "meta/format_version": np.array(FORMAT_VERSION, dtype=np.int64),
+        "meta/cpusparse_version": np.array(__version__),
+        "meta/numpy_version": np.array(np.__version__),
+        "meta/numba_version": np.array(numba_version),
+        "meta/dtype": np.array(dtype.name),
+        "meta/n_steps": np.array(opts["steps"], dtype=np.int64),
+        "meta/n_units": np.array(state.n_units_initial, dtype=np.int64),
+        "meta/budget": np.array(state.budget, dtype=np.float64),
+        "meta/options": _json({k: list(v) if k == "layers" else v for k, v in opts.items()}),
+        "meta/config": _json(dataclasses.asdict(config)),
+        "meta/layers": _json(layer_info),
+        "meta/conventions": np.array(CONVENTIONS),
+    }
+
+    batches = []
+    while len(batches) < opts["steps"]:
+        batches.extend(iterate_batches(y_all.shape[0], opts["batch_size"], state.data_rng))
+    for s, idx in enumerate(batches[: opts["steps"]]):
+        pre = f"step{s}"
+        x = np.ascontiguousarray(x_all[idx])
+        y = np.ascontiguousarray(y_all[idx])
+        arrays[f"{pre}/batch_index"] = np.asarray(idx, dtype=np.int64)
+        arrays[f"{pre}/x"] = x
+        arrays[f"{pre}/y"] = y
+        before = [{k: v.copy() for k, v in layer.params().items()} for layer in network.layers]
+
+        record = {}
+        train_step(state, np.ascontiguousarray(x.T), y, config, record=record)
+
+        arrays[f"{pre}/losses"] = np.asarray(record["losses"], dtype=np.float64)
+        arrays[f"{pre}/grad_norm"] = np.array(record["grad_norm"], dtype=np.float64)
+        arrays[f"{pre}/threshold"] = np.array(record["threshold"], dtype=np.float64)
+        arrays[f"{pre}/lr"] = np.array(record["lr"], dtype=np.float64)
+        arrays[f"{pre}/score_lr"] = np.array(record["score_lr"], dtype=np.float64)
+        per_sample = record["weight_grads_per_sample"]
+        pos = 0
+        for li, layer in enumerate(network.layers):
+            lay = layouts[li]
+            lpre = f"{pre}/layer{li}"
+            names = list(layer.params())
+            if names:
+                arrays[f"{lpre}/pattern"] = lay.pattern.copy()
+                arrays[f"{lpre}/weight"] = lay.weight(before[li]["weight"])
+                arrays[f"{lpre}/bias"] = before[li]["bias"]
+            if li in prunable:
+                p = prunable[li]
+                seg = slice(int(state.offsets[p]), int(state.offsets[p + 1]))
+                arrays[f"{lpre}/score"] = lay.units(record["score"][seg])
+                arrays[f"{lpre}/uniforms"] = lay.units(
+                    record["uniforms"][:, seg], fill=OUTSIDE_UNIFORM
+                )
+                arrays[f"{lpre}/masks"] = lay.units(record["masks"][:, seg], fill=False)
+            if names:
+                wpos, bpos = pos + names.index("weight"), pos + names.index("bias")
+                arrays[f"{lpre}/weight_grad_per_sample"] = lay.weight(
+                    np.stack([g[wpos] for g in per_sample])
+                )
+                arrays[f"{lpre}/weight_grad_mean"] = lay.weight(record["weight_grads"][wpos])
+                arrays[f"{lpre}/bias_grad_per_sample"] = np.stack([g[bpos] for g in per_sample])
+                arrays[f"{lpre}/bias_grad_mean"] = record["weight_grads"][bpos].copy()
+            if li in prunable:
+                arrays[f"{lpre}/dscore"] = lay.units(record["dscore"][seg])
+                arrays[f"{lpre}/score_before_projection"] = lay.units(
+                    record["score_before_projection"][seg]
+                )
+                arrays[f"{lpre}/score_projected"] = lay.units(state.score[seg])
+            if names:
+                arrays[f"{lpre}/weight_updated"] = lay.weight(layer.weight)
+                arrays[f"{lpre}/bias_updated"] = layer.bias.copy()
+                _state_arrays(f"{lpre}/weight_state", state.weight_state[wpos], lay.weight, arrays)
+                _state_arrays(f"{lpre}/bias_state", state.weight_state[bpos], np.copy, arrays)
+            if li in prunable:
+                seg_state = {
+                    k: (v if np.ndim(v) == 0 else v[seg]) for k, v in state.score_state[0].items()
+                }
+                _state_arrays(f"{lpre}/score_state", seg_state, lay.units, arrays)
+            pos += len(names)
+    return arrays
+
+
+def _write_npz(f, arrays):
+    # Like numpy.savez, but with a fixed time stamp so that equal traces are equal files.
+    with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+        for name, value in arrays.items():
+            info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
+            buf = io.BytesIO()
+            np.lib.format.write_array(buf, np.asarray(value), allow_pickle=False)
+            zf.writestr(info, buf.getvalue())
+
+
+def write_trace(path, **options):
+    """Write the trace of :func:`make_trace` (same options) to ``path`` atomically.
+
+    The file is an uncompressed ``.npz`` (readable by :func:`numpy.load` with
+    ``allow_pickle=False``) with a fixed time stamp in every zip entry: the same
+    options give a byte-identical file.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+    **options
+        See :func:`make_trace`.
+
+    Returns
+    -------
+    trace : dict of str to ndarray
+        The arrays written.
+    """
+    arrays = make_trace(**options)
+    atomic_write(path, lambda f: _write_npz(f, arrays))
+    return arrays
+
+
+def load_trace(path):
+    """Read a trace into a dict of arrays (in file order), without pickles.
+
+    Parameters
+    ----------
+    path : str or os.PathLike
+
+    Returns
+    -------
+    trace : dict of str to ndarray
+
+    Raises
+    ------
+    TraceError
+        If the file cannot be read as an ``.npz`` or needs pickles. A file without
+        ``meta/format_version`` (e.g. written by another port) is accepted; one with
+        another version is refused.
+    """
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as data:
+            arrays = {name: data[name] for name in data.files}
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise TraceError(f"cannot read trace {os.fspath(path)!r}: {exc}") from exc
+    version = arrays.get("meta/format_version")
+    if version is not None and int(version) != FORMAT_VERSION:
+        raise TraceError(
+            f"trace {os.fspath(path)!r} has format version {int(version)}, "
+            f"this cpusparse reads version {FORMAT_VERSION}"
+        )
+    return arrays
+
+
+# ---------------------------------------------------------------------------
+# Comparing traces
+# ---------------------------------------------------------------------------
+
+
+class Mismatch(NamedTuple):
+    """One array of the reference that the other trace does not reproduce.
+
+    Attributes
+    ----------
+    name : str
+        The array's name, e.g. ``"step0/layer1/weight_grad_mean"``.
+    kind : {"missing", "shape", "dtype", "value"}
+        What differs, checked in this order (a later check runs only if the
+        earlier ones pass).
+    step, layer : int or None
+        Parsed from the name.
+    element : tuple of int or None
+        For ``"value"``: the index of the first (C order) element out of tolerance
+        (``()`` for a 0-d array). Named so because a tuple already has ``index``.
+    ref, other : object
+        The values there (``"value"``), the shapes (``"shape"``) or the dtypes
+        (``"dtype"``); ``other`` is None for ``"missing"``.
+    abs_err, rel_err : float or None
+        At ``element`` (``rel_err = abs_err / |ref|``, inf if ``ref`` is 0); None for
+        bool and string arrays.
+    n_bad, size : int or None
+        How many elements are out of tolerance, of how many.
+    max_abs_err : float or None
+        Largest error over the elements out of tolerance (None for bool and string
+        arrays).
+    """
+
+    name: str
+    kind: str
+    step: int | None
+    layer: int | None
+    element: tuple | None = None
+    ref: object = None
+    other: object = None
+    abs_err: float | None = None
+    rel_err: float | None = None
+    n_bad: int | None = None
+    size: int | None = None
+    max_abs_err: float | None = None
+
+
+@dataclasses.dataclass
+class Report:
+    """Result of :func:`compare_traces`.
+
+    Attributes
+    ----------
+    mismatches : list of Mismatch
+        In the reference's array order (step by step, layer by layer).
+    n_compared : int
+        Number of reference arrays checked.
+    rtol, atol : float
+        The tolerances used for floating-point arrays.
+    notes : list of str
+        Differences that do not fail the comparison: arrays only in ``other``,
+        differing metadata (versions, options).
+    """
+
+    mismatches: list
+    n_compared: int
+    rtol: float
+    atol: float
+    notes: list = dataclasses.field(default_factory=list)
+
+    @property
+    def ok(self):
+        """True when every reference array is reproduced."""
+        return not self.mismatches
+
+    def counts(self):
+        """Number of mismatches of each kind."""
+        out = {}
+        for m in self.mismatches:
+            out[m.kind] = out.get(m.kind, 0) + 1
+        return out
+
+    def format(self, max_mismatches=10):
+        """A human-readable summary with the first ``max_mismatches`` mismatches."""
+        lines = [f"compared {self.n_compared} arrays with rtol={self.rtol:g} atol={self.atol:g}"]
+        lines += [f"note: {n}" for n in self.notes]
+        if self.ok:
+            lines.append("OK: all arrays agree")
+            return "\n".join(lines)
+        shown = self.mismatches[:max_mismatches]
+        width = max(len(m.name) for m in shown)
+        lines.append(
+            f"{'kind':<8} {'array':<{width}} {'step':>4} {'layer':>5}  {'index':<12} "
+            f"{'ref':>24} {'other':>24} {'abs err':>10} {'rel err':>10}"
+        )
+        for m in shown:
+            step = "-" if m.step is None else str(m.step)
+            layer = "-" if m.layer is None else str(m.layer)
+            if m.kind == "value":
+                index = str(m.element)
+                errors = [_fmt_err(m.abs_err), _fmt_err(m.rel_err)]
+                tail = (
+                    f"{_fmt(m.ref):>24} {_fmt(m.other):>24} {errors[0]:>10} {errors[1]:>10}"
+                    f"  ({m.n_bad} of {m.size} bad"
+                    + ("" if m.max_abs_err is None else f", max abs err {m.max_abs_err:.3g}")
+                    + ")"
+                )
+            else:
+                index = "-"
+                other = "(absent)" if m.kind == "missing" else str(m.other)
+                tail = f"{str(m.ref):>24} {other:>24}"
+            lines.append(f"{m.kind:<8} {m.name:<{width}} {step:>4} {layer:>5}  {index:<12} {tail}")
+        if len(self.mismatches) > max_mismatches:
+            lines.append(f"... and {len(self.mismatches) - max_mismatches} more")
+        kinds = ", ".join(f"{n} {k}" for k, n in sorted(self.counts().items()))
+        lines.append(f"FAIL: {len(self.mismatches)} of {self.n_compared} arrays differ ({kinds})")
+        return "\n".join(lines)
+
+    def __str__(self):
+        return self.format()
+
+
+def _fmt(value):
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.17g}"
+    return repr(value.item() if isinstance(value, np.generic) else value)
+
+
+def _fmt_err(value):
+    return "-" if value is None else f"{value:.3g}"
+
+
+def _step_layer(name):
+    match = _NAME_RE.search(name)
+    if not match:
+        return None, None
+    step, layer = match.groups()
+    return int(step), None if layer is None else int(layer)
+
+
+def _as_trace(trace, what):
+    if isinstance(trace, str | os.PathLike):
+        return load_trace(trace)
+    if isinstance(trace, dict):
+        return trace
+    raise TypeError(f"{what} must be a path or a dict of arrays, got {type(trace).__name__}")
+
+
+def _compare_values(ref, other, exact, rtol, atol):
+    """Boolean array of the elements out of tolerance, and the absolute errors."""
+    if exact:
+        return ref != other, None
+    r = ref.astype(np.float64)
+    o = other.astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        err = np.abs(o - r)
+        bad = ~(err <= atol + rtol * np.abs(r))
+    same = (r == o) | (np.isnan(r) & np.isnan(o))  # equal infinities, NaN against NaN
+    bad &= ~same
+    err = np.where(same, 0.0, err)
+    return bad, err
+
+
+def compare_traces(ref, other, *, rtol=None, atol=None, include=None):
+    """Compare a trace with a reference, array by array.
+
+    Parameters
+    ----------
+    ref, other : str, os.PathLike or dict of str to ndarray
+        Traces (paths are read with :func:`load_trace`).
+    rtol, atol : float, optional
+        Elementwise policy ``|other - ref| <= atol + rtol * |ref|`` for floating
+        arrays. Defaults from :data:`DEFAULT_TOLERANCES` by the reference's
+        ``meta/dtype`` (by the widest float dtype among its arrays if absent).
+        Bool, integer and string arrays must be equal; NaN matches NaN.
+    include : list of str, optional
+        Glob patterns (:mod:`fnmatch`) of the reference arrays to check, e.g.
+        ``["step0/*"]``; all by default.
+
+    Returns
+    -------
+    Report
+        ``meta/*`` arrays never fail the comparison (versions differ between
+        ports) except ``meta/format_version``; their differences and arrays found
+        only in ``other`` are listed in ``Report.notes``.
+
+    Examples
+    --------
+    >>> ref = {"step0/layer0/w": np.array([1.0, 2.0])}
+    >>> compare_traces(ref, {"step0/layer0/w": np.array([1.0, 2.0 + 1e-13])}).ok
+    True
+    >>> m = compare_traces(ref, {"step0/layer0/w": np.array([1.0, 2.5])}).mismatches[0]
+    >>> m.kind, m.step, m.layer, m.element, m.abs_err
+    ('value', 0, 0, (1,), 0.5)
+    """
+    ref = _as_trace(ref, "ref")
+    other = _as_trace(other, "other")
+    if rtol is None or atol is None:
+        dtype_name = str(ref["meta/dtype"]) if "meta/dtype" in ref else None
+        if dtype_name not in DEFAULT_TOLERANCES:
+            floats = [a.dtype for a in ref.values() if a.dtype.kind == "f"]
+            dtype_name = "float32" if floats and max(floats) == np.float32 else "float64"
+        d_rtol, d_atol = DEFAULT_TOLERANCES[dtype_name]
+        rtol = d_rtol if rtol is None else rtol
+        atol = d_atol if atol is None else atol
+    for value, name in ((rtol, "rtol"), (atol, "atol")):
+        if not (isinstance(value, numbers.Real) and math.isfinite(value) and value >= 0):
+            raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    rtol, atol = float(rtol), float(atol)
+
+    def selected(name):
+        return include is None or any(fnmatch.fnmatchcase(name, p) for p in include)
+
+    mismatches, notes = [], []
+    n_compared = 0
+    for name, r in ref.items():
+        if not selected(name):
+            continue
+        step, layer = _step_layer(name)
+        if name.startswith("meta/") and name != "meta/format_version":
+            o = other.get(name)
+            if o is None or o.shape != r.shape or o.dtype != r.dtype or not np.array_equal(o, r):
+                shown = "absent" if o is None else repr(o.tolist())[:60]
+                notes.append(f"{name} differs: ref {repr(r.tolist())[:60]}, other {shown}")
+            continue
+        n_compared += 1
+        if name not in other:
+            mismatches.append(Mismatch(name, "missing", step, layer, ref=r.shape))
+            continue
+        o = other[name]
+        if o.shape != r.shape:
+            mismatches.append(Mismatch(name, "shape", step, layer, ref=r.shape, other=o.shape))
+            continue
+        if o.dtype != r.dtype:
+            mismatches.append(
+                Mismatch(name, "dtype", step, layer, ref=r.dtype.name, other=o.dtype.name)
+            )
+            continue
+        exact = r.dtype.kind not in "fc"
+        bad, err = _compare_values(r, o, exact, rtol, atol)
+        if not np.any(bad):
+            continue
+        first = np.unravel_index(int(np.argmax(bad)), r.shape) if r.ndim else ()
+        rv, ov = r[first], o[first]
+        if exact:
+            abs_err = rel_err = max_err = None
+            if r.dtype.kind in "iu":
+                abs_err = float(abs(int(ov) - int(rv)))
+                rel_err = abs_err / abs(int(rv)) if int(rv) else float("inf")
+                max_err = abs_err
+        else:
+            abs_err = float(err[first])
+            rel_err = abs_err / abs(float(rv)) if float(rv) != 0 else float("inf")
+            max_err = float(np.nanmax(np.where(bad, err, 0.0)))
+            if math.isnan(abs_err):
+                abs_err = rel_err = float("nan")
+        mismatches.append(
+            Mismatch(
+                name,
+                "value",
+                step,
+                layer,
+                element=tuple(int(i) for i in first),
+                ref=rv.item(),
+                other=ov.item(),
+                abs_err=abs_err,
+                rel_err=rel_err,
+                n_bad=int(np.count_nonzero(bad)),
+                size=int(r.size),
+                max_abs_err=max_err,
+            )
+        )
+    extra = [n for n in other if n not in ref and selected(n)]
+    if extra:
+        notes.append(f"{len(extra)} arrays only in other: {', '.join(extra[:5])}")
+    return Report(mismatches, n_compared, rtol, atol, notes)
+
+
+# ---------------------------------------------------------------------------
+# Command line
+# ---------------------------------------------------------------------------
+
+
+def _sizes(text):
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be positive ints such as 20,16,5, got {text!r}"
+        ) from None
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive ints such as 20,16,5, got {text!r}")
+    return sizes
+
+
+def build_trace_parser():
+    """The parser of ``cpusparse trace``."""
+    d = _DEFAULTS
+    parser = argparse.ArgumentParser(
+        prog="cpusparse trace",
+        description=(
+            "Record a golden trace: every intermediate of a few training steps of a small "
+            "sparse MLP, as a versioned .npz (see docs/trace_format.rst)."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("out", metavar="OUT.npz", help="trace file to write")
+    model = parser.add_argument_group("model")
+    model.add_argument(
+        "--layers",
+        type=_sizes,
+        default=None,
+        metavar="N,N,...",
+        help="all layer sizes including inputs and classes (default: 20,16,12,5)",
+    )
+    model.add_argument("--n-in", type=int, help="input size (with --hidden, --n-classes)")
+    model.add_argument("--hidden", type=_sizes, metavar="N[,N...]", help="hidden widths")
+    model.add_argument("--n-classes", type=int, help="number of classes")
+    model.add_argument("--granularity", choices=("weight", "neuron"), default=d["granularity"])
+    model.add_argument("--density", type=float, default=d["density"], help="kept fraction")
+    model.add_argument(
+        "--init-density", type=float, default=d["init_density"], help="stored fraction"
+    )
+    model.add_argument("--sparse-classifier", action="store_true")
+    model.add_argument("--dtype", choices=("float32", "float64"), default=d["dtype"])
+    est = parser.add_argument_group("estimator and projection")
+    est.add_argument("--n-samples", type=int, default=d["n_samples"], help="K")
+    est.add_argument("--estimator", choices=ESTIMATORS, default=d["estimator"])
+    est.add_argument("--weight-grad", choices=("mean", "first"), default=d["weight_grad"])
+    est.add_argument("--projection", choices=("exact", "bisection"), default=d["projection"])
+    est.add_argument("--projection-tol", type=float, default=d["projection_tol"])
+    est.add_argument("--projection-max-iter", type=int, default=d["projection_max_iter"])
+    est.add_argument("--initial-score", type=float, default=None)
+    opt = parser.add_argument_group("optimizers")
+    opt.add_argument("--optimizer", choices=("sgd", "adam"), default=d["optimizer"])
+    opt.add_argument("--lr", type=float, default=d["lr"])
+    opt.add_argument("--momentum", type=float, default=d["momentum"])
+    opt.add_argument("--nesterov", action="store_true")
+    opt.add_argument("--weight-decay", type=float, default=d["weight_decay"])
+    opt.add_argument("--clip-norm", type=float, default=None)
+    opt.add_argument("--score-optimizer", choices=("sgd", "adam"), default=d["score_optimizer"])
+    opt.add_argument("--score-lr", type=float, default=d["score_lr"])
+    opt.add_argument("--score-momentum", type=float, default=d["score_momentum"])
+    opt.add_argument("--schedule", choices=("constant", "cosine"), default=d["schedule"])
+    run = parser.add_argument_group("data and run")
+    run.add_argument("--dataset", choices=DATASETS, default=d["dataset"])
+    run.add_argument("--n-data", type=int, default=d["n_data"], help="synthetic data size")
+    run.add_argument("--seed", type=int, default=d["seed"])
+    run.add_argument("--steps", type=int, default=d["steps"])
+    run.add_argument("--batch-size", type=int, default=d["batch_size"])
+    return parser
+
+
+def main_trace(argv=None):
+    """Run ``cpusparse trace``; returns 0 on success, 2 on a usage error."""
+    parser = build_trace_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return 0 if exc.code is None else int(exc.code)
+    parts = (args.n_in, args.hidden, args.n_classes)
+    if args.layers is not None and any(p is not None for p in parts):
+        print("cpusparse trace: give --layers or --n-in/--hidden/--n-classes", file=sys.stderr)
+        return 2
+    if any(p is not None for p in parts):
+        if any(p is None for p in parts):
+            print("cpusparse trace: --n-in, --hidden and --n-classes go together", file=sys.stderr)
+            return 2
+        layers = [args.n_in, *args.hidden, args.n_classes]
+    elif args.layers is not None:
+        layers = args.layers
+    elif args.dataset == "digits":
+        layers = [64, 32, 10]
+    else:
+        layers = list(_DEFAULTS["layers"])
+    options = {
+        name: getattr(args, name) for name in _DEFAULTS if name != "layers" and hasattr(args, name)
+    }
+    try:
+        arrays = write_trace(args.out, layers=tuple(layers), **options)
+    except (ValueError, TypeError) as exc:
+        print(f"cpusparse trace: {exc}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.out}: {len(arrays)} arrays, {args.steps} steps, layers "
+        f"{','.join(map(str, layers))}, {args.dtype}, {args.estimator}"
+    )
+    return 0
+
+
+def build_verify_parser():
+    """The parser of ``cpusparse verify``."""
+    parser = argparse.ArgumentParser(
+        prog="cpusparse verify",
+        description=(
+            "Compare a trace with a reference trace: |other - ref| <= atol + rtol * |ref| "
+            "for floating arrays, equality for the others. Exit status 0 if all agree, 1 on "
+            "a mismatch, 2 on a usage error or an unreadable file."
+        ),
+    )
+    parser.add_argument("ref", metavar="REF.npz", help="reference trace (cpusparse trace)")
+    parser.add_argument("other", metavar="OTHER.npz", help="trace to check")
+    parser.add_argument(
+        "--rtol", type=float, help="relative tolerance (default by dtype: 1e-5 / 1e-12)"
+    )
+    parser.add_argument(
+        "--atol", type=float, help="absolute tolerance (default by dtype: 1e-6 / 1e-14)"
+    )
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="GLOB",
+        help="check only arrays matching this pattern, e.g. 'step0/*' (repeatable)",
+    )
+    parser.add_argument(
+        "--max-report", type=int, default=10, help="mismatches printed (the first ones)"
+    )
+    return parser
+
+
+def main_verify(argv=None):
+    """Run ``cpusparse verify``; returns 0 (agree), 1 (mismatch) or 2 (usage)."""
+    parser = build_verify_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return 0 if exc.code is None else int(exc.code)
+    try:
+        ref = load_trace(args.ref)
+        other = load_trace(args.other)
+        report = compare_traces(ref, other, rtol=args.rtol, atol=args.atol, include=args.only)
+    except (TraceError, ValueError) as exc:
+        print(f"cpusparse verify: {exc}", file=sys.stderr)
+        return 2
+    if report.n_compared == 0:
+        print("cpusparse verify: no arrays selected for comparison", file=sys.stderr)
+        return 2
+    print(report.format(max_mismatches=max(args.max_report, 1)))
+    return 0 if report.ok else 1
