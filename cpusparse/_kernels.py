@@ -204,12 +204,13 @@ def output_grad(dout, out, row_mask, use_row_mask, relu, dpre, dbias):
         dbias[o] = _sum(g)
 
 
-def _dots4_intrinsic():
-    """Build ``_dot4(u, v0, v1, v2, v3)``: four ``_dot`` products sharing ``u``."""
+def _dots_intrinsic(n_dots):
+    """Build ``_dotN(u, v0, ..., v{N-1})``: ``N`` ``_dot`` products sharing ``u``.
 
-    @intrinsic
-    def _dot4(typingctx, u, v0, v1, v2, v3):
-        vs = (v0, v1, v2, v3)
+    Each product keeps the order of ``_dot``; sharing only saves the loads of ``u``.
+    """
+
+    def typer(u, vs):
         if not (
             isinstance(u, types.Array)
             and u.ndim == 1
@@ -217,60 +218,71 @@ def _dots4_intrinsic():
             and all(isinstance(v, types.Array) and v.ndim == 1 and v.dtype == u.dtype for v in vs)
         ):
             return None
-        sig = types.UniTuple(u.dtype, 4)(u, *vs)
+        return types.UniTuple(u.dtype, n_dots)(u, *vs), codegen
 
-        def codegen(context, builder, signature, args):
-            # NOTE: u and every v have unit stride and the same length.
-            u_arr = context.make_array(signature.args[0])(context, builder, args[0])
-            v_arrs = [
-                context.make_array(signature.args[i + 1])(context, builder, args[i + 1])
-                for i in range(4)
-            ]
-            n = builder.extract_value(u_arr.shape, 0)
-            intp = n.type
-            fty = context.get_value_type(signature.args[0].dtype)
-            vec = ir.VectorType(fty, LANES)
-            lanes = ir.Constant(intp, LANES)
-            zero = ir.Constant(vec, [ir.Constant(fty, 0.0)] * LANES)
-            accs = [cgutils.alloca_once_value(builder, zero) for _ in range(4)]
-            n_blocks = builder.udiv(n, lanes)
-            with cgutils.for_range(builder, n_blocks) as loop:
-                offset = builder.mul(loop.index, lanes)
-                pu = builder.bitcast(builder.gep(u_arr.data, [offset]), vec.as_pointer())
-                uu = builder.load(pu, align=1)
-                for v_arr, acc in zip(v_arrs, accs, strict=True):
-                    pv = builder.bitcast(builder.gep(v_arr.data, [offset]), vec.as_pointer())
-                    prod = builder.fmul(uu, builder.load(pv, align=1))
-                    builder.store(builder.fadd(builder.load(acc), prod), acc)
-            start = builder.mul(n_blocks, lanes)
-            with cgutils.for_range(builder, builder.sub(n, start)) as loop:
-                b = builder.add(start, loop.index)
-                ub = builder.load(builder.gep(u_arr.data, [b]))
-                lane = builder.trunc(loop.index, ir.IntType(32))
-                for v_arr, acc in zip(v_arrs, accs, strict=True):
-                    prod = builder.fmul(ub, builder.load(builder.gep(v_arr.data, [b])))
-                    a = builder.load(acc)
-                    a = builder.insert_element(
-                        a, builder.fadd(builder.extract_element(a, lane), prod), lane
-                    )
-                    builder.store(a, acc)
-            results = []
-            for acc in accs:
+    def codegen(context, builder, signature, args):
+        # NOTE: u and every v have unit stride and the same length.
+        u_arr = context.make_array(signature.args[0])(context, builder, args[0])
+        v_arrs = [
+            context.make_array(signature.args[i + 1])(context, builder, args[i + 1])
+            for i in range(n_dots)
+        ]
+        n = builder.extract_value(u_arr.shape, 0)
+        intp = n.type
+        fty = context.get_value_type(signature.args[0].dtype)
+        vec = ir.VectorType(fty, LANES)
+        lanes = ir.Constant(intp, LANES)
+        zero = ir.Constant(vec, [ir.Constant(fty, 0.0)] * LANES)
+        accs = [cgutils.alloca_once_value(builder, zero) for _ in range(n_dots)]
+        n_blocks = builder.udiv(n, lanes)
+        with cgutils.for_range(builder, n_blocks) as loop:
+            offset = builder.mul(loop.index, lanes)
+            pu = builder.bitcast(builder.gep(u_arr.data, [offset]), vec.as_pointer())
+            uu = builder.load(pu, align=1)
+            for v_arr, acc in zip(v_arrs, accs, strict=True):
+                pv = builder.bitcast(builder.gep(v_arr.data, [offset]), vec.as_pointer())
+                prod = builder.fmul(uu, builder.load(pv, align=1))
+                builder.store(builder.fadd(builder.load(acc), prod), acc)
+        start = builder.mul(n_blocks, lanes)
+        with cgutils.for_range(builder, builder.sub(n, start)) as loop:
+            b = builder.add(start, loop.index)
+            ub = builder.load(builder.gep(u_arr.data, [b]))
+            lane = builder.trunc(loop.index, ir.IntType(32))
+            for v_arr, acc in zip(v_arrs, accs, strict=True):
+                prod = builder.fmul(ub, builder.load(builder.gep(v_arr.data, [b])))
                 a = builder.load(acc)
-                part = [
-                    builder.extract_element(a, ir.Constant(ir.IntType(32), i)) for i in range(LANES)
-                ]
-                while len(part) > 1:
-                    part = [builder.fadd(part[i], part[i + 1]) for i in range(0, len(part), 2)]
-                results.append(part[0])
-            return context.make_tuple(builder, signature.return_type, results)
+                a = builder.insert_element(
+                    a, builder.fadd(builder.extract_element(a, lane), prod), lane
+                )
+                builder.store(a, acc)
+        results = []
+        for acc in accs:
+            a = builder.load(acc)
+            part = [
+                builder.extract_element(a, ir.Constant(ir.IntType(32), i)) for i in range(LANES)
+            ]
+            while len(part) > 1:
+                part = [builder.fadd(part[i], part[i + 1]) for i in range(0, len(part), 2)]
+            results.append(part[0])
+        return context.make_tuple(builder, signature.return_type, results)
 
-        return sig, codegen
+    if n_dots == 4:
 
-    return _dot4
+        @intrinsic
+        def _dot4(typingctx, u, v0, v1, v2, v3):
+            return typer(u, (v0, v1, v2, v3))
+
+        return _dot4
+
+    @intrinsic
+    def _dot8(typingctx, u, v0, v1, v2, v3, v4, v5, v6, v7):
+        return typer(u, (v0, v1, v2, v3, v4, v5, v6, v7))
+
+    return _dot8
 
 
-_dot4 = _dots4_intrinsic()
+_dot4 = _dots_intrinsic(4)
+_dot8 = _dots_intrinsic(8)
 
 
 def _splat(builder, vec, value):
@@ -360,6 +372,78 @@ def _make_row_tile(n_vec, vec_bytes, scatter):
     return _tile
 
 
+def _make_init_tile(n_vec, vec_bytes):
+    """Build a gather tile that starts from a constant and may apply ReLU on the way out.
+
+    ``_tile(mat, cols, vals, start, end, row, b0, init, relu)``: the tile
+    ``t = b0 .. b0 + T - 1`` of ``row`` becomes ``act(init + sum_k vals[k] * mat[cols[k], t])``
+    with the terms added in ascending ``k`` (one multiply then one add each, starting
+    from ``init``) and ``act(v) = 0 if v < 0 else v`` when ``relu`` (so NaN and -0.0
+    pass through), the identity otherwise. The same operations, in the same order, as
+    writing ``init`` to the row, gathering into it, then clamping it; but the row is
+    neither read nor written until the final store.
+    """
+
+    @intrinsic
+    def _tile(typingctx, mat, cols, vals, start, end, row, b0, init, relu):
+        if not (
+            isinstance(mat, types.Array)
+            and mat.ndim == 2
+            and isinstance(row, types.Array)
+            and row.ndim == 1
+            and isinstance(vals, types.Array)
+            and isinstance(cols, types.Array)
+            and isinstance(cols.dtype, types.Integer)
+            and isinstance(mat.dtype, types.Float)
+            and row.dtype == mat.dtype
+            and vals.dtype == mat.dtype
+        ):
+            return None
+        sig = types.void(
+            mat, cols, vals, types.intp, types.intp, row, types.intp, mat.dtype, types.boolean
+        )
+
+        def codegen(context, builder, signature, args):
+            # NOTE: mat C-contiguous; row unit stride; b0 + T <= row and mat widths.
+            mat_a = context.make_array(signature.args[0])(context, builder, args[0])
+            cols_a = context.make_array(signature.args[1])(context, builder, args[1])
+            vals_a = context.make_array(signature.args[2])(context, builder, args[2])
+            row_a = context.make_array(signature.args[5])(context, builder, args[5])
+            start, end, b0, init, relu = args[3], args[4], args[6], args[7], args[8]
+            fty = context.get_value_type(signature.args[0].dtype)
+            width = vec_bytes // context.get_abi_sizeof(fty)
+            vec = ir.VectorType(fty, width)
+            vptr = vec.as_pointer()
+            intp = start.type
+            n_cols = builder.extract_value(mat_a.shape, 1)
+            offs = [ir.Constant(intp, t * width) for t in range(n_vec)]
+            first = _splat(builder, vec, init)
+            regs = [cgutils.alloca_once_value(builder, first) for _ in offs]
+            with cgutils.for_range(builder, builder.sub(end, start)) as loop:
+                k = builder.add(start, loop.index)
+                j = builder.load(builder.gep(cols_a.data, [k]))
+                j = context.cast(builder, j, signature.args[1].dtype, types.intp)
+                w = _splat(builder, vec, builder.load(builder.gep(vals_a.data, [k])))
+                base = builder.add(builder.mul(j, n_cols), b0)
+                for off, reg in zip(offs, regs, strict=True):
+                    p = builder.bitcast(builder.gep(mat_a.data, [builder.add(base, off)]), vptr)
+                    prod = builder.fmul(w, builder.load(p, align=1))
+                    builder.store(builder.fadd(builder.load(reg), prod), reg)
+            zero = ir.Constant(vec, [ir.Constant(fty, 0.0)] * width)
+            relu_bit = context.cast(builder, relu, types.boolean, types.boolean)
+            for off, reg in zip(offs, regs, strict=True):
+                value = builder.load(reg)
+                clamped = builder.select(builder.fcmp_ordered("<", value, zero), zero, value)
+                value = builder.select(relu_bit, clamped, value)
+                p = builder.bitcast(builder.gep(row_a.data, [builder.add(b0, off)]), vptr)
+                builder.store(value, p, align=1)
+            return context.get_dummy_value()
+
+        return sig, codegen
+
+    return _tile
+
+
 # Tiles of 8 x 64 bytes (128 float32 or 64 float64 over the batch) stay in
 # registers; narrower tiles cover the rest of the batch, then a scalar loop.
 TILE_VECS = 8
@@ -371,6 +455,10 @@ _scatter_8z = _make_row_tile(TILE_VECS, 64, scatter=True)
 _scatter_z = _make_row_tile(1, 64, scatter=True)
 _scatter_y = _make_row_tile(1, 32, scatter=True)
 _scatter_x = _make_row_tile(1, 16, scatter=True)
+_init_8z = _make_init_tile(TILE_VECS, 64)
+_init_z = _make_init_tile(1, 64)
+_init_y = _make_init_tile(1, 32)
+_init_x = _make_init_tile(1, 16)
 
 
 @njit(cache=True, nogil=True, inline="always")
@@ -399,12 +487,46 @@ def _gather_row(mat, cols, vals, start, end, row, b0):
                 row[b] = row[b] + w * src[b]
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _init_gather_row(mat, cols, vals, start, end, row, init, relu):
+    """``row[b] = act(init + sum_k vals[k] * mat[cols[k], b])``, k ascending, every b."""
+    # NOTE: mat C-contiguous with row.shape[0] columns.
+    n = row.shape[0]
+    z = 64 // row.itemsize
+    b0 = 0
+    while b0 + TILE_VECS * z <= n:
+        _init_8z(mat, cols, vals, start, end, row, b0, init, relu)
+        b0 += TILE_VECS * z
+    while b0 + z <= n:
+        _init_z(mat, cols, vals, start, end, row, b0, init, relu)
+        b0 += z
+    if b0 + z // 2 <= n:
+        _init_y(mat, cols, vals, start, end, row, b0, init, relu)
+        b0 += z // 2
+    if b0 + z // 4 <= n:
+        _init_x(mat, cols, vals, start, end, row, b0, init, relu)
+        b0 += z // 4
+    if b0 < n:
+        for b in range(b0, n):
+            row[b] = init
+        for k in range(start, end):
+            w = vals[k]
+            src = mat[cols[k]]
+            for b in range(b0, n):
+                row[b] = row[b] + w * src[b]
+        if relu:
+            for b in range(b0, n):
+                if row[b] < 0:
+                    row[b] = 0
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def spmm_forward(a_indptr, a_indices, a_data, x, bias, row_mask, use_row_mask, relu, out):
     """``out = act(W_active @ x + bias)``; rows dropped by ``row_mask`` are 0.
 
     Each output element is ``bias`` plus the row's active products in stored order;
-    a tile of the output row over the batch stays in registers for the whole row.
+    a tile of the output row over the batch stays in registers for the whole row,
+    from the bias to the ReLU, and is stored once.
     """
     # NOTE: x (n_in, n_batch) and out (n_out, n_batch) C-contiguous, same dtype.
     n_out, n_batch = out.shape
@@ -414,21 +536,53 @@ def spmm_forward(a_indptr, a_indices, a_data, x, bias, row_mask, use_row_mask, r
             for b in range(n_batch):
                 row[b] = 0
             continue
-        b0 = bias[o]
-        for b in range(n_batch):
-            row[b] = b0
-        _gather_row(x, a_indices, a_data, a_indptr[o], a_indptr[o + 1], row, 0)
-        if relu:
-            for b in range(n_batch):
-                if row[b] < 0:
-                    row[b] = 0
+        _init_gather_row(x, a_indices, a_data, a_indptr[o], a_indptr[o + 1], row, bias[o], relu)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def spmm_gather_t(t_indptr, t_rows, t_data, dpre, dx):
+    """``dx = W_active.T @ dpre`` from the transposed (CSC) active pattern.
+
+    ``dx[j]`` is the sum over the rows ``o`` of column ``j`` in ascending order of
+    ``t_data[c] * dpre[o]``, starting from 0: the order of :func:`spmm_t`, so the
+    result is bit-identical, but every ``dx`` row is written once from registers
+    instead of being read and written once per active entry.
+    """
+    # NOTE: (t_indptr, t_rows, t_data) from transpose_active; dx (n_in, n_batch).
+    n_in = dx.shape[0]
+    zero = dx.dtype.type(0)
+    for j in prange(n_in):
+        _init_gather_row(dpre, t_rows, t_data, t_indptr[j], t_indptr[j + 1], dx[j], zero, False)
+
+
+@njit(cache=True, nogil=True)
+def transpose_active(a_indptr, a_indices, a_data, t_indptr, t_rows, t_data):
+    """The CSC form of an active pattern: rows ascending within each column."""
+    # NOTE: t_indptr has n_in + 1 slots and is zero on entry; t_rows, t_data n_active.
+    n_out = a_indptr.shape[0] - 1
+    n_in = t_indptr.shape[0] - 1
+    n_active = a_indptr[n_out]
+    for c in range(n_active):
+        t_indptr[a_indices[c] + 1] += 1
+    for j in range(n_in):
+        t_indptr[j + 1] += t_indptr[j]
+    for o in range(n_out):
+        for c in range(a_indptr[o], a_indptr[o + 1]):
+            j = a_indices[c]
+            d = t_indptr[j]
+            t_rows[d] = o
+            t_data[d] = a_data[c]
+            t_indptr[j] = d + 1
+    for j in range(n_in, 0, -1):
+        t_indptr[j] = t_indptr[j - 1]
+    t_indptr[0] = 0
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def sddmm(a_indptr, a_indices, a_pos, x, dpre, dweight):
     """``dweight[a_pos[c]] = dpre[row(c)] . x[col(c)]`` for every active entry ``c``.
 
-    Four dot products at a time share the loads of ``dpre[row]``; each keeps the
+    Eight (then four) dot products at a time share the loads of ``dpre[row]``; each keeps the
     order of ``_dot``.
     """
     # NOTE: dweight has the stored length and is zero outside a_pos.
@@ -437,6 +591,27 @@ def sddmm(a_indptr, a_indices, a_pos, x, dpre, dweight):
         g = dpre[o]
         k = a_indptr[o]
         end = a_indptr[o + 1]
+        while k + 8 <= end:
+            d0, d1, d2, d3, d4, d5, d6, d7 = _dot8(
+                g,
+                x[a_indices[k]],
+                x[a_indices[k + 1]],
+                x[a_indices[k + 2]],
+                x[a_indices[k + 3]],
+                x[a_indices[k + 4]],
+                x[a_indices[k + 5]],
+                x[a_indices[k + 6]],
+                x[a_indices[k + 7]],
+            )
+            dweight[a_pos[k]] = d0
+            dweight[a_pos[k + 1]] = d1
+            dweight[a_pos[k + 2]] = d2
+            dweight[a_pos[k + 3]] = d3
+            dweight[a_pos[k + 4]] = d4
+            dweight[a_pos[k + 5]] = d5
+            dweight[a_pos[k + 6]] = d6
+            dweight[a_pos[k + 7]] = d7
+            k += 8
         while k + 4 <= end:
             d0, d1, d2, d3 = _dot4(
                 g, x[a_indices[k]], x[a_indices[k + 1]], x[a_indices[k + 2]], x[a_indices[k + 3]]

@@ -244,6 +244,32 @@ def _empty_bool():
     return np.ones(1, dtype=bool)
 
 
+_ALIGN = 64  # bytes: one cache line, one AVX-512 vector
+
+
+def _empty_aligned(shape, dtype):
+    """An uninitialised C-contiguous array whose data starts on a 64-byte boundary.
+
+    The kernels load 64-byte vectors along rows of activations; with the batch a
+    multiple of 16 (float32) every row then starts on a cache line, and no load
+    straddles two lines.
+    """
+    dtype = np.dtype(dtype)
+    nbytes = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+    buf = np.empty(nbytes + _ALIGN, dtype=np.uint8)
+    offset = -buf.ctypes.data % _ALIGN
+    return buf[offset : offset + nbytes].view(dtype).reshape(shape)
+
+
+def _aligned(x):
+    """``x`` if its data is 64-byte aligned, else an aligned copy (for kernel inputs)."""
+    if x.ctypes.data % _ALIGN == 0 or x.size == 0:
+        return x
+    out = _empty_aligned(x.shape, x.dtype)
+    out[...] = x
+    return out
+
+
 def _select_active(indptr, indices, data, shape, entry_mask, row_mask, col_mask):
     # Unvalidated: the caller checked lengths and dtypes.
     nnz = indices.shape[0]
@@ -330,7 +356,7 @@ def select_active(indptr, indices, data, shape, *, entry_mask=None, row_mask=Non
 
 
 def _masked_matmul(active, x, bias, relu):
-    out = np.empty((active.shape[0], x.shape[1]), dtype=x.dtype)
+    out = _empty_aligned((active.shape[0], x.shape[1]), x.dtype)
     row_mask = active.row_mask
     _kernels.spmm_forward(
         active.indptr,
@@ -400,7 +426,7 @@ def _masked_matmul_backward(active, x, dout, out, relu, need_dx):
     n_out, n_in = active.shape
     row_mask = active.row_mask
     if relu or row_mask is not None:
-        dpre = np.empty_like(dout)
+        dpre = _empty_aligned(dout.shape, dout.dtype)
     else:
         dpre = dout
     dbias = np.empty(n_out, dtype=dout.dtype)
@@ -417,8 +443,15 @@ def _masked_matmul_backward(active, x, dout, out, relu, need_dx):
     _kernels.sddmm(active.indptr, active.indices, active.pos, x, dpre, dweight)
     if not need_dx:
         return None, dweight, dbias
-    dx = np.zeros((n_in, dout.shape[1]), dtype=dout.dtype)
-    _kernels.spmm_t(active.indptr, active.indices, active.data, dpre, dx)
+    # dx = W_active.T @ dpre, gathered column by column from the transposed pattern:
+    # the order of the row-wise scatter (rows ascending), without its read-modify-write.
+    n_active = active.indices.shape[0]
+    t_indptr = np.zeros(n_in + 1, dtype=INDEX_DTYPE)
+    t_rows = np.empty(n_active, dtype=INDEX_DTYPE)
+    t_data = np.empty(n_active, dtype=active.data.dtype)
+    _kernels.transpose_active(active.indptr, active.indices, active.data, t_indptr, t_rows, t_data)
+    dx = _empty_aligned((n_in, dout.shape[1]), dout.dtype)
+    _kernels.spmm_gather_t(t_indptr, t_rows, t_data, dpre, dx)
     return dx, dweight, dbias
 
 
