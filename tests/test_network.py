@@ -203,6 +203,7 @@ def test_make_mlp_rejects_bad_arguments():
 
 # ---------------------------------------------------------------- Sequential.backward
 
+
 def _sparse_classifier_net():
     rng = np.random.default_rng(1)
     net = make_mlp(5, (6,), 3, sparse_classifier=True, dtype=np.float64, rng=0)

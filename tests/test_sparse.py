@@ -396,7 +396,6 @@ def test_pattern_helpers_reject_bad_values():
         sparse.random_pattern((3, 3), 0.5, rng="seed")
 
 
-
 @pytest.mark.parametrize("name", ["entry_mask", "row_mask"])
 def test_to_dense_rejects_masks_of_wrong_length(name):
     indptr, indices, data, shape = _layer_inputs()
