@@ -235,7 +235,6 @@ class StepInfo(NamedTuple):
 
     losses: np.ndarray
     realised_density: float
-    dscore_sq_norm: float
     dscore: np.ndarray
 
 
@@ -253,9 +252,12 @@ def spawn_streams(rng):
     """
     if isinstance(rng, np.random.Generator):
         seeds = rng.bit_generator.seed_seq.spawn(3)
-    else:
-        estimators.check_random_state(rng if rng is not None else 0)  # validates the type
+    elif rng is None or (isinstance(rng, numbers.Integral) and not isinstance(rng, bool)):
         seeds = np.random.SeedSequence(rng).spawn(3)
+    else:
+        raise TypeError(
+            f"rng must be None, an int seed or a numpy.random.Generator, got {type(rng).__name__}"
+        )
     return [np.random.default_rng(s) for s in seeds]
 
 
@@ -462,8 +464,7 @@ def train_step(state, x, y, config, *, record=None):
     if config.compact_every and state.step % config.compact_every == 0:
         compact(state)
     realised = float(masks.sum()) / (K * state.n_units_initial)
-    sq_norm = float(np.dot(dscore.astype(np.float64), dscore.astype(np.float64)))
-    return StepInfo(losses, realised, sq_norm, dscore)
+    return StepInfo(losses, realised, dscore)
 
 
 def finetune_step(state, x, y, masks, config):
