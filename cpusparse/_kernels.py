@@ -176,6 +176,27 @@ def _sum(u):
     return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _output_grad_row(dout, out, row_mask, use_row_mask, relu, dpre, dbias, o):
+    # Row o of output_grad: dpre[o] and dbias[o].
+    n_batch = dpre.shape[1]
+    g = dpre[o]
+    if use_row_mask and not row_mask[o]:
+        for b in range(n_batch):
+            g[b] = 0
+        dbias[o] = 0
+        return
+    d = dout[o]
+    if relu:
+        y = out[o]
+        for b in range(n_batch):
+            g[b] = d[b] if y[b] > 0 else 0
+    else:
+        for b in range(n_batch):
+            g[b] = d[b]
+    dbias[o] = _sum(g)
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def output_grad(dout, out, row_mask, use_row_mask, relu, dpre, dbias):
     """Gradient at the pre-activation and the bias gradient.
@@ -185,23 +206,9 @@ def output_grad(dout, out, row_mask, use_row_mask, relu, dpre, dbias):
     """
     # NOTE: dout, out, dpre (n_out, n_batch) C-contiguous; dpre may be dout itself
     # when relu is False.
-    n_out, n_batch = dpre.shape
+    n_out = dpre.shape[0]
     for o in prange(n_out):
-        g = dpre[o]
-        if use_row_mask and not row_mask[o]:
-            for b in range(n_batch):
-                g[b] = 0
-            dbias[o] = 0
-            continue
-        d = dout[o]
-        if relu:
-            y = out[o]
-            for b in range(n_batch):
-                g[b] = d[b] if y[b] > 0 else 0
-        else:
-            for b in range(n_batch):
-                g[b] = d[b]
-        dbias[o] = _sum(g)
+        _output_grad_row(dout, out, row_mask, use_row_mask, relu, dpre, dbias, o)
 
 
 def _dots_intrinsic(n_dots):
@@ -578,52 +585,72 @@ def transpose_active(a_indptr, a_indices, a_data, t_indptr, t_rows, t_data):
     t_indptr[0] = 0
 
 
+@njit(cache=True, nogil=True, inline="always")
+def _sddmm_row(a_indices, a_pos, x, g, k, end, dweight):
+    # Entries k .. end - 1 of one row: dweight[a_pos[c]] = g . x[a_indices[c]].
+    while k + 8 <= end:
+        d0, d1, d2, d3, d4, d5, d6, d7 = _dot8(
+            g,
+            x[a_indices[k]],
+            x[a_indices[k + 1]],
+            x[a_indices[k + 2]],
+            x[a_indices[k + 3]],
+            x[a_indices[k + 4]],
+            x[a_indices[k + 5]],
+            x[a_indices[k + 6]],
+            x[a_indices[k + 7]],
+        )
+        dweight[a_pos[k]] = d0
+        dweight[a_pos[k + 1]] = d1
+        dweight[a_pos[k + 2]] = d2
+        dweight[a_pos[k + 3]] = d3
+        dweight[a_pos[k + 4]] = d4
+        dweight[a_pos[k + 5]] = d5
+        dweight[a_pos[k + 6]] = d6
+        dweight[a_pos[k + 7]] = d7
+        k += 8
+    while k + 4 <= end:
+        d0, d1, d2, d3 = _dot4(
+            g, x[a_indices[k]], x[a_indices[k + 1]], x[a_indices[k + 2]], x[a_indices[k + 3]]
+        )
+        dweight[a_pos[k]] = d0
+        dweight[a_pos[k + 1]] = d1
+        dweight[a_pos[k + 2]] = d2
+        dweight[a_pos[k + 3]] = d3
+        k += 4
+    while k < end:
+        dweight[a_pos[k]] = _dot(g, x[a_indices[k]])
+        k += 1
+
+
 @njit(cache=True, nogil=True, parallel=True)
 def sddmm(a_indptr, a_indices, a_pos, x, dpre, dweight):
     """``dweight[a_pos[c]] = dpre[row(c)] . x[col(c)]`` for every active entry ``c``.
 
-    Eight (then four) dot products at a time share the loads of ``dpre[row]``; each keeps the
-    order of ``_dot``.
+    Eight (then four) dot products at a time share the loads of ``dpre[row]``; each
+    keeps the order of ``_dot``.
     """
     # NOTE: dweight has the stored length and is zero outside a_pos.
     n_out = a_indptr.shape[0] - 1
     for o in prange(n_out):
-        g = dpre[o]
-        k = a_indptr[o]
-        end = a_indptr[o + 1]
-        while k + 8 <= end:
-            d0, d1, d2, d3, d4, d5, d6, d7 = _dot8(
-                g,
-                x[a_indices[k]],
-                x[a_indices[k + 1]],
-                x[a_indices[k + 2]],
-                x[a_indices[k + 3]],
-                x[a_indices[k + 4]],
-                x[a_indices[k + 5]],
-                x[a_indices[k + 6]],
-                x[a_indices[k + 7]],
-            )
-            dweight[a_pos[k]] = d0
-            dweight[a_pos[k + 1]] = d1
-            dweight[a_pos[k + 2]] = d2
-            dweight[a_pos[k + 3]] = d3
-            dweight[a_pos[k + 4]] = d4
-            dweight[a_pos[k + 5]] = d5
-            dweight[a_pos[k + 6]] = d6
-            dweight[a_pos[k + 7]] = d7
-            k += 8
-        while k + 4 <= end:
-            d0, d1, d2, d3 = _dot4(
-                g, x[a_indices[k]], x[a_indices[k + 1]], x[a_indices[k + 2]], x[a_indices[k + 3]]
-            )
-            dweight[a_pos[k]] = d0
-            dweight[a_pos[k + 1]] = d1
-            dweight[a_pos[k + 2]] = d2
-            dweight[a_pos[k + 3]] = d3
-            k += 4
-        while k < end:
-            dweight[a_pos[k]] = _dot(g, x[a_indices[k]])
-            k += 1
+        _sddmm_row(a_indices, a_pos, x, dpre[o], a_indptr[o], a_indptr[o + 1], dweight)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def output_grad_sddmm(
+    dout, out, row_mask, use_row_mask, relu, a_indptr, a_indices, a_pos, x, dpre, dbias, dweight
+):
+    """:func:`output_grad` then :func:`sddmm`, fused row by row.
+
+    Row ``o`` of ``dpre`` is computed and then, still in L1, dotted with the inputs
+    of the row's active entries: one pass over ``dpre`` instead of two, with the
+    same operations in the same order as the two kernels.
+    """
+    # NOTE: preconditions of output_grad and of sddmm.
+    n_out = dpre.shape[0]
+    for o in prange(n_out):
+        _output_grad_row(dout, out, row_mask, use_row_mask, relu, dpre, dbias, o)
+        _sddmm_row(a_indices, a_pos, x, dpre[o], a_indptr[o], a_indptr[o + 1], dweight)
 
 
 @njit(cache=True, nogil=True, inline="always")

@@ -430,17 +430,21 @@ def _masked_matmul_backward(active, x, dout, out, relu, need_dx):
     else:
         dpre = dout
     dbias = np.empty(n_out, dtype=dout.dtype)
-    _kernels.output_grad(
+    dweight = np.zeros(active.nnz, dtype=dout.dtype)
+    _kernels.output_grad_sddmm(
         dout,
         dout if out is None else out,
         _empty_bool() if row_mask is None else row_mask,
         row_mask is not None,
         relu,
+        active.indptr,
+        active.indices,
+        active.pos,
+        x,
         dpre,
         dbias,
+        dweight,
     )
-    dweight = np.zeros(active.nnz, dtype=dout.dtype)
-    _kernels.sddmm(active.indptr, active.indices, active.pos, x, dpre, dweight)
     if not need_dx:
         return None, dweight, dbias
     # dx = W_active.T @ dpre, gathered column by column from the transposed pattern:
