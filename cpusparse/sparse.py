@@ -451,7 +451,8 @@ def _masked_matmul_backward(active, x, dout, out, relu, need_dx):
     # the order of the row-wise scatter (rows ascending), without its read-modify-write.
     n_active = active.indices.shape[0]
     t_indptr = np.zeros(n_in + 1, dtype=INDEX_DTYPE)
-    t_rows = np.empty(n_active, dtype=INDEX_DTYPE)
+    # Row numbers fit in int32 for any realistic layer: half the bytes to scatter.
+    t_rows = np.empty(n_active, dtype=np.int32 if n_out < 2**31 else INDEX_DTYPE)
     t_data = np.empty(n_active, dtype=active.data.dtype)
     _kernels.transpose_active(active.indptr, active.indices, active.data, t_indptr, t_rows, t_data)
     dx = _empty_aligned((n_in, dout.shape[1]), dout.dtype)
