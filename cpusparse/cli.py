@@ -95,8 +95,8 @@ def build_parser():
         "--finetune-epochs", type=int, default=10, help="epochs on the fixed mask (0 skips)"
     )
     model.add_argument("--batch-size", type=int, default=64)
-    model.add_argument("--lr", type=float, default=3e-3, help="initial weight learning rate")
-    model.add_argument("--score-lr", type=float, default=0.05, help="initial score learning rate")
+    model.add_argument("--lr", type=float, default=0.01, help="initial weight learning rate")
+    model.add_argument("--score-lr", type=float, default=0.1, help="initial score learning rate")
     model.add_argument("--init", choices=("kaiming", "uniform"), default="kaiming")
     model.add_argument("--seed", type=int, default=0)
     model.add_argument(

@@ -142,10 +142,10 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         largest score, so that ``density_ <= density`` always holds.
     batch_size : int >= 1, default=64
         Mini-batch size (the last batch of an epoch may be smaller).
-    learning_rate_init : float > 0, default=1e-3
+    learning_rate_init : float > 0, default=0.01
         Initial learning rate of the weights; both learning rates follow a
         cosine schedule over all the steps of both phases.
-    score_learning_rate : float > 0, default=0.05
+    score_learning_rate : float > 0, default=0.1
         Initial learning rate of the scores.
     optimizer, score_optimizer : {"adam", "sgd"}, default="adam"
         Optimizers of the weights and of the scores.
@@ -263,8 +263,8 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         finetune_iter=10,
         fixed_mask="topk",
         batch_size=64,
-        learning_rate_init=1e-3,
-        score_learning_rate=0.05,
+        learning_rate_init=0.01,
+        score_learning_rate=0.1,
         optimizer="adam",
         score_optimizer="adam",
         clip_norm=None,
