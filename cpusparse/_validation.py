@@ -52,6 +52,13 @@ def check_density(density, name="density"):
     return float(density)
 
 
+def check_n_samples(n_samples):
+    """Return the number of masks per step K after checking it is an int >= 2."""
+    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 2:
+        raise ValueError(f"n_samples must be an int >= 2 (K), got {n_samples!r}")
+    return int(n_samples)
+
+
 def check_choice(value, name, choices):
     """Raise ValueError unless ``value`` is one of ``choices``."""
     if value not in choices:

@@ -26,7 +26,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._threads import numba_threads
-from ._validation import check_choice, check_density
+from ._validation import check_choice, check_density, check_n_samples
 from .checkpoint import load_checkpoint, restore_state, save_checkpoint
 from .losses import softmax
 from .network import make_mlp
@@ -312,12 +312,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         hidden = _check_hidden(self.hidden_layer_sizes)
         check_density(self.density)
         check_choice(self.granularity, "granularity", ("weight", "neuron"))
-        if (
-            isinstance(self.n_samples, bool)
-            or not isinstance(self.n_samples, numbers.Integral)
-            or self.n_samples < 2
-        ):
-            raise ValueError(f"n_samples must be an int >= 2 (K), got {self.n_samples!r}")
+        check_n_samples(self.n_samples)
         check_choice(self.estimator, "estimator", ESTIMATORS)
         check_choice(self.projection, "projection", ("exact", "bisection"))
         _check_int(self.max_iter, "max_iter", 1)

@@ -38,7 +38,7 @@ from typing import NamedTuple
 import numpy as np
 
 from . import estimators
-from ._validation import check_choice, check_density
+from ._validation import check_choice, check_density, check_n_samples
 from .losses import softmax_cross_entropy
 from .optim import SGD, Adam, clip_grad_norm, compact_state, constant_schedule, cosine_schedule
 from .projection import project_scores
@@ -135,12 +135,7 @@ class TrainConfig:
 
     def __post_init__(self):
         check_density(self.density)
-        if (
-            isinstance(self.n_samples, bool)
-            or not isinstance(self.n_samples, numbers.Integral)
-            or self.n_samples < 2
-        ):
-            raise ValueError(f"n_samples must be an int >= 2 (K), got {self.n_samples!r}")
+        check_n_samples(self.n_samples)
         check_choice(self.estimator, "estimator", ESTIMATORS)
         check_choice(self.projection, "projection", ("exact", "bisection"))
         check_choice(self.weight_grad, "weight_grad", ("mean", "first"))
