@@ -573,10 +573,12 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
                     record["expected_density"] if phase == "sparse" else stats.realised_density
                 )
                 bar.set_postfix(
-                    phase=phase,
-                    loss=f"{stats.loss:.4f}",
-                    acc=f"{acc:.3f}",
-                    density=f"{density:.4f}",
+                    {
+                        "phase": phase,
+                        "loss": f"{stats.loss:.4f}",
+                        "val_acc" if x_val is not None else "train_acc": f"{acc:.3f}",
+                        "density": f"{density:.4f}",
+                    }
                 )
 
         try:
