@@ -26,7 +26,6 @@ __version__ = "0.1.0"
 
 from .checkpoint import CheckpointError, load_checkpoint, restore_state, save_checkpoint
 from .datasets import DATASETS, Dataset, load_dataset
-from .estimator import SparseMLPClassifier
 from .estimators import (
     check_random_state,
     exact_expectation,
@@ -41,6 +40,17 @@ from .losses import softmax, softmax_cross_entropy
 from .network import Sequential, make_mlp
 from .optim import SGD, Adam, clip_grad_norm, compact_state, constant_schedule, cosine_schedule
 from .projection import concat_scores, project_scores, split_scores
+
+
+def __getattr__(name):
+    # SparseMLPClassifier imports scikit-learn (about 0.9 s): load it on first use
+    # so that ``import cpusparse`` stays fast for the engine and the command line.
+    if name == "SparseMLPClassifier":
+        from .estimator import SparseMLPClassifier
+
+        return SparseMLPClassifier
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 __all__ = [
     "__version__",
