@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._timing import machine_info  # noqa: E402
+from cpusparse.bench import machine_info  # noqa: E402
 
 HIDDEN = (300, 100)
 DATASETS = ("digits", "mnist5k")

@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks._timing import interleaved_times, machine_info, medians  # noqa: E402
+from cpusparse.bench import interleaved_times, machine_info  # noqa: E402
 
 DENSITIES = (0.5, 0.2, 0.1, 0.05, 0.01)
 
@@ -115,7 +115,7 @@ def run(args):
                 args.pieces,
             )
             times = interleaved_times(funcs, repeats=args.repeats, warmup=3)
-            med = medians(times)
+            med = {name: float(np.median(t)) for name, t in times.items()}
             ratios = [d / s for d, s in zip(times["dense"], times["sparse"], strict=True)]
             row = {
                 "density": density,
@@ -188,8 +188,7 @@ def main(argv=None):
     if args.repeats is None:
         args.repeats = 15 if args.quick else 60
     rows = run(args)
-    info = machine_info()
-    info["threads"] = str(args.threads)
+    info = machine_info(args.threads)
     print(format_table(rows, info, args))
     if args.json:
         with open(args.json, "w") as f:

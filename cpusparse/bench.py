@@ -54,6 +54,7 @@ __all__ = [
     "iteration_macs",
     "steady_state",
     "interleaved_times",
+    "machine_info",
     "run",
     "format_markdown",
     "plot",
@@ -375,14 +376,39 @@ def _peak_step_bytes(step):
     return int(peak - base)
 
 
-def interleaved_times(funcs, *, repeats, warmup):
-    """Seconds per call of each callable, ``repeats`` round-robin rounds after warm-up."""
+def interleaved_times(funcs, *, repeats, warmup, rewarm=True):
+    """Seconds per call of each callable, from round-robin rounds after warm-up.
+
+    Interleaving (A, B, C, A, B, C, ...) exposes every candidate to the same drift
+    in clock frequency and background load, so ratios from one run compare like
+    with like; report medians, not minimums.
+
+    Parameters
+    ----------
+    funcs : dict of str to callable
+        Zero-argument callables, run in the dict's order within each round.
+    repeats : int
+        Timed rounds.
+    warmup : int
+        Untimed rounds first (JIT compilation, page faults).
+    rewarm : bool, default=True
+        Run each callable once, untimed, right before its timed call, so that it
+        is measured with its own data in cache, as in a training loop where steps
+        follow each other; without it a small sparse step is timed after another
+        method has evicted its arrays from the caches.
+
+    Returns
+    -------
+    dict of str to list of float
+    """
     for _ in range(warmup):
         for f in funcs.values():
             f()
     times = {name: [] for name in funcs}
     for _ in range(repeats):
         for name, f in funcs.items():
+            if rewarm:
+                f()
             t0 = time.perf_counter()
             f()
             times[name].append(time.perf_counter() - t0)
@@ -700,7 +726,8 @@ def startup_time(*, runs=3):
     return {"import_s": a, "first_step_s": b, "process_s": total}
 
 
-def _machine_info(threads):
+def machine_info(threads=None):
+    """CPU model, library versions, BLAS kernel, threads and load, for report headers."""
     import platform
 
     import numba
@@ -723,13 +750,32 @@ def _machine_info(threads):
         "numba": numba.__version__,
     }
     try:
+        import llvmlite.binding as ll
+
+        info["llvm_cpu"] = ll.get_host_cpu_name()
+    except ImportError:
+        pass
+    try:
+        from threadpoolctl import threadpool_info
+
+        info["blas"] = "; ".join(
+            f"{p.get('internal_api')} {p.get('version')} {p.get('architecture')}"
+            for p in threadpool_info()
+            if p.get("user_api") == "blas"
+        )
+    except ImportError:
+        pass
+    for var in ("OPENBLAS_CORETYPE", "OPENBLAS_L2_SIZE"):
+        if var in os.environ:
+            info[var] = os.environ[var]
+    try:
         info["load_average"] = " ".join(f"{v:.2f}" for v in os.getloadavg())
     except OSError:
         pass
     for mod in ("torch", "sklearn"):
         if _available(mod):
             info[mod] = __import__(mod).__version__
-    return info
+    return {k: v for k, v in info.items() if v is not None}
 
 
 def _parse_args(argv):
@@ -812,7 +858,7 @@ def main(argv=None):
     if not args.no_startup:
         log("start-up time of a second process")
         result["startup"] = startup_time()
-    result["machine"] = _machine_info(args.threads)
+    result["machine"] = machine_info(args.threads)
     with open(os.path.join(args.out, "bench.json"), "w") as f:
         json.dump(result, f, indent=2)
     md = format_markdown(result)
