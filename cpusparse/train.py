@@ -54,6 +54,7 @@ __all__ = [
     "train_step",
     "finetune_step",
     "compact",
+    "droppable_fraction",
     "fixed_mask",
     "split_masks",
     "expected_density",
@@ -106,10 +107,14 @@ class TrainConfig:
         Learning-rate schedule of both optimizers over ``total_steps``.
     initial_score : float or None
         Initial keep probability of every unit; None uses ``density``.
-    compact_every : int
-        Drop units whose score is exactly 0 from the stored pattern and the
-        optimizer state every this many steps (0 never). A zero score is absorbing:
-        the unit is never sampled and its gradient is 0.
+    compact_every, compact_fraction : int, float
+        Every ``compact_every`` steps (0: never), if at least ``compact_fraction``
+        of the stored weights of the prunable layers belong to units whose score is
+        exactly 0, drop them from the stored pattern and the optimizer state
+        (:func:`compact`). A zero score is absorbing: the unit is never sampled and
+        its gradient is 0. Scores collapse fast (most reach 0 within the first
+        epoch), so checking every step keeps the cost following the live units;
+        the check is one pass over the scores.
     """
 
     density: float = 0.1
@@ -131,7 +136,8 @@ class TrainConfig:
     schedule: str = "constant"
     total_steps: int = 1
     initial_score: float | None = None
-    compact_every: int = 50
+    compact_every: int = 1
+    compact_fraction: float = 0.25
 
     def __post_init__(self):
         check_density(self.density)
@@ -152,6 +158,8 @@ class TrainConfig:
             raise ValueError(f"initial_score must be in [0, 1] or None, got {self.initial_score}")
         if self.compact_every < 0:
             raise ValueError(f"compact_every must be >= 0, got {self.compact_every}")
+        if not 0 <= self.compact_fraction <= 1:
+            raise ValueError(f"compact_fraction must be in [0, 1], got {self.compact_fraction}")
         if self.total_steps < 1:
             raise ValueError(f"total_steps must be >= 1, got {self.total_steps}")
 
@@ -457,7 +465,8 @@ def train_step(state, x, y, config, *, record=None):
         record["threshold"] = threshold
 
     if config.compact_every and state.step % config.compact_every == 0:
-        compact(state)
+        if droppable_fraction(state) >= max(config.compact_fraction, 1e-12):
+            compact(state)
     realised = float(masks.sum()) / (K * state.n_units_initial)
     return StepInfo(losses, realised, dscore)
 
@@ -485,6 +494,25 @@ def finetune_step(state, x, y, masks, config):
     weight_opt.step(state.param_list(), flat, state.weight_state, lr=lr_w(state.step))
     state.step += 1
     return loss
+
+
+def droppable_fraction(state):
+    """Fraction of the stored weights of prunable layers that :func:`compact` would drop.
+
+    Those are the weights of units whose score is exactly 0: the unit itself for
+    weight granularity, the whole row for neuron granularity.
+    """
+    net = state.network
+    dropped = stored = 0
+    for p, li in enumerate(net.prunable):
+        layer = net.layers[li]
+        zero = state.score[state.offsets[p] : state.offsets[p + 1]] == 0
+        stored += layer.nnz
+        if layer.granularity == "weight":
+            dropped += int(np.count_nonzero(zero))
+        else:
+            dropped += int(np.diff(layer.indptr)[zero].sum())
+    return dropped / stored if stored else 0.0
 
 
 def compact(state):

@@ -11,6 +11,7 @@ from cpusparse.train import (
     NonFiniteError,
     TrainConfig,
     compact,
+    droppable_fraction,
     expected_density,
     fixed_mask,
     init_state,
@@ -237,3 +238,29 @@ def test_run_epoch_covers_the_data_once():
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+def test_step_compacts_once_enough_stored_weights_are_dead(granularity):
+    state, _, x, y = make_problem(granularity, density=0.5)
+    config = TrainConfig(density=0.5, compact_every=1, compact_fraction=0.25)
+    first = state.network.layers[0]
+    n_first = state.offsets[1]
+    per_unit = 1 if granularity == "weight" else first.shape[1]
+    total = sum(state.network.layers[i].nnz for i in state.network.prunable)
+
+    # a tenth of the stored weights dead: below the threshold, nothing is dropped
+    n_dead = max(1, total // 10 // per_unit)
+    state.score[:n_dead] = 0
+    assert droppable_fraction(state) == pytest.approx(n_dead * per_unit / total)
+    nnz_before = first.nnz
+    train_step(state, x, y, config)
+    if droppable_fraction(state) < 0.25:
+        assert state.network.layers[0].nnz == nnz_before
+
+    # most of the first layer dead: the step drops it
+    state.score[: n_first * 3 // 4] = 0
+    assert droppable_fraction(state) >= 0.25
+    train_step(state, x, y, config)
+    assert droppable_fraction(state) < 0.25
+    assert state.network.layers[0].nnz < nnz_before
