@@ -227,7 +227,8 @@ def steady_state(state, *, rng=0):
         k = int(math.floor(density * n + 1e-9))
         score[o[p] + rng.choice(n, size=k, replace=False)] = 1
     state.score[:] = score
-    compact(state)
+    # The optimizer states are still zero, so every unit at score 0 is dead.
+    compact(state, state.score == 0)
     return state
 
 

@@ -24,7 +24,7 @@ class Sequential:
     Attributes
     ----------
     prunable : list of int
-        Positions of the layers that take a mask (``n_units > 0``), in order.
+        Positions of the layers that take a mask (the sparse layers), in order.
         Masks and scores are lists aligned with this.
 
     Examples
@@ -41,7 +41,11 @@ class Sequential:
         self.layers = list(layers)
         if not self.layers:
             raise ValueError("layers must be a nonempty list, got []")
-        self.prunable = [i for i, layer in enumerate(self.layers) if layer.n_units > 0]
+        # Prunable by kind, not by size: a layer compacted down to no stored weights
+        # keeps its (empty) place in the masks and scores.
+        self.prunable = [
+            i for i, layer in enumerate(self.layers) if getattr(layer, "granularity", None)
+        ]
         dtypes = {layer.dtype for layer in self.layers if hasattr(layer, "dtype")}
         if len(dtypes) > 1:
             raise TypeError(f"all layers must share one dtype, got {sorted(map(str, dtypes))}")

@@ -55,6 +55,7 @@ __all__ = [
     "finetune_step",
     "compact",
     "droppable_fraction",
+    "dead_units",
     "fixed_mask",
     "split_masks",
     "expected_density",
@@ -95,7 +96,8 @@ class TrainConfig:
         Bisection tolerance and cap (the authors': 1e-3 and 20).
     weight_grad : {"mean", "first"}
         Average the weight gradient over the K passes, or use the first pass only
-        (saves K - 1 backward passes).
+        (saves K - 1 backward passes). The straight-through estimator needs every
+        pass's backward for its score gradient, so it always averages over K.
     clip_norm : float or None
         Clip the global norm of the weight gradients (the authors: 3).
     optimizer, lr, momentum, nesterov, weight_decay
@@ -104,7 +106,9 @@ class TrainConfig:
     score_optimizer, score_lr, score_momentum
         Score optimizer (separate from the weights').
     schedule : {"constant", "cosine"}
-        Learning-rate schedule of both optimizers over ``total_steps``.
+        Learning-rate schedule of both optimizers over ``total_steps``; a cosine
+        schedule stays at its minimum (0) after ``total_steps``, so count the
+        fine-tuning steps in ``total_steps`` too.
     initial_score : float or None
         Initial keep probability of every unit; None uses ``density``.
     compact_every, compact_fraction : int, float
@@ -156,8 +160,16 @@ class TrainConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if self.initial_score is not None and not 0 <= self.initial_score <= 1:
             raise ValueError(f"initial_score must be in [0, 1] or None, got {self.initial_score}")
-        if self.compact_every < 0:
-            raise ValueError(f"compact_every must be >= 0, got {self.compact_every}")
+        for name in ("compact_every", "projection_max_iter"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.projection_max_iter < 1:
+            raise ValueError(f"projection_max_iter must be >= 1, got {self.projection_max_iter}")
+        if not (math.isfinite(self.projection_tol) and self.projection_tol > 0):
+            raise ValueError(
+                f"projection_tol must be a finite number > 0, got {self.projection_tol}"
+            )
         if not 0 <= self.compact_fraction <= 1:
             raise ValueError(f"compact_fraction must be in [0, 1], got {self.compact_fraction}")
         if self.total_steps < 1:
@@ -239,6 +251,7 @@ class StepInfo(NamedTuple):
     losses: np.ndarray
     realised_density: float
     dscore: np.ndarray
+    kept: np.ndarray | None = None  # units kept by a compaction after the step
 
 
 def spawn_streams(rng):
@@ -246,6 +259,9 @@ def spawn_streams(rng):
 
     ``rng`` is None, an int or a Generator; an int seed ``s`` gives
     ``numpy.random.SeedSequence(s).spawn(3)`` in the order init, data, masks.
+    A Generator contributes its seed sequence, whose ``spawn`` counts calls: two
+    calls with the same Generator give different streams. Pass an int to
+    reproduce a run.
 
     Examples
     --------
@@ -464,11 +480,13 @@ def train_step(state, x, y, config, *, record=None):
     if record is not None:
         record["threshold"] = threshold
 
+    kept = None
     if config.compact_every and state.step % config.compact_every == 0:
-        if droppable_fraction(state) >= max(config.compact_fraction, 1e-12):
-            compact(state)
+        dead = dead_units(state, config)
+        if dead.any() and droppable_fraction(state, dead) >= config.compact_fraction:
+            kept = compact(state, dead)
     realised = float(masks.sum()) / (K * state.n_units_initial)
-    return StepInfo(losses, realised, dscore)
+    return StepInfo(losses, realised, dscore, kept)
 
 
 def finetune_step(state, x, y, masks, config):
@@ -496,72 +514,102 @@ def finetune_step(state, x, y, masks, config):
     return loss
 
 
-def droppable_fraction(state):
+def dead_units(state, config):
+    """Units that can never be sampled again, over the flat score vector.
+
+    A unit is dead when its score is exactly 0 *and* the score optimizer cannot
+    raise it: with a score-function estimator its gradient is 0 from then on
+    (:func:`~cpusparse.estimators.score_function` is 0 at :math:`s = 0`), so the
+    update is the decaying running average alone -- Adam's ``exp_avg`` or SGD's
+    ``momentum_buffer`` -- which keeps its sign; if that is >= 0 the step pushes
+    the score down and the projection (threshold >= 0) keeps it at 0. A score at
+    0 whose average still points up is not dead: it comes back. With the
+    straight-through estimator every unit has a gradient, so none is dead.
+
+    Returns
+    -------
+    dead : ndarray of bool, shape (n_units_total,)
+    """
+    dead = state.score == 0
+    if config.estimator == "straight-through":
+        return np.zeros_like(dead)
+    for key in ("exp_avg", "momentum_buffer"):
+        if key in state.score_state[0]:
+            dead &= state.score_state[0][key] >= 0
+    return dead
+
+
+def droppable_fraction(state, dead):
     """Fraction of the stored weights of prunable layers that :func:`compact` would drop.
 
-    Those are the weights of units whose score is exactly 0: the unit itself for
-    weight granularity, the whole row for neuron granularity.
+    Those are the stored weights of ``dead`` units: the unit itself for weight
+    granularity, the whole row for neuron granularity.
     """
     net = state.network
     dropped = stored = 0
     for p, li in enumerate(net.prunable):
         layer = net.layers[li]
-        zero = state.score[state.offsets[p] : state.offsets[p + 1]] == 0
+        layer_dead = dead[state.offsets[p] : state.offsets[p + 1]]
         stored += layer.nnz
         if layer.granularity == "weight":
-            dropped += int(np.count_nonzero(zero))
+            dropped += int(np.count_nonzero(layer_dead))
         else:
-            dropped += int(np.diff(layer.indptr)[zero].sum())
+            dropped += int(np.diff(layer.indptr)[layer_dead].sum())
     return dropped / stored if stored else 0.0
 
 
-def compact(state):
-    """Drop weight-granularity units whose score is exactly 0.
+def compact(state, dead):
+    """Drop the stored weights of dead units (see :func:`dead_units`).
 
-    A unit with :math:`s_i = 0` is never sampled (:math:`u < 0` is impossible) and
-    its gradient is 0, so removing it leaves the distribution of every later step
-    unchanged while making mask sampling and the active-pattern pass cheaper. The
-    random draws themselves do change: later steps draw ``(K, n)`` uniforms for the
-    smaller ``n``. Runs are bit-reproducible for a given ``compact_every``.
+    A dead unit is never sampled again (:math:`u < 0` is impossible) and its score
+    never moves, so removing it leaves every later step's distribution unchanged
+    while making mask sampling and the active-pattern pass cheaper. The random
+    draws themselves do change: later steps draw ``(K, n)`` uniforms for the
+    smaller ``n``. Runs are bit-reproducible for given compaction settings.
     Scores, the layer's stored pattern and the optimizer states of its weights
-    and of the scores are compacted together.
-    Neuron-granularity layers keep their units (their number fixes the next
-    layer's input size) but drop the stored weights of rows with score 0.
+    and of the scores are compacted together. Neuron-granularity layers keep
+    their units (their number fixes the next layer's input size) but drop the
+    stored weights of dead rows; their score stays 0.
+
+    Parameters
+    ----------
+    state : TrainState
+        Updated in place.
+    dead : ndarray of bool, shape (n_units_total,)
+        From :func:`dead_units`.
 
     Returns
     -------
-    n_dropped : int
-        Number of stored weights removed.
+    kept : ndarray of bool, shape (n_units_total,)
+        The units kept in the flat score vector (arrays aligned with the old
+        scores are compacted with ``array[kept]``).
     """
     net = state.network
     keep_score = []
-    n_dropped = 0
     param_pos = 0
     new_weight_state = list(state.weight_state)
     for li, layer in enumerate(net.layers):
         n_params = len(layer.params())
         if li in net.prunable:
             p = net.prunable.index(li)
-            s = state.score[state.offsets[p] : state.offsets[p + 1]]
+            layer_dead = dead[state.offsets[p] : state.offsets[p + 1]]
             if layer.granularity == "weight":
-                keep = s > 0
+                keep = ~layer_dead
                 keep_score.append(keep)
             else:
-                rows_kept = s > 0
-                keep = np.repeat(rows_kept, np.diff(layer.indptr))
-                keep_score.append(np.ones(s.shape[0], dtype=bool))
+                keep = np.repeat(~layer_dead, np.diff(layer.indptr))
+                keep_score.append(np.ones(layer_dead.shape[0], dtype=bool))
             if not keep.all():
-                n_dropped += int(keep.size - keep.sum())
                 net.layers[li] = layer.compact(keep)
                 new_weight_state[param_pos] = compact_state(state.weight_state[param_pos], keep)
         param_pos += n_params
     state.weight_state = new_weight_state
-    keep_all = np.concatenate(keep_score)
-    if not keep_all.all():
-        state.score = state.score[keep_all]
-        state.score_state = [compact_state(state.score_state[0], keep_all)]
+    kept = np.concatenate(keep_score)
+    if not kept.all():
+        state.score = state.score[kept]
+        state.score_state = [compact_state(state.score_state[0], kept)]
         state.offsets = np.concatenate([[0], np.cumsum(net.n_units())]).astype(np.int64)
-    return n_dropped
+    return kept
 
 
 def fixed_mask(state, method="topk", *, x=None, y=None, n_candidates=10, rng=None):
@@ -680,11 +728,13 @@ def run_epoch(state, x, y, config, *, batch_size, masks=None, on_step=None):
             loss = float(info.losses.mean())
             densities.append(info.realised_density)
             g = info.dscore.astype(np.float64)
-            if g_sum is None or g_sum.shape != g.shape:  # compaction restarts the count
-                g_sum, g_sq, g_count = np.zeros_like(g), np.zeros_like(g), 0
+            if g_sum is None:
+                g_sum, g_sq = np.zeros_like(g), np.zeros_like(g)
             g_sum += g
             g_sq += g * g
             g_count += 1
+            if info.kept is not None:  # dead units have gradient 0 from now on
+                g_sum, g_sq = g_sum[info.kept], g_sq[info.kept]
         else:
             loss = finetune_step(state, xb, yb, masks, config)
         losses.append(loss)

@@ -165,14 +165,16 @@ def test_same_seed_is_bit_identical_different_seed_differs(digits):
 
 _THREAD_SCRIPT = textwrap.dedent(
     """
-    import hashlib, json
+    import hashlib, json, os
     import numpy as np
     from sklearn.datasets import load_digits
+    from cpusparse._threads import numba_threads
     from cpusparse.estimator import SparseMLPClassifier
     X, y = load_digits(return_X_y=True)
+    n_jobs = int(os.environ["NUMBA_NUM_THREADS"])
     clf = SparseMLPClassifier(hidden_layer_sizes=(48, 24), density=0.2, max_iter=2,
                               finetune_iter=1, batch_size=128, validation_fraction=0.1,
-                              random_state=7).fit(X[:800] / 16, y[:800])
+                              n_jobs=n_jobs, random_state=7).fit(X[:800] / 16, y[:800])
     h = hashlib.sha256()
     h.update(json.dumps([{k: v for k, v in r.items() if k != "seconds"}
                          for r in clf.history_]).encode())
@@ -181,8 +183,8 @@ _THREAD_SCRIPT = textwrap.dedent(
     for layer in clf.network_.layers:
         for arr in layer.params().values():
             h.update(arr.tobytes())
-    import numba
-    print(numba.get_num_threads(), h.hexdigest())
+    with numba_threads(clf.n_jobs) as used:  # the thread count fit ran with
+        print(used, h.hexdigest())
     """
 )
 

@@ -11,10 +11,12 @@ from cpusparse.train import (
     NonFiniteError,
     TrainConfig,
     compact,
+    dead_units,
     droppable_fraction,
     expected_density,
     fixed_mask,
     init_state,
+    iterate_batches,
     run_epoch,
     spawn_streams,
     split_masks,
@@ -25,7 +27,7 @@ from cpusparse.train import (
 def make_problem(granularity="weight", *, seed=0, dtype=np.float64, density=0.4, **cfg):
     init, data, mask = spawn_streams(seed)
     net = make_mlp(6, (7, 5), 3, granularity=granularity, dtype=dtype, rng=init)
-    config = TrainConfig(density=density, compact_every=0, **cfg)
+    config = TrainConfig(density=density, **{"compact_every": 0, **cfg})
     state = init_state(net, config, data_rng=data, mask_rng=mask)
     rng = np.random.default_rng(seed + 100)
     x = rng.standard_normal((6, 9)).astype(dtype)
@@ -176,9 +178,10 @@ def test_compact_drops_zero_scores_and_keeps_everything_else_aligned():
     x_masks[0] = keep.copy()
     out_before, _ = state.network.forward(x, x_masks)
 
-    dropped = compact(state)
+    kept = compact(state, state.score == 0)
 
-    assert dropped == int((~keep).sum())
+    dropped = int((~keep).sum())
+    assert kept.shape == (n0,) and int((~kept).sum()) == dropped
     assert state.score.shape[0] == n0 - dropped
     new = state.network.layers[0]
     np.testing.assert_array_equal(new.weight, old_weight[keep])
@@ -201,7 +204,7 @@ def test_fixed_mask_topk_is_within_budget_and_takes_the_largest_scores():
     masks = fixed_mask(state)
     flat = np.concatenate(masks)
     k = int(np.floor(state.budget))
-    assert flat.sum() <= k
+    assert flat.sum() == min(k, int((state.score > 0).sum()))
     assert flat.sum() / state.n_units_initial <= 0.25
     if flat.any() and (~flat).any():
         assert state.score[flat].min() >= state.score[~flat].max()
@@ -217,8 +220,14 @@ def test_nonfinite_loss_stops_training_with_the_step():
 def test_run_epoch_covers_the_data_once():
     state, config, x, y = make_problem()
     seen = []
+    batches = []
+    rng_copy = copy.deepcopy(state.data_rng)
     stats = run_epoch(state, x, y, config, batch_size=4, on_step=lambda s, loss: seen.append(loss))
     assert stats.n_steps == 3 == len(seen)
+    order = np.concatenate(iterate_batches(y.shape[0], 4, rng_copy))
+    np.testing.assert_array_equal(np.sort(order), np.arange(y.shape[0]))
+    batches = iterate_batches(y.shape[0], 4, copy.deepcopy(rng_copy))
+    assert [b.shape[0] for b in batches] == [4, 4, 1]
     assert stats.loss == pytest.approx(np.mean(seen))
     assert 0 < stats.realised_density < 1
 
@@ -233,6 +242,10 @@ def test_run_epoch_covers_the_data_once():
         ({"projection": "foo"}, "projection"),
         ({"lr": -1.0}, "lr"),
         ({"clip_norm": 0.0}, "clip_norm"),
+        ({"projection_tol": 0.0}, "projection_tol"),
+        ({"projection_max_iter": 0}, "projection_max_iter"),
+        ({"compact_every": 0.5}, "compact_every"),
+        ({"compact_fraction": 1.5}, "compact_fraction"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
@@ -248,19 +261,83 @@ def test_step_compacts_once_enough_stored_weights_are_dead(granularity):
     n_first = state.offsets[1]
     per_unit = 1 if granularity == "weight" else first.shape[1]
     total = sum(state.network.layers[i].nnz for i in state.network.prunable)
+    nnz_before = first.nnz
 
-    # a tenth of the stored weights dead: below the threshold, nothing is dropped
+    # a tenth of the stored weights dead: below the threshold
     n_dead = max(1, total // 10 // per_unit)
     state.score[:n_dead] = 0
-    assert droppable_fraction(state) == pytest.approx(n_dead * per_unit / total)
-    nnz_before = first.nnz
-    train_step(state, x, y, config)
-    if droppable_fraction(state) < 0.25:
-        assert state.network.layers[0].nnz == nnz_before
+    dead = dead_units(state, config)
+    assert droppable_fraction(state, dead) == pytest.approx(n_dead * per_unit / total)
 
-    # most of the first layer dead: the step drops it
+    # most of the first layer dead: the next step drops it
     state.score[: n_first * 3 // 4] = 0
-    assert droppable_fraction(state) >= 0.25
-    train_step(state, x, y, config)
-    assert droppable_fraction(state) < 0.25
+    assert droppable_fraction(state, dead_units(state, config)) >= 0.25
+    info = train_step(state, x, y, config)
+    assert info.kept is not None
+    if granularity == "weight":
+        assert not info.kept[: n_first * 3 // 4].any()
+    else:  # neurons keep their (zero) score; their rows lose their weights
+        assert info.kept.all()
+        assert np.diff(state.network.layers[0].indptr)[: n_first * 3 // 4].sum() == 0
+    assert droppable_fraction(state, dead_units(state, config)) < 0.25
     assert state.network.layers[0].nnz < nnz_before
+
+
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+@pytest.mark.parametrize(
+    "optimizer", [{"score_optimizer": "adam"}, {"score_optimizer": "sgd", "score_momentum": 0.9}]
+)
+def test_dead_units_never_come_back(granularity, optimizer):
+    # What makes compaction exact: without compaction, a unit that dead_units calls
+    # dead keeps a score of exactly 0 for the rest of training. A score at 0 whose
+    # optimizer average still points up is not called dead (it can come back).
+    state, config, x, y = make_problem(
+        granularity, density=0.3, score_lr=0.3, compact_every=0, **optimizer
+    )
+    ever_dead = np.zeros(state.score.shape[0], dtype=bool)
+    zero_not_dead = 0
+    for _ in range(60):
+        train_step(state, x, y, config)
+        dead = dead_units(state, config)
+        assert np.all(state.score[ever_dead] == 0)
+        ever_dead |= dead
+        zero_not_dead += int(np.count_nonzero((state.score == 0) & ~dead))
+    assert ever_dead.any()
+    if optimizer["score_optimizer"] == "adam":
+        assert zero_not_dead > 0  # the optimizer-state condition matters here
+
+
+def test_a_zero_score_with_an_upward_average_is_not_dead_and_comes_back():
+    state, config, x, y = make_problem(density=0.3, compact_every=0)
+    train_step(state, x, y, config)
+    state.score[0] = 0
+    state.score_state[0]["exp_avg"][0] = -1.0  # Adam's average pushes the score up
+    state.score_state[0]["exp_avg_sq"][0] = 1.0
+    assert not dead_units(state, config)[0]
+    train_step(state, x, y, config)
+    assert state.score[0] > 0
+
+
+def test_straight_through_has_no_dead_units():
+    state, config, x, y = make_problem(estimator="straight-through", score_lr=0.3)
+    for _ in range(5):
+        train_step(state, x, y, config)
+    state.score[:5] = 0
+    assert not dead_units(state, config).any()
+
+
+def test_restored_state_keeps_a_layer_compacted_to_nothing(tmp_path):
+    from cpusparse.checkpoint import load_checkpoint, restore_state, save_checkpoint
+
+    state, config, x, y = make_problem(density=0.3)
+    train_step(state, x, y, config)
+    state.score[state.offsets[1] : state.offsets[2]] = 0  # the whole second layer
+    compact(state, state.score == 0)
+    assert state.network.layers[1].nnz == 0 and state.network.prunable == [0, 1]
+    path = tmp_path / "ckpt.npz"
+    save_checkpoint(path, state, config, epoch=1, phase="sparse", history=[])
+    restored, _ = restore_state(load_checkpoint(path))
+    assert restored.network.prunable == [0, 1]
+    np.testing.assert_array_equal(restored.offsets, state.offsets)
+    a, b = train_step(state, x, y, config), train_step(restored, x, y, config)
+    np.testing.assert_array_equal(a.losses, b.losses)
