@@ -566,9 +566,12 @@ def format_markdown(result):
         "repetitions)",
         "",
         "Regimes: `start` = start of training, every unit stored, scores = density; "
-        "`steady` = converged, exact-budget 0/1 scores and zero-score units compacted away; "
-        "straight-through always computes every stored unit. Speed-ups are ratios of "
-        "medians from the same interleaved group. MACs = multiply-adds executed per "
+        "`steady` = idealised convergence, exact-budget 0/1 scores and zero-score units "
+        "compacted away (a lower bound: real runs keep more units stored); "
+        "straight-through always computes every stored unit. Each timed call follows an "
+        "untimed call of the same method (warm caches, as in a training loop). Speed-ups "
+        "are ratios of medians from the same interleaved group. MACs = multiply-adds "
+        "executed per "
         "iteration (K forward + K backward passes for the engine, one pass for dense).",
         "",
         f"Memory: {result['memory_method']}.",
