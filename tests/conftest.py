@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from cpusparse import sparse
+from cpusparse._threads import numba_threads
 
 DTYPES = [np.float32, np.float64]
 
@@ -85,3 +86,15 @@ def rng(request):
     """A Generator seeded from the test's name, so every test has its own stream."""
     seed = int.from_bytes(request.node.nodeid.encode(), "little") % (2**63)
     return np.random.default_rng(seed)
+
+
+@pytest.fixture(scope="module")
+def one_numba_thread():
+    """Run a module's tests on one Numba thread.
+
+    Results do not depend on the thread count (test_threads.py and
+    test_estimator.py check that); one thread avoids the parallel overhead that
+    dominates tiny problems.
+    """
+    with numba_threads(1):
+        yield

@@ -3,7 +3,6 @@
 import json
 import os
 
-import numba
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -28,14 +27,7 @@ from cpusparse.train import (
     spawn_streams,
 )
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_numba_thread():
-    # Results do not depend on the thread count (tested in test_estimator.py).
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 @pytest.fixture(scope="module")

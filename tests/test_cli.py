@@ -7,19 +7,11 @@ import subprocess
 import sys
 import types
 
-import numba
 import pytest
 
 from cpusparse.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_numba_thread():
-    # Results do not depend on the thread count (tested in test_estimator.py).
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 SHORT = ["train", "--epochs", "2", "--finetune-epochs", "1", "--hidden", "32", "--quiet"]

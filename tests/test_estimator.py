@@ -6,7 +6,6 @@ import subprocess
 import sys
 import textwrap
 
-import numba
 import numpy as np
 import pytest
 from sklearn.datasets import load_digits
@@ -16,16 +15,7 @@ from sklearn.utils.estimator_checks import check_estimator
 from cpusparse.estimator import SparseMLPClassifier
 from cpusparse.train import NonFiniteError
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_numba_thread():
-    # Results do not depend on the thread count (test_threads_do_not_change_results
-    # checks it in subprocesses); one thread avoids the parallel overhead that
-    # dominates these tiny problems.
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import json
 import os
 import re
 
-import numba
 import numpy as np
 import pytest
 
@@ -24,13 +23,7 @@ DOCS = os.path.join(os.path.dirname(__file__), os.pardir, "docs")
 SMALL = dict(layers=(12, 10, 8, 4), steps=2, batch_size=6, n_data=24)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_numba_thread():
-    # Results do not depend on the thread count (tested in test_threads.py).
-    before = numba.get_num_threads()
-    numba.set_num_threads(1)
-    yield
-    numba.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
 
 @pytest.fixture(scope="module")
