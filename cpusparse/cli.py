@@ -38,13 +38,12 @@ EXTERNAL = {
 _OFFICIAL_SPLIT = ("mnist", "mnist1d")
 
 
-def _hidden_sizes(text):
+def layer_sizes(text):
+    """Parse a comma-separated list of positive ints (an argparse ``type``)."""
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
     except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be positive ints such as 300,100, got {text!r}"
-        ) from None
+        sizes = []
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"must be positive ints such as 300,100, got {text!r}")
     return sizes
@@ -79,7 +78,7 @@ def build_parser():
     model = train.add_argument_group("model and training")
     model.add_argument(
         "--hidden",
-        type=_hidden_sizes,
+        type=layer_sizes,
         nargs="+",
         default=[[300, 100]],
         metavar="N[,N...]",

@@ -51,6 +51,7 @@ import numpy as np
 
 from ._validation import check_choice
 from .checkpoint import atomic_write
+from .cli import layer_sizes
 from .layers import SparseLinear
 from .network import make_mlp
 from .train import ESTIMATORS, TrainConfig, init_state, iterate_batches, spawn_streams, train_step
@@ -822,18 +823,6 @@ def compare_traces(ref, other, *, rtol=None, atol=None, include=None):
 # ---------------------------------------------------------------------------
 
 
-def _sizes(text):
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"must be positive ints such as 20,16,5, got {text!r}"
-        ) from None
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"must be positive ints such as 20,16,5, got {text!r}")
-    return sizes
-
-
 def build_trace_parser():
     """The parser of ``cpusparse trace``."""
     d = _DEFAULTS
@@ -849,13 +838,13 @@ def build_trace_parser():
     model = parser.add_argument_group("model")
     model.add_argument(
         "--layers",
-        type=_sizes,
+        type=layer_sizes,
         default=None,
         metavar="N,N,...",
         help="all layer sizes including inputs and classes (default: 20,16,12,5)",
     )
     model.add_argument("--n-in", type=int, help="input size (with --hidden, --n-classes)")
-    model.add_argument("--hidden", type=_sizes, metavar="N[,N...]", help="hidden widths")
+    model.add_argument("--hidden", type=layer_sizes, metavar="N[,N...]", help="hidden widths")
     model.add_argument("--n-classes", type=int, help="number of classes")
     model.add_argument("--granularity", choices=("weight", "neuron"), default=d["granularity"])
     model.add_argument("--density", type=float, default=d["density"], help="kept fraction")
