@@ -300,6 +300,23 @@ def _splat(builder, vec, value):
     return builder.shuffle_vector(v, ir.Constant(vec, ir.Undefined), mask)
 
 
+def _tile_types_ok(mat, cols, vals, row):
+    # Numba types of the tile intrinsics: a 2-D float matrix, integer columns, and
+    # values and a 1-D row of the matrix's dtype.
+    return (
+        isinstance(mat, types.Array)
+        and mat.ndim == 2
+        and isinstance(row, types.Array)
+        and row.ndim == 1
+        and isinstance(vals, types.Array)
+        and isinstance(cols, types.Array)
+        and isinstance(cols.dtype, types.Integer)
+        and isinstance(mat.dtype, types.Float)
+        and row.dtype == mat.dtype
+        and vals.dtype == mat.dtype
+    )
+
+
 def _make_row_tile(n_vec, vec_bytes, scatter):
     """Build a tile kernel over ``n_vec`` vectors of ``vec_bytes`` bytes.
 
@@ -316,18 +333,7 @@ def _make_row_tile(n_vec, vec_bytes, scatter):
 
     @intrinsic
     def _tile(typingctx, mat, cols, vals, start, end, row, b0):
-        if not (
-            isinstance(mat, types.Array)
-            and mat.ndim == 2
-            and isinstance(row, types.Array)
-            and row.ndim == 1
-            and isinstance(vals, types.Array)
-            and isinstance(cols, types.Array)
-            and isinstance(cols.dtype, types.Integer)
-            and isinstance(mat.dtype, types.Float)
-            and row.dtype == mat.dtype
-            and vals.dtype == mat.dtype
-        ):
+        if not _tile_types_ok(mat, cols, vals, row):
             return None
         sig = types.void(mat, cols, vals, types.intp, types.intp, row, types.intp)
 
@@ -393,18 +399,7 @@ def _make_init_tile(n_vec, vec_bytes):
 
     @intrinsic
     def _tile(typingctx, mat, cols, vals, start, end, row, b0, init, relu):
-        if not (
-            isinstance(mat, types.Array)
-            and mat.ndim == 2
-            and isinstance(row, types.Array)
-            and row.ndim == 1
-            and isinstance(vals, types.Array)
-            and isinstance(cols, types.Array)
-            and isinstance(cols.dtype, types.Integer)
-            and isinstance(mat.dtype, types.Float)
-            and row.dtype == mat.dtype
-            and vals.dtype == mat.dtype
-        ):
+        if not _tile_types_ok(mat, cols, vals, row):
             return None
         sig = types.void(
             mat, cols, vals, types.intp, types.intp, row, types.intp, mat.dtype, types.boolean
