@@ -440,12 +440,14 @@ def train_step(state, x, y, config, *, record=None):
             if record is not None:
                 record["weight_grads_per_sample"].append([g.copy() for g in flat])
             if weight_grads is None:
-                weight_grads = flat
+                weight_grads = flat  # fresh arrays (the backward contract): summed in place
             else:
-                weight_grads = [a + b for a, b in zip(weight_grads, flat, strict=True)]
+                for total, g in zip(weight_grads, flat, strict=True):
+                    total += g
     _check_finite(state, losses)
     if n_backward > 1:
-        weight_grads = [g / g.dtype.type(n_backward) for g in weight_grads]
+        for g in weight_grads:
+            g /= g.dtype.type(n_backward)
 
     # 4. Score gradient (VR-PGE by default): forward passes only, no backward.
     dscore = _score_gradient(config, losses, masks, state.score, st_grads)
