@@ -4,49 +4,62 @@ A reference implementation of the variance-reduced policy-gradient estimator
 (VR-PGE) of Zhou et al., "Efficient Neural Network Training via Forward and
 Backward Propagation Sparsification" (NeurIPS 2021, arXiv:2111.05685).
 
-Where things live:
+Where things live (lower packages never import higher ones):
 
-- :mod:`cpusparse.sparse`: masked CSR products (validated wrappers over the Numba
-  kernels of :mod:`cpusparse._kernels`);
-- :mod:`cpusparse.layers`, :mod:`cpusparse.losses`, :mod:`cpusparse.network`: the
-  autograd-free engine, ``forward -> (out, cache)`` and ``backward -> (dx, grads)``;
-- :mod:`cpusparse.estimators`: Bernoulli masks, score function, REINFORCE, VR-PGE
-  and the exact gradient by enumeration;
-- :mod:`cpusparse.projection`: projection of the scores onto the budget set;
-- :mod:`cpusparse.train`: the training step (Algorithm 1 of the paper);
-- :mod:`cpusparse.optim`: optimizers with explicit state;
-- :mod:`cpusparse.estimator`: :class:`SparseMLPClassifier`, the scikit-learn interface;
-- :mod:`cpusparse.checkpoint`: atomic, bit-exact checkpoints;
-- :mod:`cpusparse.cli`: the ``cpusparse`` command (train, bench, trace, verify);
-- :mod:`cpusparse.datasets`: offline data sets;
-- :mod:`cpusparse.reference`: dense NumPy oracle of every sparse operation.
+- :mod:`cpusparse.engine`: what computes -- the Numba kernels, masked CSR products,
+  the layer protocol and its layers, containers and losses;
+- :mod:`cpusparse.method`: the paper's mathematics -- Bernoulli masks,
+  score-gradient estimators (a registry), the exact gradient by enumeration and the
+  budget projection;
+- :mod:`cpusparse.models`: network builders;
+- :mod:`cpusparse.training`: the option table, the state, the training step
+  (Algorithm 1), compaction, the loop, optimizers and checkpoints;
+- :mod:`cpusparse.sklearn`: :class:`SparseMLPClassifier`, the scikit-learn interface;
+- :mod:`cpusparse.testing`: the dense reference and the PyTorch replay of golden
+  traces, importable by other implementations;
+- :mod:`cpusparse.tools`: the ``cpusparse`` command (train, bench, trace, verify) and
+  the offline data sets.
 """
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
-from .checkpoint import CheckpointError, load_checkpoint, restore_state, save_checkpoint
-from .datasets import DATASETS, Dataset, load_dataset
-from .estimators import (
-    check_random_state,
+from . import engine, method, models, training
+from ._validation import check_rng
+from .engine import Layer, Linear, ReLU, Sequential, SparseLinear, softmax, softmax_cross_entropy
+from .method import (
+    concat_scores,
     exact_expectation,
     exact_grad,
+    project_scores,
     reinforce_grad,
     sample_masks,
     score_function,
+    split_scores,
     vrpge_grad,
 )
-from .layers import Linear, ReLU, SparseLinear
-from .losses import softmax, softmax_cross_entropy
-from .network import Sequential, make_mlp
-from .optim import SGD, Adam, clip_grad_norm, compact_state, constant_schedule, cosine_schedule
-from .projection import concat_scores, project_scores, split_scores
+from .models import mlp
+from .tools.datasets import DATASETS, Dataset, load_dataset
+from .training import (
+    SGD,
+    Adam,
+    CheckpointError,
+    TrainConfig,
+    clip_grad_norm,
+    compact_state,
+    constant_schedule,
+    cosine_schedule,
+    load_checkpoint,
+    restore_state,
+    save_checkpoint,
+    train_step,
+)
 
 
 def __getattr__(name):
     # SparseMLPClassifier imports scikit-learn (about 0.9 s): load it on first use
     # so that ``import cpusparse`` stays fast for the engine and the command line.
     if name == "SparseMLPClassifier":
-        from .estimator import SparseMLPClassifier
+        from .sklearn import SparseMLPClassifier
 
         return SparseMLPClassifier
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
@@ -54,35 +67,42 @@ def __getattr__(name):
 
 __all__ = [
     "__version__",
+    "engine",
+    "method",
+    "models",
+    "training",
     "SparseMLPClassifier",
-    "CheckpointError",
-    "load_checkpoint",
-    "restore_state",
-    "save_checkpoint",
-    "DATASETS",
-    "Dataset",
-    "load_dataset",
-    "check_random_state",
-    "exact_expectation",
-    "exact_grad",
-    "reinforce_grad",
-    "sample_masks",
-    "score_function",
-    "vrpge_grad",
-    "concat_scores",
-    "project_scores",
-    "split_scores",
+    "check_rng",
+    "Layer",
+    "SparseLinear",
     "Linear",
     "ReLU",
-    "SparseLinear",
+    "Sequential",
     "softmax",
     "softmax_cross_entropy",
-    "Sequential",
-    "make_mlp",
+    "mlp",
+    "sample_masks",
+    "score_function",
+    "reinforce_grad",
+    "vrpge_grad",
+    "exact_expectation",
+    "exact_grad",
+    "project_scores",
+    "concat_scores",
+    "split_scores",
+    "TrainConfig",
+    "train_step",
     "SGD",
     "Adam",
     "clip_grad_norm",
     "compact_state",
     "constant_schedule",
     "cosine_schedule",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "restore_state",
+    "DATASETS",
+    "Dataset",
+    "load_dataset",
 ]

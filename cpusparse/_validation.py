@@ -9,9 +9,63 @@ import numbers
 
 import numpy as np
 
-from .estimators import check_random_state  # noqa: F401  (one implementation)
-
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+def check_rng(rng=None):
+    """Turn ``rng`` into a :class:`numpy.random.Generator`.
+
+    Unlike scikit-learn's ``check_random_state``, it accepts no legacy
+    ``RandomState``: every draw in cpusparse comes from a ``Generator``.
+
+    Parameters
+    ----------
+    rng : None, int or numpy.random.Generator, default=None
+        ``None`` gives a fresh generator seeded from the operating system,
+        an int seeds ``numpy.random.default_rng``, a Generator is returned
+        unchanged (not copied), so draws advance its state.
+
+    Returns
+    -------
+    generator : numpy.random.Generator
+        The generator to draw from.
+
+    Raises
+    ------
+    TypeError
+        If ``rng`` is of any other type, including the legacy
+        :class:`numpy.random.RandomState` and ``bool``.
+    ValueError
+        If ``rng`` is a negative integer.
+
+    Notes
+    -----
+    The package never touches NumPy's global random state. One seed is turned
+    into one stream; callers that need several independent streams (weight
+    initialisation, data order, masks) should spawn them from one
+    :class:`numpy.random.SeedSequence` and pass a Generator per purpose.
+
+    Examples
+    --------
+    >>> import numpy as np
+    >>> from cpusparse import check_rng
+    >>> g = check_rng(0)
+    >>> isinstance(g, np.random.Generator)
+    True
+    >>> check_rng(g) is g
+    True
+    """
+    if rng is None:
+        return np.random.default_rng()
+    if isinstance(rng, np.random.Generator):
+        return rng
+    if isinstance(rng, numbers.Integral) and not isinstance(rng, bool | np.bool_):
+        if rng < 0:
+            raise ValueError(f"rng must be a non-negative integer seed, got {rng}")
+        return np.random.default_rng(int(rng))
+    raise TypeError(
+        f"rng must be None, an int or a numpy.random.Generator, got {type(rng).__name__}"
+    )
 
 
 def check_array(x, name, *, ndim=None, shape=None, finite=False, float_only=True):
@@ -50,13 +104,6 @@ def check_density(density, name="density"):
     if not 0.0 < float(density) <= 1.0:
         raise ValueError(f"{name} must be in (0, 1], got {density}")
     return float(density)
-
-
-def check_n_samples(n_samples):
-    """Return the number of masks per step K after checking it is an int >= 2."""
-    if isinstance(n_samples, bool) or not isinstance(n_samples, numbers.Integral) or n_samples < 2:
-        raise ValueError(f"n_samples must be an int >= 2 (K), got {n_samples!r}")
-    return int(n_samples)
 
 
 def check_choice(value, name, choices):

@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from cpusparse import sparse
 from cpusparse._threads import numba_threads
+from cpusparse.engine import csr as sparse
 
 DTYPES = [np.float32, np.float64]
 
@@ -98,3 +98,12 @@ def one_numba_thread():
     """
     with numba_threads(1):
         yield
+
+
+def by_layer(flat, n_layers):
+    """A container's flat ``{"<position>.<name>": array}`` dict as one dict per layer."""
+    out = [{} for _ in range(n_layers)]
+    for key, value in flat.items():
+        position, name = key.split(".", 1)
+        out[int(position)][name] = value
+    return out

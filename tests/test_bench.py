@@ -1,19 +1,20 @@
-"""Tests of the benchmark library (cpusparse.bench): counts and outputs, no timings."""
+"""Tests of the benchmark library (cpusparse.tools.bench): counts and outputs, no timings."""
 
 import json
 
 import numpy as np
 import pytest
 
-from cpusparse import bench, make_mlp
-from cpusparse.train import TrainConfig, init_state, spawn_streams
+from cpusparse import mlp
+from cpusparse.tools import bench
+from cpusparse.training import TrainConfig, init_state, spawn_streams
 
 N_BATCH = 5
 
 
 def _net(granularity):
     # SparseLinear 3 -> 4 (12 stored), SparseLinear 4 -> 2 (8 stored), Linear 2 -> 2 (4).
-    return make_mlp(3, (4, 2), 2, granularity=granularity, dtype=np.float64, rng=0)
+    return mlp(3, (4, 2), 2, granularity=granularity, dtype=np.float64, rng=0)
 
 
 def test_count_macs_weight_granularity_by_hand():
@@ -54,7 +55,7 @@ def test_straight_through_counts_every_stored_weight_like_dense(granularity):
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])
 def test_steady_state_is_an_exact_budget_compacted_pattern(granularity):
     init_rng, data_rng, mask_rng = spawn_streams(0)
-    net = make_mlp(20, (16, 8), 4, granularity=granularity, rng=init_rng)
+    net = mlp(20, (16, 8), 4, granularity=granularity, rng=init_rng)
     config = TrainConfig(density=0.25, compact_every=0)
     state = init_state(net, config, data_rng=data_rng, mask_rng=mask_rng)
     bench.steady_state(state, rng=1)

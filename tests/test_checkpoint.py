@@ -7,24 +7,24 @@ import numpy as np
 import pytest
 from sklearn.datasets import load_digits
 
-import cpusparse.checkpoint as checkpoint_module
-import cpusparse.estimator as estimator_module
-from cpusparse.checkpoint import (
-    FORMAT_VERSION,
-    CheckpointError,
-    load_checkpoint,
-    restore_state,
-    save_checkpoint,
-)
-from cpusparse.estimator import SparseMLPClassifier
-from cpusparse.network import make_mlp
-from cpusparse.train import (
+import cpusparse.sklearn as estimator_module
+import cpusparse.training.checkpoint as checkpoint_module
+from cpusparse.models import mlp
+from cpusparse.sklearn import SparseMLPClassifier
+from cpusparse.training import (
     NonFiniteError,
     TrainConfig,
     fixed_mask,
     init_state,
     run_epoch,
     spawn_streams,
+)
+from cpusparse.training.checkpoint import (
+    FORMAT_VERSION,
+    CheckpointError,
+    load_checkpoint,
+    restore_state,
+    save_checkpoint,
 )
 
 pytestmark = pytest.mark.usefixtures("one_numba_thread")
@@ -41,7 +41,7 @@ def small_state(granularity="weight", optimizer="adam"):
     config = TrainConfig(
         density=0.3, optimizer=optimizer, schedule="cosine", total_steps=40, compact_every=3
     )
-    net = make_mlp(6, (5, 4), 3, granularity=granularity, rng=init, dtype=np.float64)
+    net = mlp(6, (5, 4), 3, granularity=granularity, rng=init, dtype=np.float64)
     state = init_state(net, config, data_rng=data_rng, mask_rng=mask_rng)
     rng = np.random.default_rng(0)
     x = np.ascontiguousarray(rng.normal(size=(6, 30)))
@@ -177,7 +177,7 @@ def history_text(history):
 
 def assert_same_fit(a, b, X):
     assert history_text(a.history_) == history_text(b.history_)
-    np.testing.assert_array_equal(a.score_, b.score_)
+    np.testing.assert_array_equal(a.keep_prob_, b.keep_prob_)
     for m, n in zip(a.masks_, b.masks_, strict=True):
         np.testing.assert_array_equal(m, n)
     for la, lb in zip(a.network_.layers, b.network_.layers, strict=True):

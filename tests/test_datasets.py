@@ -6,7 +6,7 @@ import socket
 import numpy as np
 import pytest
 
-from cpusparse.datasets import DATASETS, Dataset, load_dataset
+from cpusparse.tools.datasets import DATASETS, Dataset, load_dataset
 
 
 def _idx_bytes(array, type_code=0x08):

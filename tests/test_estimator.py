@@ -12,8 +12,8 @@ from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.utils.estimator_checks import check_estimator
 
-from cpusparse.estimator import SparseMLPClassifier
-from cpusparse.train import NonFiniteError
+from cpusparse.sklearn import SparseMLPClassifier
+from cpusparse.training import NonFiniteError
 
 pytestmark = pytest.mark.usefixtures("one_numba_thread")
 
@@ -134,7 +134,7 @@ def test_history_fields(fitted):
     # training decreases the loss and the expected density ends at the budget
     assert h[-1]["loss"] < h[0]["loss"]
     assert h[-1]["val_accuracy"] > h[0]["val_accuracy"]
-    assert fitted.score_.shape == (sum(m.shape[0] for m in fitted.masks_),)
+    assert fitted.keep_prob_.shape == (sum(m.shape[0] for m in fitted.masks_),)
 
 
 def test_same_seed_is_bit_identical_different_seed_differs(digits):
@@ -145,7 +145,7 @@ def test_same_seed_is_bit_identical_different_seed_differs(digits):
     c = SparseMLPClassifier(**params, random_state=4).fit(X_train, y_train)
     assert history_text(a.history_) == history_text(b.history_)
     np.testing.assert_array_equal(a.predict_proba(X_test), b.predict_proba(X_test))
-    np.testing.assert_array_equal(a.score_, b.score_)
+    np.testing.assert_array_equal(a.keep_prob_, b.keep_prob_)
     for la, lb in zip(a.network_.layers, b.network_.layers, strict=True):
         for name, arr in la.params().items():
             np.testing.assert_array_equal(arr, lb.params()[name], err_msg=name)
@@ -159,7 +159,7 @@ _THREAD_SCRIPT = textwrap.dedent(
     import numpy as np
     from sklearn.datasets import load_digits
     from cpusparse._threads import numba_threads
-    from cpusparse.estimator import SparseMLPClassifier
+    from cpusparse.sklearn import SparseMLPClassifier
     X, y = load_digits(return_X_y=True)
     n_jobs = int(os.environ["NUMBA_NUM_THREADS"])
     clf = SparseMLPClassifier(hidden_layer_sizes=(48, 24), density=0.2, max_iter=2,
@@ -169,7 +169,7 @@ _THREAD_SCRIPT = textwrap.dedent(
     h.update(json.dumps([{k: v for k, v in r.items() if k != "seconds"}
                          for r in clf.history_]).encode())
     h.update(clf.predict_proba(X[800:] / 16).tobytes())
-    h.update(clf.score_.tobytes())
+    h.update(clf.keep_prob_.tobytes())
     for layer in clf.network_.layers:
         for arr in layer.params().values():
             h.update(arr.tobytes())
@@ -244,17 +244,41 @@ Y_OK = np.arange(20) % 2
         ({}, np.where(np.eye(20, 3) > 0, np.nan, X_OK), Y_OK, ValueError, "NaN"),
         ({}, X_OK, np.zeros(20), ValueError, "only one class"),
         ({}, X_OK, np.linspace(0, 1, 20), ValueError, "Unknown label type"),
-        ({"density": 1.5}, X_OK, Y_OK, ValueError, r"density must be in \(0, 1\], got 1.5"),
-        ({"density": 0}, X_OK, Y_OK, ValueError, r"density must be in \(0, 1\], got 0"),
-        ({"n_samples": 1}, X_OK, Y_OK, ValueError, "n_samples must be an int >= 2"),
-        ({"estimator": "foo"}, X_OK, Y_OK, ValueError, "estimator must be one of.*got 'foo'"),
-        ({"granularity": "row"}, X_OK, Y_OK, ValueError, "granularity must be one of"),
+        (
+            {"density": 1.5},
+            X_OK,
+            Y_OK,
+            ValueError,
+            r"'density' parameter .* range \(0.0, 1.0\]. Got 1.5",
+        ),
+        (
+            {"density": 0},
+            X_OK,
+            Y_OK,
+            ValueError,
+            r"'density' parameter .* range \(0.0, 1.0\]. Got 0",
+        ),
+        (
+            {"n_masks": 1},
+            X_OK,
+            Y_OK,
+            ValueError,
+            r"'n_masks' parameter .* int in the range \[2, inf\)",
+        ),
+        (
+            {"score_estimator": "foo"},
+            X_OK,
+            Y_OK,
+            ValueError,
+            r"'score_estimator' parameter .*'vrpge'.* Got 'foo'",
+        ),
+        ({"granularity": "row"}, X_OK, Y_OK, ValueError, r"'granularity' parameter .* Got 'row'"),
         ({"hidden_layer_sizes": (4, 0)}, X_OK, Y_OK, ValueError, "hidden_layer_sizes must"),
-        ({"max_iter": 0}, X_OK, Y_OK, ValueError, "max_iter must be an int >= 1, got 0"),
-        ({"learning_rate_init": -1.0}, X_OK, Y_OK, ValueError, "learning_rate_init must be"),
-        ({"validation_fraction": 1.0}, X_OK, Y_OK, ValueError, r"validation_fraction must be"),
+        ({"max_iter": 0}, X_OK, Y_OK, ValueError, r"'max_iter' parameter .* \[1, inf\). Got 0"),
+        ({"learning_rate_init": -1.0}, X_OK, Y_OK, ValueError, r"'learning_rate_init' parameter"),
+        ({"validation_fraction": 1.0}, X_OK, Y_OK, ValueError, r"'validation_fraction' parameter"),
         ({"resume": True}, X_OK, Y_OK, ValueError, "resume=True needs checkpoint"),
-        ({"dtype": "float16"}, X_OK, Y_OK, ValueError, "dtype must be"),
+        ({"dtype": "float16"}, X_OK, Y_OK, ValueError, r"'dtype' parameter"),
         ({"checkpoint": "/no/such/dir/c.npz"}, X_OK, Y_OK, ValueError, "existing directory"),
     ],
 )

@@ -1,4 +1,4 @@
-"""Tests for cpusparse.estimators.
+"""Tests for cpusparse.method.
 
 Oracles: exhaustive enumeration over all 2**n masks (exact_grad), central finite
 differences of the exact expectation, and the closed-form log-likelihood of a
@@ -10,8 +10,8 @@ import warnings
 import numpy as np
 import pytest
 
-from cpusparse.estimators import (
-    check_random_state,
+from cpusparse import check_rng
+from cpusparse.method import (
     exact_expectation,
     exact_grad,
     reinforce_grad,
@@ -52,9 +52,9 @@ def make_problem(seed=0, n=N_UNITS):
     return loss_fn, loss_batch, score
 
 
-def draw_estimates(estimator, loss_batch, score, n_samples, *, seed, shift=0.0, **kwargs):
+def draw_estimates(estimator, loss_batch, score, n_masks, *, seed, shift=0.0, **kwargs):
     n = score.shape[0]
-    masks = sample_masks(score, N_DRAWS * n_samples, rng=seed).reshape(N_DRAWS, n_samples, n)
+    masks = sample_masks(score, N_DRAWS * n_masks, rng=seed).reshape(N_DRAWS, n_masks, n)
     losses = loss_batch(masks) + shift
     return np.array([estimator(losses[d], masks[d], score, **kwargs) for d in range(N_DRAWS)])
 
@@ -73,14 +73,14 @@ def assert_mean_within_se(estimates, expected):
 # ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("n_samples", [2, 4])
-def test_vrpge_is_unbiased(n_samples):
+@pytest.mark.parametrize("n_masks", [2, 4])
+def test_vrpge_is_unbiased(n_masks):
     loss_fn, loss_batch, score = make_problem()
     expected = exact_grad(loss_fn, score)
-    estimates = draw_estimates(vrpge_grad, loss_batch, score, n_samples, seed=10 + n_samples)
+    estimates = draw_estimates(vrpge_grad, loss_batch, score, n_masks, seed=10 + n_masks)
     se = assert_mean_within_se(estimates, expected)
     # The test has power: a 1/K normalisation (bias factor (K-1)/K) is rejected.
-    biased = estimates.mean(axis=0) * (n_samples - 1) / n_samples
+    biased = estimates.mean(axis=0) * (n_masks - 1) / n_masks
     assert np.any(np.abs(biased - expected) / se > N_SE)
 
 
@@ -104,12 +104,12 @@ def test_sqrt_variant_estimates_preconditioned_gradient(estimator):
 
 def test_vrpge_matches_leave_one_out_form():
     rng = np.random.default_rng(1)
-    for n_samples in (2, 3, 5):
+    for n_masks in (2, 3, 5):
         score = rng.uniform(0.05, 0.95, size=6)
-        masks = sample_masks(score, n_samples, rng=rng)
-        losses = rng.normal(size=n_samples)
+        masks = sample_masks(score, n_masks, rng=rng)
+        losses = rng.normal(size=n_masks)
         g = score_function(masks, score)
-        loo = (losses.sum() - losses) / (n_samples - 1)
+        loo = (losses.sum() - losses) / (n_masks - 1)
         expected = ((losses - loo)[:, None] * g).mean(axis=0)
         atol = 1e-14 * np.abs(losses).max() * np.abs(g).max()
         np.testing.assert_allclose(
@@ -125,14 +125,14 @@ def test_vrpge_matches_leave_one_out_form():
 def test_vrpge_invariant_to_constant_and_far_below_reinforce():
     _, loss_batch, score = make_problem()
     shift = 1e3
-    n_samples = 2
-    base = draw_estimates(vrpge_grad, loss_batch, score, n_samples, seed=7)
-    shifted = draw_estimates(vrpge_grad, loss_batch, score, n_samples, seed=7, shift=shift)
+    n_masks = 2
+    base = draw_estimates(vrpge_grad, loss_batch, score, n_masks, seed=7)
+    shifted = draw_estimates(vrpge_grad, loss_batch, score, n_masks, seed=7, shift=shift)
     # Same masks, so the estimates agree up to the rounding of L + shift.
     scale = np.abs(score_function(np.ones_like(score, dtype=bool), score)).max()
     np.testing.assert_allclose(shifted, base, rtol=0, atol=50 * shift * np.finfo(float).eps * scale)
     np.testing.assert_allclose(shifted.var(axis=0), base.var(axis=0), rtol=1e-6)
-    reinforce = draw_estimates(reinforce_grad, loss_batch, score, n_samples, seed=7, shift=shift)
+    reinforce = draw_estimates(reinforce_grad, loss_batch, score, n_masks, seed=7, shift=shift)
     assert reinforce.var(axis=0).min() > 100 * shifted.var(axis=0).max()
 
 
@@ -328,26 +328,26 @@ def test_generator_state_advances():
 
 def test_sample_masks_frequencies():
     score = np.array([0.1, 0.5, 0.8])
-    n_samples = 20_000
-    freq = sample_masks(score, n_samples, rng=1).mean(axis=0)
-    se = np.sqrt(score * (1 - score) / n_samples)
+    n_masks = 20_000
+    freq = sample_masks(score, n_masks, rng=1).mean(axis=0)
+    se = np.sqrt(score * (1 - score) / n_masks)
     assert np.all(np.abs(freq - score) < N_SE * se)
 
 
-def test_check_random_state():
+def test_check_rng():
     gen = np.random.default_rng(0)
-    assert check_random_state(gen) is gen
-    assert isinstance(check_random_state(None), np.random.Generator)
-    a = check_random_state(np.int64(5)).random(3)
+    assert check_rng(gen) is gen
+    assert isinstance(check_rng(None), np.random.Generator)
+    a = check_rng(np.int64(5)).random(3)
     np.testing.assert_array_equal(a, np.random.default_rng(5).random(3))
     with pytest.raises(TypeError, match="rng must be"):
-        check_random_state(np.random.RandomState(0))
+        check_rng(np.random.RandomState(0))
     with pytest.raises(TypeError, match="rng must be"):
-        check_random_state("0")
+        check_rng("0")
     with pytest.raises(TypeError, match="rng must be"):
-        check_random_state(True)
+        check_rng(True)
     with pytest.raises(ValueError, match="rng must be a non-negative"):
-        check_random_state(-1)
+        check_rng(-1)
 
 
 # ---------------------------------------------------------------------------
@@ -378,9 +378,9 @@ def test_bad_score_type():
 
 
 def test_bad_n_samples():
-    with pytest.raises(ValueError, match="n_samples must be >= 1"):
+    with pytest.raises(ValueError, match="n_masks must be >= 1"):
         sample_masks([0.5], 0)
-    with pytest.raises(TypeError, match="n_samples must be an int"):
+    with pytest.raises(TypeError, match="n_masks must be an int"):
         sample_masks([0.5], 2.0)
 
 
@@ -393,7 +393,7 @@ def test_bad_scaling():
 
 
 def test_vrpge_needs_two_samples():
-    with pytest.raises(ValueError, match="n_samples >= 2"):
+    with pytest.raises(ValueError, match="n_masks >= 2"):
         vrpge_grad([1.0], np.array([[True, False]]), [0.5, 0.5])
     reinforce_grad([1.0], np.array([[True, False]]), [0.5, 0.5])  # K = 1 is fine here
 

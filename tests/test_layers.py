@@ -13,7 +13,7 @@ from conftest import (
 )
 
 from cpusparse import Linear, ReLU, SparseLinear
-from cpusparse.reference import dense_backward, dense_forward
+from cpusparse.testing.reference import dense_backward, dense_forward
 
 N_IN, N_OUT, N_BATCH = 7, 5, 6
 KINK = 1e-3  # pre-activations closer to 0 than this are redrawn
@@ -42,10 +42,10 @@ def _sparse_layer(rng, granularity, relu):
     )
 
 
-def _sparse_setup(rng, granularity, relu, masked, with_active_inputs):
+def _sparse_setup(rng, granularity, relu, masked, with_live_inputs):
     layer = _sparse_layer(rng, granularity, relu)
     mask = rng.random(layer.n_units) < 0.7 if masked else None
-    a = rng.random(N_IN) < 0.6 if with_active_inputs else None
+    a = rng.random(N_IN) < 0.6 if with_live_inputs else None
     if granularity == "weight":
         wmask = dense_entry_mask(layer.indptr, layer.indices, layer.shape, mask)
         kw = dict(weight_mask=wmask, col_mask=a)
@@ -64,15 +64,15 @@ def _sparse_setup(rng, granularity, relu, masked, with_active_inputs):
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])
 @pytest.mark.parametrize("relu", [False, True])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("with_active_inputs", [False, True])
-def test_sparse_linear_finite_differences(rng, granularity, relu, masked, with_active_inputs):
-    layer, mask, a, x, _ = _sparse_setup(rng, granularity, relu, masked, with_active_inputs)
-    out, cache = layer.forward(x, mask, active_inputs=a)
+@pytest.mark.parametrize("with_live_inputs", [False, True])
+def test_sparse_linear_finite_differences(rng, granularity, relu, masked, with_live_inputs):
+    layer, mask, a, x, _ = _sparse_setup(rng, granularity, relu, masked, with_live_inputs)
+    out, cache = layer.forward(x, mask, live=a)
     upstream = rng.standard_normal(out.shape)
     dx, grads = layer.backward(upstream, cache)
 
     def loss():
-        return float(np.sum(layer.forward(x, mask, active_inputs=a)[0] * upstream))
+        return float(np.sum(layer.forward(x, mask, live=a)[0] * upstream))
 
     fd_w = central_differences(loss, layer.weight)
     fd_b = central_differences(loss, layer.bias)
@@ -113,7 +113,7 @@ def test_sparse_linear_matches_dense_reference(rng, granularity, relu, dtype):
         activation=layer.activation,
     )
     x = x.astype(dtype)
-    out, cache = layer.forward(x, mask, active_inputs=a)
+    out, cache = layer.forward(x, mask, live=a)
     w64, x64, b64 = (np.asarray(v, np.float64) for v in (layer.to_dense(), x, layer.bias))
     ref = dense_forward(w64, b64, x64, relu=relu, **kw)
     assert_close(out, ref, dense_forward(np.abs(w64), np.abs(b64), np.abs(x64), **kw), dtype)
@@ -183,7 +183,7 @@ def test_compact_keeps_the_forward_output(rng, granularity, dtype):
         keep, new_mask = mask, None
     else:  # drop the stored entries of the masked rows; the mask stays the same
         keep, new_mask = mask[entry_rows(layer.indptr)], mask
-    small = layer.compact(keep)
+    small = layer.compact({"weight": keep})
     assert small.nnz == keep.sum() and small.shape == layer.shape
     np.testing.assert_array_equal(small.weight, layer.weight[keep])
     out_small, _ = small.forward(x, new_mask)
@@ -198,10 +198,10 @@ def test_sparse_linear_rejects_bad_input():
         layer.forward(x, np.ones(3, bool))
     with pytest.raises(TypeError, match="mask must be a boolean array"):
         layer.forward(x, np.ones(12))
-    with pytest.raises(ValueError, match="active_inputs must have shape"):
-        layer.forward(x, active_inputs=np.ones(3, bool))
-    with pytest.raises(TypeError, match="active_inputs must be a boolean array"):
-        layer.forward(x, active_inputs=np.ones(4, np.int8))
+    with pytest.raises(ValueError, match="live must have shape"):
+        layer.forward(x, live=np.ones(3, bool))
+    with pytest.raises(TypeError, match="live must be a boolean array"):
+        layer.forward(x, live=np.ones(4, np.int8))
     with pytest.raises(ValueError, match="x must be finite"):
         layer.forward(np.full((4, 2), np.nan))
     with pytest.raises(TypeError, match=r"same dtype as x \(float32\)"):

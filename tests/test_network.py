@@ -7,13 +7,14 @@ from conftest import (
     RTOL,
     assert_close,
     assert_grad_close,
+    by_layer,
     central_differences,
     dense_entry_mask,
     entry_rows,
 )
 
-from cpusparse import Linear, ReLU, Sequential, SparseLinear, make_mlp
-from cpusparse.reference import dense_mlp_loss_and_grads
+from cpusparse import Linear, ReLU, Sequential, SparseLinear, mlp
+from cpusparse.testing.reference import dense_mlp_loss_and_grads
 
 N_IN, HIDDEN, N_CLASSES, N_BATCH = 6, (7, 5), 4, 9
 KINK = 1e-3
@@ -55,13 +56,13 @@ def _hidden_preactivations(net, x, masks):
 
 
 def _setup(rng, granularity, sparse_classifier, dtype=np.float64, density=0.8):
-    net = make_mlp(
+    net = mlp(
         N_IN,
         HIDDEN,
         N_CLASSES,
         granularity=granularity,
         sparse_classifier=sparse_classifier,
-        density=density,
+        stored_density=density,
         dtype=dtype,
         rng=rng,
     )
@@ -84,13 +85,14 @@ CONFIGS = [("weight", False), ("neuron", False), ("weight", True), ("neuron", Tr
 def test_mlp_finite_differences(rng, granularity, sparse_classifier):
     net, masks, x, y = _setup(rng, granularity, sparse_classifier)
     loss, grads, _ = net.loss_and_grads(x, y, masks)
+    grads = by_layer(grads, len(net.layers))
     assert len(net.layers) == 3
 
     def f():
         return net.loss_and_grads(x, y, masks)[0]
 
     assert f() == loss
-    for i, params in enumerate(net.params()):
+    for i, params in enumerate(by_layer(net.params(), len(net.layers))):
         for name, arr in params.items():
             fd = central_differences(f, arr)
             assert_grad_close(grads[i][name], fd, f"layer {i} {name}")
@@ -103,6 +105,7 @@ def test_mlp_finite_differences(rng, granularity, sparse_classifier):
 def test_mlp_matches_dense_reference(rng, granularity, sparse_classifier, dtype):
     net, masks, x, y = _setup(rng, granularity, sparse_classifier, dtype=dtype, density=0.6)
     loss, grads, logits = net.loss_and_grads(x, y, masks)
+    grads = by_layer(grads, len(net.layers))
     weights, biases, kw = _dense_args(net, masks)
     w64 = [np.asarray(w, np.float64) for w in weights]
     b64 = [np.asarray(b, np.float64) for b in biases]
@@ -138,6 +141,7 @@ def test_neuron_mask_gives_exact_zero_activations(rng, sparse_classifier):
         active = caches[i].active
         assert not np.any(np.isin(active.indices, np.flatnonzero(~masks[k - 1])))
     _, grads = net.backward(np.ones_like(out) / out.size, caches)
+    grads = by_layer(grads, len(net.layers))
     for k, i in enumerate(net.prunable[: len(HIDDEN)]):
         layer = net.layers[i]
         dropped_entries = ~masks[k][entry_rows(layer.indptr)]
@@ -146,11 +150,13 @@ def test_neuron_mask_gives_exact_zero_activations(rng, sparse_classifier):
 
 
 def test_sequential_rejects_wrong_number_of_masks():
-    net = make_mlp(N_IN, HIDDEN, N_CLASSES, rng=0, dtype=np.float64)
+    net = mlp(N_IN, HIDDEN, N_CLASSES, rng=0, dtype=np.float64)
     x = np.ones((N_IN, 3))
     masks = [np.ones(n, dtype=bool) for n in net.n_units()]
     for bad in (masks[:1], [*masks, masks[0]], []):
-        with pytest.raises(ValueError, match=r"masks must hold one array per prunable layer \(2\)"):
+        with pytest.raises(
+            ValueError, match=r"masks must be a list with one array per prunable layer \(2\)"
+        ):
             net.forward(x, bad)
     with pytest.raises(ValueError, match="mask must have shape"):
         net.forward(x, [masks[0], masks[0]])
@@ -168,18 +174,18 @@ def test_sequential_none_masks_keep_everything(rng):
     loss_none, grads_none, _ = net.loss_and_grads(x, y, None)
     loss_full, grads_full, _ = net.loss_and_grads(x, y, full)
     assert loss_none == loss_full
-    for g1, g2 in zip(grads_none, grads_full, strict=True):
-        for name in g1:
-            np.testing.assert_array_equal(g1[name], g2[name])
+    assert list(grads_none) == list(grads_full) == list(net.params())
+    for name in grads_none:
+        np.testing.assert_array_equal(grads_none[name], grads_full[name])
 
 
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])
 @pytest.mark.parametrize("sparse_classifier", [False, True])
 def test_make_mlp_is_reproducible(granularity, sparse_classifier):
-    kw = dict(granularity=granularity, sparse_classifier=sparse_classifier, density=0.5)
-    a = make_mlp(N_IN, HIDDEN, N_CLASSES, rng=7, **kw)
-    b = make_mlp(N_IN, HIDDEN, N_CLASSES, rng=np.random.default_rng(7), **kw)
-    c = make_mlp(N_IN, HIDDEN, N_CLASSES, rng=8, **kw)
+    kw = dict(granularity=granularity, sparse_classifier=sparse_classifier, stored_density=0.5)
+    a = mlp(N_IN, HIDDEN, N_CLASSES, rng=7, **kw)
+    b = mlp(N_IN, HIDDEN, N_CLASSES, rng=np.random.default_rng(7), **kw)
+    c = mlp(N_IN, HIDDEN, N_CLASSES, rng=8, **kw)
     assert [type(layer) for layer in a.layers] == [type(layer) for layer in b.layers]
     for la, lb in zip(a.layers, b.layers, strict=True):
         for name, arr in la.params().items():
@@ -194,11 +200,15 @@ def test_make_mlp_is_reproducible(granularity, sparse_classifier):
 
 def test_make_mlp_rejects_bad_arguments():
     with pytest.raises(ValueError, match="granularity must be one of"):
-        make_mlp(3, (4,), 2, granularity="channel")
-    with pytest.raises(ValueError, match="density must be in"):
-        make_mlp(3, (4,), 2, density=0.0)
-    with pytest.raises(ValueError, match="layer sizes must be positive"):
-        make_mlp(3, (0,), 2)
+        mlp(3, (4,), 2, granularity="channel")
+    with pytest.raises(ValueError, match="stored_density must be in"):
+        mlp(3, (4,), 2, stored_density=0.0)
+    with pytest.raises(ValueError, match=r"hidden_layer_sizes\[0\] must be a positive int, got 0"):
+        mlp(3, (0,), 2)
+    with pytest.raises(ValueError, match=r"n_in must be a positive int, got 6.9"):
+        mlp(6.9, (8,), 3)
+    with pytest.raises(ValueError, match=r"hidden_layer_sizes\[0\] must be a positive int"):
+        mlp(6, (8.5,), 3)
 
 
 # ---------------------------------------------------------------- Sequential.backward
@@ -206,7 +216,7 @@ def test_make_mlp_rejects_bad_arguments():
 
 def _sparse_classifier_net():
     rng = np.random.default_rng(1)
-    net = make_mlp(5, (6,), 3, sparse_classifier=True, dtype=np.float64, rng=0)
+    net = mlp(5, (6,), 3, sparse_classifier=True, dtype=np.float64, rng=0)
     x = rng.standard_normal((5, 16))
     out, caches = net.forward(x)
     return net, caches, rng.standard_normal(out.shape)
@@ -216,8 +226,9 @@ def test_sequential_backward_fortran_dout_gives_the_same_gradients():
     net, caches, dout = _sparse_classifier_net()
     _, want = net.backward(dout, caches)
     _, got = net.backward(np.asfortranarray(dout), caches)
-    for g, w in zip(got, want, strict=True):
-        np.testing.assert_array_equal(g["weight"], w["weight"])
+    assert list(got) == list(want) == list(net.params())
+    for name in want:
+        np.testing.assert_array_equal(got[name], want[name])
 
 
 def test_sequential_backward_rejects_mixed_dtype_dout():

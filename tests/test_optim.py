@@ -4,7 +4,7 @@ import pickle
 import numpy as np
 import pytest
 
-from cpusparse.optim import (
+from cpusparse.training import (
     SGD,
     Adam,
     clip_grad_norm,

@@ -1,4 +1,4 @@
-"""Tests for cpusparse.projection: KKT / variational-inequality properties,
+"""Tests for cpusparse.method: KKT / variational-inequality properties,
 agreement of the exact and bisection solvers, and an SLSQP reference."""
 
 import numpy as np
@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 from scipy.optimize import minimize
 
-from cpusparse.projection import concat_scores, project_scores, split_scores
+from cpusparse.method import concat_scores, project_scores, split_scores
 
 settings.register_profile("cpusparse-projection", deadline=None, max_examples=150)
 PROFILE = settings.get_profile("cpusparse-projection")

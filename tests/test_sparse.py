@@ -1,4 +1,4 @@
-"""The validated CSR wrappers of cpusparse.sparse against the dense NumPy reference."""
+"""The validated CSR wrappers of cpusparse.engine.csr against the dense NumPy reference."""
 
 import numpy as np
 import pytest
@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from cpusparse import sparse
-from cpusparse.reference import dense_backward, dense_forward
+from cpusparse.engine import csr as sparse
+from cpusparse.testing.reference import dense_backward, dense_forward
 
 # ----------------------------------------------------------------------------- cases
 PATTERNS = {

@@ -12,7 +12,7 @@ import pytest
 # in this process with numba.set_num_threads.
 COMPUTE = r"""
 import numpy as np
-from cpusparse import SparseLinear, make_mlp
+from cpusparse import SparseLinear, mlp
 
 
 def compute():
@@ -27,9 +27,9 @@ def compute():
                     dtype=dtype, rng=rng,
                 )
                 mask = rng.random(layer.n_units) < 0.7
-                active_inputs = rng.random(64) < 0.8
+                live = rng.random(64) < 0.8
                 x = rng.standard_normal((64, n_batch)).astype(dtype)
-                out, cache = layer.forward(x, mask, active_inputs=active_inputs)
+                out, cache = layer.forward(x, mask, live=live)
                 dout = rng.standard_normal(out.shape).astype(dtype)
                 dx, grads = layer.backward(dout, cache)
                 results[f"layer-{key}-out"] = out
@@ -37,9 +37,9 @@ def compute():
                 results[f"layer-{key}-dweight"] = grads["weight"]
                 results[f"layer-{key}-dbias"] = grads["bias"]
                 for sparse_classifier in (False, True):
-                    net = make_mlp(
+                    net = mlp(
                         64, (48, 32), 10, granularity=granularity,
-                        sparse_classifier=sparse_classifier, density=0.5, dtype=dtype,
+                        sparse_classifier=sparse_classifier, stored_density=0.5, dtype=dtype,
                         rng=rng,
                     )
                     masks = [rng.random(n) < 0.7 for n in net.n_units()]
@@ -48,9 +48,8 @@ def compute():
                     prefix = f"mlp-{key}-{sparse_classifier}"
                     results[f"{prefix}-loss"] = np.array(loss)
                     results[f"{prefix}-logits"] = logits
-                    for i, g in enumerate(net_grads):
-                        for name, arr in g.items():
-                            results[f"{prefix}-{i}-{name}"] = arr
+                    for name, arr in net_grads.items():
+                        results[f"{prefix}-{name}"] = arr
     return results
 """
 

@@ -2,9 +2,9 @@
 
 import numpy as np
 import pytest
-from conftest import entry_rows
+from conftest import by_layer, entry_rows
 
-from cpusparse import Linear, SparseLinear, make_mlp
+from cpusparse import Linear, SparseLinear, mlp
 
 torch = pytest.importorskip("torch")
 
@@ -48,13 +48,13 @@ def _torch_loss_and_grads(net, masks, x, y):
 @pytest.mark.parametrize("sparse_classifier", [False, True])
 @pytest.mark.parametrize("n_batch", [1, 13])
 def test_mlp_matches_torch_autograd(rng, dtype, granularity, sparse_classifier, n_batch):
-    net = make_mlp(
+    net = mlp(
         N_IN,
         HIDDEN,
         N_CLASSES,
         granularity=granularity,
         sparse_classifier=sparse_classifier,
-        density=0.7,
+        stored_density=0.7,
         dtype=dtype,
         rng=rng,
     )
@@ -62,6 +62,7 @@ def test_mlp_matches_torch_autograd(rng, dtype, granularity, sparse_classifier, 
     x = rng.standard_normal((N_IN, n_batch)).astype(dtype)
     y = rng.integers(0, N_CLASSES, n_batch)
     loss, grads, logits = net.loss_and_grads(x, y, masks)
+    grads = by_layer(grads, len(net.layers))
     t_loss, t_logits, t_weights, t_biases = _torch_loss_and_grads(net, masks, x, y)
 
     tol = TOL[dtype]
@@ -84,14 +85,14 @@ def test_mlp_matches_torch_autograd(rng, dtype, granularity, sparse_classifier, 
 
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])
-def test_sparse_linear_with_active_inputs_matches_torch(rng, dtype, granularity):
+def test_sparse_linear_with_live_inputs_matches_torch(rng, dtype, granularity):
     layer = SparseLinear.random(
         N_IN, 7, density=0.6, granularity=granularity, activation="relu", dtype=dtype, rng=rng
     )
     mask = rng.random(layer.n_units) < 0.6
     a = rng.random(N_IN) < 0.6
     x = rng.standard_normal((N_IN, 13)).astype(dtype)
-    out, cache = layer.forward(x, mask, active_inputs=a)
+    out, cache = layer.forward(x, mask, live=a)
     dout = rng.standard_normal(out.shape).astype(dtype)
     dx, grads = layer.backward(dout, cache)
 

@@ -9,8 +9,8 @@ import re
 import numpy as np
 import pytest
 
-from cpusparse.cli import main
-from cpusparse.trace import (
+from cpusparse.tools.cli import main
+from cpusparse.tools.trace import (
     OUTSIDE_UNIFORM,
     TraceError,
     compare_traces,
@@ -34,12 +34,8 @@ def trace_file(tmp_path_factory):
 
 
 def _replay_module():
-    spec = importlib.util.spec_from_file_location(
-        "replay_torch", os.path.join(DOCS, "replay_torch.py")
-    )
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    pytest.importorskip("torch")
+    return importlib.import_module("cpusparse.testing.replay_torch")
 
 
 def _save(path, arrays):
@@ -68,7 +64,7 @@ def test_round_trip(tmp_path):
 
 
 def test_layout_shapes_and_metadata():
-    trace = make_trace(**SMALL, n_samples=4, weight_grad="first")
+    trace = make_trace(**SMALL, n_masks=4, weight_grad="first")
     assert trace["step0/x"].shape == (6, 12) and trace["step0/y"].dtype == np.int64
     assert trace["step1/layer1/uniforms"].shape == (4, 8, 10)
     assert trace["step1/layer1/weight_grad_per_sample"].shape == (1, 8, 10)  # first pass only
@@ -76,7 +72,7 @@ def test_layout_shapes_and_metadata():
     assert "step0/layer2/score" not in trace  # the dense classifier has no scores
     assert trace["step0/layer2/pattern"].all()
     meta = json.loads(str(trace["meta/config"]))
-    assert meta["compact_every"] == 0 and meta["n_samples"] == 4
+    assert meta["compact_every"] == 0 and meta["n_masks"] == 4
     options = json.loads(str(trace["meta/options"]))
     assert options["layers"] == [12, 10, 8, 4] and options["seed"] == 0
     assert float(trace["meta/budget"]) == 0.5 * (12 * 10 + 10 * 8)
@@ -101,7 +97,7 @@ def test_bit_identical_when_written_twice(tmp_path):
 def test_draw_order_and_pattern_conventions():
     # The documented conventions, replayed with plain NumPy: masks stream = 3rd child of
     # SeedSequence(seed); one (K, n_units) draw per step over array[pattern] per layer.
-    trace = make_trace(**{**SMALL, "steps": 3}, seed=7, init_density=0.6, n_samples=3)
+    trace = make_trace(**{**SMALL, "steps": 3}, seed=7, stored_density=0.6, n_masks=3)
     mask_rng = np.random.default_rng(np.random.SeedSequence(7).spawn(3)[2])
     n_units = int(trace["meta/n_units"])
     for s in range(3):
@@ -162,9 +158,9 @@ def test_digits_dataset_and_option_errors():
         make_trace(n_sample=3)
     with pytest.raises(ValueError, match="layers must hold"):
         make_trace(layers=(20, 5))
-    with pytest.raises(ValueError, match="density must be in"):
+    with pytest.raises(ValueError, match=r"density must be a number in \(0, 1\]"):
         make_trace(density=1.5)
-    with pytest.raises(TypeError, match="lr must be a real number, got str"):
+    with pytest.raises(TypeError, match="lr must be a finite number > 0, got '0.1'"):
         make_trace(lr="0.1")
 
 
@@ -264,20 +260,29 @@ def test_verify_usage_and_unreadable_exit_2(trace_file, tmp_path, capsys):
 def test_trace_cli(tmp_path, capsys):
     out = tmp_path / "cli.npz"
     args = ["--n-in", "12", "--hidden", "10,8", "--n-classes", "4", "--steps", "2"]
-    args += ["--batch-size", "6", "--n-data", "24", "--estimator", "vrpge-sqrt", "--seed", "5"]
+    args += [
+        "--batch-size",
+        "6",
+        "--n-data",
+        "24",
+        "--score-estimator",
+        "vrpge-sqrt",
+        "--seed",
+        "5",
+    ]
     assert main(["trace", str(out), *args]) == 0
     assert "wrote" in capsys.readouterr().out
-    api = make_trace(**SMALL, estimator="vrpge-sqrt", seed=5)
+    api = make_trace(**SMALL, score_estimator="vrpge-sqrt", seed=5)
     assert compare_traces(api, out, rtol=0, atol=0).ok  # the CLI and the API agree exactly
     assert main(["trace", str(tmp_path / "x.npz"), "--density", "1.5"]) == 2
     assert main(["trace", str(tmp_path / "x.npz"), "--layers", "4,3,2", "--n-in", "4"]) == 2
-    assert main(["trace", str(tmp_path / "x.npz"), "--estimator", "nope"]) == 2
+    assert main(["trace", str(tmp_path / "x.npz"), "--score-estimator", "nope"]) == 2
     assert main(["trace", "--help"]) == 0
     assert not (tmp_path / "x.npz").exists()
 
 
 # ---------------------------------------------------------------------------
-# The PyTorch replay of docs/replay_torch.py
+# The PyTorch replay of cpusparse.testing.replay_torch
 # ---------------------------------------------------------------------------
 
 
@@ -286,7 +291,7 @@ def test_trace_cli(tmp_path, capsys):
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])
 def test_torch_replay_float64(granularity, estimator, projection):
     pytest.importorskip("torch")
-    trace = make_trace(granularity=granularity, estimator=estimator, projection=projection)
+    trace = make_trace(granularity=granularity, score_estimator=estimator, projection=projection)
     assert max(float(trace[f"step{s}/threshold"]) for s in range(3)) > 0
     assert _replay_module().replay(trace) == []
 
@@ -298,14 +303,14 @@ def test_torch_replay_float64(granularity, estimator, projection):
         dict(
             dtype="float32",
             granularity="neuron",
-            estimator="reinforce",
+            score_estimator="reinforce",
             optimizer="sgd",
             nesterov=True,
             weight_decay=1e-3,
             score_optimizer="sgd",
             clip_norm=0.1,
             weight_grad="first",
-            init_density=0.5,
+            stored_density=0.5,
             sparse_classifier=True,
             schedule="cosine",
         ),
@@ -351,4 +356,4 @@ def test_docs_list_every_array():
         for name in trace:
             generic = re.sub(r"step\d+", "step<s>", re.sub(r"layer\d+", "layer<l>", name))
             assert generic in documented, f"{generic} is not documented in trace_format.rst"
-    assert "literalinclude:: replay_torch.py" in text
+    assert "literalinclude:: ../cpusparse/testing/replay_torch.py" in text

@@ -5,9 +5,10 @@ import copy
 import numpy as np
 import pytest
 
-from cpusparse import estimators, make_mlp
-from cpusparse.losses import softmax_cross_entropy
-from cpusparse.train import (
+from cpusparse import method as estimators
+from cpusparse import mlp
+from cpusparse.engine.losses import softmax_cross_entropy
+from cpusparse.training import (
     NonFiniteError,
     TrainConfig,
     compact,
@@ -26,7 +27,7 @@ from cpusparse.train import (
 
 def make_problem(granularity="weight", *, seed=0, dtype=np.float64, density=0.4, **cfg):
     init, data, mask = spawn_streams(seed)
-    net = make_mlp(6, (7, 5), 3, granularity=granularity, dtype=dtype, rng=init)
+    net = mlp(6, (7, 5), 3, granularity=granularity, dtype=dtype, rng=init)
     config = TrainConfig(density=density, **{"compact_every": 0, **cfg})
     state = init_state(net, config, data_rng=data, mask_rng=mask)
     rng = np.random.default_rng(seed + 100)
@@ -78,30 +79,29 @@ def test_step_is_bit_reproducible(granularity):
 
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])
 @pytest.mark.parametrize("estimator", ["vrpge", "vrpge-sqrt", "reinforce"])
-@pytest.mark.parametrize("n_samples", [2, 3])
-def test_step_stages_match_independent_computation(granularity, estimator, n_samples):
-    state, config, x, y = make_problem(granularity, estimator=estimator, n_samples=n_samples)
+@pytest.mark.parametrize("n_masks", [2, 3])
+def test_step_stages_match_independent_computation(granularity, estimator, n_masks):
+    state, config, x, y = make_problem(granularity, score_estimator=estimator, n_masks=n_masks)
     train_step(state, x, y, config)  # move away from the uniform initial scores
     before = copy.deepcopy(state.network)
-    record = {}
-    train_step(state, x, y, config, record=record)
+    record = train_step(state, x, y, config, record=True).record
 
     # 1. masks are the documented comparison of the uniforms with the scores
-    assert np.array_equal(record["masks"], record["uniforms"] < record["score"])
+    assert np.array_equal(record.masks, record.uniforms < record.score)
     # 2. the K losses are those of the masked network (plain NumPy forward)
     ref_state = copy.copy(state)
     ref_state.network = before
-    for k in range(n_samples):
-        expected = dense_loss(ref_state, x, y, record["masks"][k])
-        assert record["losses"][k] == pytest.approx(expected, rel=1e-12)
+    for k in range(n_masks):
+        expected = dense_loss(ref_state, x, y, record.masks[k])
+        assert record.losses[k] == pytest.approx(expected, rel=1e-12)
     # 3. the weight gradient is the mean of the per-sample sparse backward passes
-    per_sample = record["weight_grads_per_sample"]
-    assert len(per_sample) == n_samples
-    for j, g in enumerate(record["weight_grads"]):
+    per_sample = record.weight_grads_per_pass
+    assert len(per_sample) == n_masks
+    for j, g in enumerate(record.weight_grads):
         np.testing.assert_allclose(g, np.mean([s[j] for s in per_sample], axis=0), rtol=1e-12)
-    for k in range(n_samples):
-        _, grads, _ = before.loss_and_grads(x, y, split_masks(state, record["masks"][k]))
-        flat = [a for d in grads for a in d.values()]
+    for k in range(n_masks):
+        _, grads, _ = before.loss_and_grads(x, y, split_masks(state, record.masks[k]))
+        flat = list(grads.values())
         for a, b in zip(flat, per_sample[k], strict=True):
             np.testing.assert_array_equal(a, b)
     # 4. the score gradient is the chosen estimator of those losses and masks
@@ -110,34 +110,32 @@ def test_step_stages_match_independent_computation(granularity, estimator, n_sam
         "vrpge-sqrt": lambda *a: estimators.vrpge_grad(*a, scaling="sqrt"),
         "reinforce": lambda *a: estimators.reinforce_grad(*a),
     }[estimator]
-    expected = fn(record["losses"], record["masks"], record["score"])
-    np.testing.assert_allclose(record["dscore"], expected, rtol=1e-12, atol=1e-15)
+    expected = fn(record.losses, record.masks, record.score)
+    np.testing.assert_allclose(record.dscore, expected, rtol=1e-12, atol=1e-15)
     # 6. the new scores are the projection of the optimizer's output
-    projected = np.clip(record["score_before_projection"] - record["threshold"], 0, 1)
+    projected = np.clip(record.score_before_projection - record.threshold, 0, 1)
     np.testing.assert_allclose(state.score, projected, atol=1e-12)
     assert state.score.sum() <= state.budget + 1e-9
 
 
 def test_weight_grad_first_uses_one_backward():
-    state, config, x, y = make_problem(weight_grad="first", n_samples=3)
-    record = {}
-    train_step(state, x, y, config, record=record)
-    assert len(record["weight_grads_per_sample"]) == 1
-    for a, b in zip(record["weight_grads"], record["weight_grads_per_sample"][0], strict=True):
+    state, config, x, y = make_problem(weight_grad="first", n_masks=3)
+    record = train_step(state, x, y, config, record=True).record
+    assert len(record.weight_grads_per_pass) == 1
+    for a, b in zip(record.weight_grads, record.weight_grads_per_pass[0], strict=True):
         np.testing.assert_array_equal(a, b)
 
 
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])
 def test_straight_through_score_gradient_is_dloss_dmask(granularity):
-    state, config, x, y = make_problem(granularity, estimator="straight-through")
+    state, config, x, y = make_problem(granularity, score_estimator="straight-through")
     before = copy.deepcopy(state.network)
-    record = {}
-    train_step(state, x, y, config, record=record)
+    record = train_step(state, x, y, config, record=True).record
     ref_state = copy.copy(state)
     ref_state.network = before
     fd = []
     eps = 1e-6
-    for mask in record["masks"]:
+    for mask in record.masks:
         m = mask.astype(np.float64)
         g = np.empty_like(m)
         for i in range(m.size):
@@ -146,7 +144,7 @@ def test_straight_through_score_gradient_is_dloss_dmask(granularity):
             down[i] -= eps
             g[i] = (dense_loss(ref_state, x, y, up) - dense_loss(ref_state, x, y, down)) / (2 * eps)
         fd.append(g)
-    np.testing.assert_allclose(record["dscore"], np.mean(fd, axis=0), rtol=1e-5, atol=1e-8)
+    np.testing.assert_allclose(record.dscore, np.mean(fd, axis=0), rtol=1e-5, atol=1e-8)
 
 
 @pytest.mark.parametrize("projection", ["exact", "bisection"])
@@ -237,19 +235,35 @@ def test_run_epoch_covers_the_data_once():
     [
         ({"density": 0.0}, "density"),
         ({"density": 1.5}, "density"),
-        ({"n_samples": 1}, "n_samples"),
-        ({"estimator": "foo"}, "estimator"),
+        ({"n_masks": 1}, "n_masks"),
+        ({"score_estimator": "foo"}, "estimator"),
         ({"projection": "foo"}, "projection"),
         ({"lr": -1.0}, "lr"),
         ({"clip_norm": 0.0}, "clip_norm"),
         ({"projection_tol": 0.0}, "projection_tol"),
         ({"projection_max_iter": 0}, "projection_max_iter"),
-        ({"compact_every": 0.5}, "compact_every"),
+        ({"compact_every": -1}, "compact_every"),
         ({"compact_fraction": 1.5}, "compact_fraction"),
+        ({"momentum": 1.0}, r"momentum must be a number in \[0, 1\), got 1.0"),
+        ({"initial_score": 1.5}, r"initial_score must be a number in \[0, 1\] or None"),
     ],
 )
 def test_config_rejects_bad_values(kwargs, match):
     with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"compact_every": 0.5}, "compact_every must be an int >= 0, got 0.5"),
+        ({"n_masks": True}, "n_masks must be an int >= 2, got True"),
+        ({"density": "0.1"}, r"density must be a number in \(0, 1\], got '0.1'"),
+        ({"nesterov": 1}, "nesterov must be True or False, got 1"),
+    ],
+)
+def test_config_rejects_bad_types(kwargs, match):
+    with pytest.raises(TypeError, match=match):
         TrainConfig(**kwargs)
 
 
@@ -319,7 +333,7 @@ def test_a_zero_score_with_an_upward_average_is_not_dead_and_comes_back():
 
 
 def test_straight_through_has_no_dead_units():
-    state, config, x, y = make_problem(estimator="straight-through", score_lr=0.3)
+    state, config, x, y = make_problem(score_estimator="straight-through", score_lr=0.3)
     for _ in range(5):
         train_step(state, x, y, config)
     state.score[:5] = 0
@@ -327,7 +341,7 @@ def test_straight_through_has_no_dead_units():
 
 
 def test_restored_state_keeps_a_layer_compacted_to_nothing(tmp_path):
-    from cpusparse.checkpoint import load_checkpoint, restore_state, save_checkpoint
+    from cpusparse.training.checkpoint import load_checkpoint, restore_state, save_checkpoint
 
     state, config, x, y = make_problem(density=0.3)
     train_step(state, x, y, config)

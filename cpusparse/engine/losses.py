@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ._validation import check_array
+from .._validation import check_array
 
 __all__ = ["softmax", "softmax_cross_entropy"]
 

@@ -3,7 +3,7 @@ r"""Benchmarks of completely sparse training against dense baselines (``cpuspars
 One run measures, per MLP shape and per density, with the repetitions of every
 method interleaved (A, B, C, A, B, C, ...) so that ratios compare like with like:
 
-- ``vrpge``: one :func:`cpusparse.train.train_step` with the VR-PGE estimator
+- ``vrpge``: one :func:`cpusparse.training.train_step` with the VR-PGE estimator
   (``K`` forward passes, sparse backward), weight and neuron granularity, in two
   regimes:
 
@@ -11,13 +11,13 @@ method interleaved (A, B, C, A, B, C, ...) so that ratios compare like with like
     the density, so masks are sampled over all stored units;
   * ``steady``: the paper's converged regime; the scores are an exact-budget 0/1
     pattern (``floor(density * n_l)`` random units of every prunable layer at 1,
-    the rest at 0) and :func:`cpusparse.train.compact` has dropped the zero-score
+    the rest at 0) and :func:`cpusparse.training.compact` has dropped the zero-score
     units, so only the kept units are stored.
 
 - ``straight-through``: the same engine with the chain-rule estimator: a dense
   forward and backward through the mask over every stored unit (it needs
   :math:`\partial L / \partial m` at every unit, so nothing is ever dropped).
-- ``dense-engine``: the same network with dense :class:`~cpusparse.layers.Linear`
+- ``dense-engine``: the same network with dense :class:`~cpusparse.engine.layers.Linear`
   layers (NumPy/BLAS), one forward, backward and Adam step.
 - ``torch``: PyTorch CPU, the same MLP, forward, backward and Adam step.
 - ``sklearn``: :class:`sklearn.neural_network.MLPClassifier` with ``partial_fit``
@@ -46,6 +46,8 @@ import tracemalloc
 
 import numpy as np
 
+from ..engine.layers.base import STRAIGHT_THROUGH, TRAIN
+
 __all__ = [
     "DENSITIES",
     "ARCHITECTURES",
@@ -71,17 +73,6 @@ QUICK_DENSITIES = (0.1, 0.01)
 # ---------------------------------------------------------------------------
 # Multiply-add counts
 # ---------------------------------------------------------------------------
-
-
-def _active_entries(layer, mask, col_mask):
-    """Boolean (nnz,) array of the stored entries the engine computes with."""
-    keep = np.ones(layer.nnz, dtype=bool)
-    rows = np.repeat(np.arange(layer.shape[0]), np.diff(layer.indptr))
-    if mask is not None:
-        keep &= mask if layer.granularity == "weight" else mask[rows]
-    if col_mask is not None:
-        keep &= col_mask[layer.indices]
-    return keep
 
 
 def count_macs(network, masks, n_batch, *, straight_through=False):
@@ -111,36 +102,26 @@ def count_macs(network, masks, n_batch, *, straight_through=False):
     :math:`a B`. Active weights follow the engine: an entry is active when its
     own bit (weight granularity) or its row's bit (neuron granularity) is set and
     its column was not dropped by the previous neuron-granularity layer. Dense
-    :class:`~cpusparse.layers.Linear` layers count every weight.
+    :class:`~cpusparse.engine.layers.Linear` layers count every weight.
     Element-wise work (bias, ReLU, loss, optimizer) is not counted.
 
     Examples
     --------
-    >>> from cpusparse import make_mlp
-    >>> net = make_mlp(3, (4,), 2, rng=0)
+    >>> from cpusparse.models import mlp
+    >>> net = mlp(3, (4,), 2, rng=0)
     >>> count_macs(net, [None], 5)  # 12 sparse + 8 dense weights
     {'forward': 100, 'backward': 140, 'n_active': [12, 8]}
     """
-    from .layers import SparseLinear
-
-    layer_masks = dict(zip(network.prunable, masks, strict=True))
+    mode = STRAIGHT_THROUGH if straight_through else TRAIN
     forward = backward = 0
     n_active = []
-    col_mask = None
+    live = None
+    pos = 0
     for i, layer in enumerate(network.layers):
-        if not hasattr(layer, "shape"):
-            n_active.append(0)
-            continue
-        if isinstance(layer, SparseLinear):
-            if straight_through:
-                a = layer.nnz
-            else:
-                a = int(_active_entries(layer, layer_masks.get(i), col_mask).sum())
-            mask = layer_masks.get(i)
-            col_mask = mask if layer.granularity == "neuron" and not straight_through else None
-        else:
-            a = int(layer.shape[0] * layer.shape[1])
-            col_mask = None
+        mask = masks[pos] if layer.n_masks else None
+        pos += layer.n_masks
+        a = layer.n_active(mask, live, mode)
+        live = None if straight_through else layer.live_outputs(mask, live)
         n_active.append(a)
         forward += a * n_batch
         backward += (2 if i > 0 else 1) * a * n_batch
@@ -162,7 +143,7 @@ def dense_macs(sizes, n_batch):
 
 
 def iteration_macs(state, config, n_batch, *, rng=0):
-    """Multiply-adds of one :func:`~cpusparse.train.train_step` (K passes).
+    """Multiply-adds of one :func:`~cpusparse.training.train_step` (K passes).
 
     Masks are drawn from ``state.score`` with a separate ``rng`` (the training
     stream is not touched); in the steady state every score is 0 or 1 and the
@@ -174,13 +155,14 @@ def iteration_macs(state, config, n_batch, *, rng=0):
         ``forward``, ``backward`` and ``total`` multiply-adds of the step, and
         ``n_active`` of the first pass.
     """
-    from . import estimators
-    from .train import split_masks
+    from ..method.estimators import get_score_estimator
+    from ..method.masks import sample_masks
+    from ..training.state import split_masks
 
-    K = config.n_samples
-    straight_through = config.estimator == "straight-through"
+    K = config.n_masks
+    straight_through = get_score_estimator(config.score_estimator).mask_gradient
     n_backward = K if config.weight_grad == "mean" or straight_through else 1
-    masks = estimators.sample_masks(state.score, K, rng=rng)
+    masks = sample_masks(state.score, K, rng=rng)
     forward = backward = 0
     first = None
     for k in range(K):
@@ -209,14 +191,14 @@ def steady_state(state, *, rng=0):
 
     Every prunable layer keeps ``floor(density * n_l)`` random units (score 1),
     the others get score 0 (so the total stays within the global budget); then
-    :func:`~cpusparse.train.compact` drops the zero-score units.
+    :func:`~cpusparse.training.compact` drops the zero-score units.
 
     Returns
     -------
     TrainState
         The same object, updated in place.
     """
-    from .train import compact
+    from ..training.compaction import compact
 
     rng = np.random.default_rng(rng)
     density = state.budget / state.n_units_initial
@@ -243,18 +225,18 @@ def _state_bytes(arrays):
     return int(sum(a.nbytes for a in arrays if isinstance(a, np.ndarray)))
 
 
-def _engine_case(sizes, n_batch, density, granularity, estimator, regime, n_samples, seed):
-    from .network import make_mlp
-    from .train import TrainConfig, init_state, spawn_streams, train_step
+def _engine_case(sizes, n_batch, density, granularity, estimator, regime, n_masks, seed):
+    from ..models import mlp
+    from ..training import TrainConfig, init_state, spawn_streams, train_step
 
     init_rng, data_rng, mask_rng = spawn_streams(seed)
-    net = make_mlp(
+    net = mlp(
         sizes[0], sizes[1:-1], sizes[-1], granularity=granularity, dtype=np.float32, rng=init_rng
     )
     # The start regime must stay uncompacted to be measured; the steady one runs with
     # the default compaction check (one pass over the scores per step) included.
     compaction = {"compact_every": 0} if regime == "start" else {}
-    config = TrainConfig(density=density, n_samples=n_samples, estimator=estimator, **compaction)
+    config = TrainConfig(density=density, n_masks=n_masks, score_estimator=estimator, **compaction)
     state = init_state(net, config, data_rng=data_rng, mask_rng=mask_rng)
     if regime == "steady":
         steady_state(state, rng=seed)
@@ -274,10 +256,8 @@ def _engine_case(sizes, n_batch, density, granularity, estimator, regime, n_samp
 
 
 def _dense_engine_case(sizes, n_batch, seed):
-    from .layers import Linear
-    from .losses import softmax_cross_entropy
-    from .network import Sequential
-    from .optim import Adam
+    from ..engine import Linear, Sequential, softmax_cross_entropy
+    from ..training.optim import Adam
 
     rng = np.random.default_rng(seed)
     layers = [
@@ -287,7 +267,7 @@ def _dense_engine_case(sizes, n_batch, seed):
         for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True))
     ]
     net = Sequential(layers)
-    params = [arr for layer in net.layers for arr in layer.params().values()]
+    params = list(net.params().values())
     opt = Adam(1e-3)
     opt_state = opt.init_state(params)
     x, y = _batch(sizes, n_batch, np.float32, seed)
@@ -296,7 +276,7 @@ def _dense_engine_case(sizes, n_batch, seed):
         logits, caches = net._forward(x, [])
         _, dlogits = softmax_cross_entropy(logits, y)
         _, grads = net._backward(dlogits, caches)
-        opt.step(params, [g for d in grads for g in d.values()], opt_state)
+        opt.step(params, list(grads.values()), opt_state)
 
     def state_arrays():
         return params + [a for d in opt_state for a in d.values()]
@@ -445,7 +425,7 @@ def run(
     repeats=15,
     warmup=2,
     threads=1,
-    n_samples=2,
+    n_masks=2,
     baselines=("dense-engine", "torch", "sklearn"),
     seed=0,
     log=None,
@@ -477,10 +457,10 @@ def run(
                 for gran in granularities:
                     for regime in ("start", "steady"):
                         cases[("vrpge", gran, regime)] = _engine_case(
-                            sizes, n_batch, density, gran, "vrpge", regime, n_samples, seed
+                            sizes, n_batch, density, gran, "vrpge", regime, n_masks, seed
                         )
                     cases[("straight-through", gran, "start")] = _engine_case(
-                        sizes, n_batch, density, gran, "straight-through", "start", n_samples, seed
+                        sizes, n_batch, density, gran, "straight-through", "start", n_masks, seed
                     )
                 for b in baselines:
                     maker = {
@@ -526,7 +506,7 @@ def run(
     return {
         "rows": rows,
         "threads": threads,
-        "n_samples": n_samples,
+        "n_masks": n_masks,
         "repeats": repeats,
         "memory_method": "tracemalloc peak during one step (NumPy/Python allocations; "
         "PyTorch's allocator is not traced) + nbytes of the "
@@ -565,7 +545,7 @@ def format_markdown(result):
     """Markdown tables: one per architecture, then the machine header."""
     lines = [
         f"# cpusparse bench: time per training iteration ({result['threads']} thread(s), "
-        f"K = {result['n_samples']}, float32, medians of {result['repeats']} interleaved "
+        f"K = {result['n_masks']}, float32, medians of {result['repeats']} interleaved "
         "repetitions)",
         "",
         "Regimes: `start` = start of training, every unit stored, scores = density; "
@@ -693,10 +673,10 @@ import time
 t0 = time.perf_counter()
 import numpy as np
 import cpusparse
-from cpusparse.train import TrainConfig, init_state, spawn_streams, train_step
+from cpusparse.training import TrainConfig, init_state, spawn_streams, train_step
 t1 = time.perf_counter()
 init_rng, data_rng, mask_rng = spawn_streams(0)
-net = cpusparse.make_mlp(784, (1024, 1024), 10, rng=init_rng)
+net = cpusparse.models.mlp(784, (1024, 1024), 10, rng=init_rng)
 config = TrainConfig(density=0.1)
 state = init_state(net, config, data_rng=data_rng, mask_rng=mask_rng)
 x = np.ones((784, 256), dtype=np.float32)
@@ -811,7 +791,7 @@ def _parse_args(argv):
         metavar="SIZES:BATCH",
         help="e.g. 784,1024,1024,10:256 (default: both paper shapes)",
     )
-    p.add_argument("--n-samples", type=int, default=2, help="K")
+    p.add_argument("--n-masks", type=int, default=2, help="K")
     p.add_argument(
         "--baselines",
         nargs="*",
@@ -858,7 +838,7 @@ def main(argv=None):
         repeats=args.repeats,
         warmup=args.warmup,
         threads=args.threads,
-        n_samples=args.n_samples,
+        n_masks=args.n_masks,
         baselines=tuple(args.baselines),
         log=log,
     )

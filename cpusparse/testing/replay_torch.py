@@ -1,12 +1,15 @@
 """Replay a cpusparse trace in PyTorch, step by step, and compare every array.
 
-Usage: ``python replay_torch.py TRACE.npz``. Needs only NumPy and PyTorch: everything
-is rebuilt from the stored arrays and the documented conventions (docs/trace_format.rst).
-Exit status 0 if the replay agrees with the trace, 1 otherwise.
+Usage: ``python -m cpusparse.testing.replay_torch TRACE.npz`` (or run this file
+alone: it imports nothing of cpusparse). Needs only NumPy and PyTorch: everything is
+rebuilt from the stored arrays and the documented conventions (the trace format page
+of the documentation). Exit status 0 if the replay agrees with the trace, 1 otherwise.
 """
 
 import json
 import sys
+
+__all__ = ["TOLERANCES", "Checker", "score_gradient", "project", "replay"]
 
 import numpy as np
 import torch
@@ -15,7 +18,7 @@ TOLERANCES = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-14)}  # (rtol, atol
 
 
 class Checker:
-    """Compare replayed arrays with the trace: |got - ref| <= atol + rtol * |ref|."""
+    """Compare replayed arrays with the trace: ``|got - ref| <= atol + rtol * |ref|``."""
 
     def __init__(self, trace, rtol, atol):
         self.trace, self.rtol, self.atol, self.failures = trace, rtol, atol, []
@@ -179,7 +182,7 @@ def replay(trace):
         # Score gradient from the stored losses and masks; one score step; projection.
         for i in prunable:
             dscore = score_gradient(
-                losses_ref, layer[i]["masks"], layer[i]["score"], cfg["estimator"]
+                losses_ref, layer[i]["masks"], layer[i]["score"], cfg["score_estimator"]
             ).to(scores[i].dtype)
             check(f"{pre}/layer{i}/dscore", dscore)
             scores[i].grad = dscore

@@ -1,7 +1,7 @@
 r"""Golden traces: every intermediate of a few training steps, for checking other ports.
 
 A *trace* is one ``.npz`` file holding, for each of a few steps of
-:func:`~cpusparse.train.train_step` on a small MLP, the mini-batch, the weights and
+:func:`~cpusparse.training.train_step` on a small MLP, the mini-batch, the weights and
 scores before the step, the uniforms and masks drawn, the K losses, the weight,
 bias and score gradients, the projection and the updated parameters, all as dense
 arrays in the PyTorch orientation, under flat names such as
@@ -22,13 +22,13 @@ documented array by array in ``docs/trace_format.rst``.
 
 Examples
 --------
->>> trace = make_trace(layers=(6, 5, 3), steps=1, batch_size=4, n_samples=2)
+>>> trace = make_trace(layers=(6, 5, 3), steps=1, batch_size=4, n_masks=2)
 >>> trace["step0/x"].shape, trace["step0/layer0/masks"].shape
 ((4, 6), (2, 5, 6))
 >>> bool(np.array_equal(trace["step0/layer0/masks"],
 ...                     trace["step0/layer0/uniforms"] < trace["step0/layer0/score"]))
 True
->>> compare_traces(trace, make_trace(layers=(6, 5, 3), steps=1, batch_size=4, n_samples=2)).ok
+>>> compare_traces(trace, make_trace(layers=(6, 5, 3), steps=1, batch_size=4, n_masks=2)).ok
 True
 """
 
@@ -49,12 +49,13 @@ from typing import NamedTuple
 
 import numpy as np
 
-from ._validation import check_choice
-from .checkpoint import atomic_write
-from .cli import layer_sizes
-from .layers import SparseLinear
-from .network import make_mlp
-from .train import ESTIMATORS, TrainConfig, init_state, iterate_batches, spawn_streams, train_step
+from .._io import atomic_write
+from .._validation import check_choice
+from ..engine.layers.linear import GRANULARITIES
+from ..models import mlp
+from ..training import TrainConfig, init_state, iterate_batches, spawn_streams, train_step
+from ..training.config import options
+from ._options import HelpFormatter, add_options, layer_sizes
 
 __all__ = [
     "FORMAT_VERSION",
@@ -63,6 +64,8 @@ __all__ = [
     "Mismatch",
     "Report",
     "make_trace",
+    "record_trace",
+    "TRAIN_DEFAULTS",
     "write_trace",
     "load_trace",
     "compare_traces",
@@ -119,36 +122,34 @@ class TraceError(ValueError):
 # Options
 # ---------------------------------------------------------------------------
 
-_DEFAULTS = {
+# The options of a trace that are not training options (the model, the data, the run).
+_RUN_DEFAULTS = {
     "layers": (20, 16, 12, 5),
     "granularity": "weight",
-    "density": 0.5,
-    "init_density": 1.0,
+    "stored_density": 1.0,
     "sparse_classifier": False,
-    "n_samples": 3,
-    "estimator": "vrpge",
-    "projection": "exact",
-    "projection_tol": 1e-3,
-    "projection_max_iter": 20,
     "seed": 0,
     "steps": 3,
     "batch_size": 8,
     "n_data": 64,
     "dataset": "synthetic",
     "dtype": "float64",
-    "weight_grad": "mean",
-    "clip_norm": None,
-    "optimizer": "adam",
-    "lr": 0.01,
-    "momentum": 0.9,
-    "nesterov": False,
-    "weight_decay": 0.0,
-    "score_optimizer": "adam",
-    "score_lr": 0.05,
-    "score_momentum": 0.9,
-    "schedule": "constant",
-    "initial_score": None,
 }
+
+# Training options of the table (cpusparse.training.config) a trace records, with the
+# defaults of traces where they differ from the table's. The schedule runs over the
+# trace's steps and compaction is off, so that stored patterns stay fixed.
+_NOT_TRACED = ("total_steps", "compact_every", "compact_fraction")
+TRAIN_DEFAULTS = {"density": 0.5, "n_masks": 3, "lr": 0.01, "score_lr": 0.05}
+"""The training-option defaults of traces that differ from :class:`TrainConfig`'s."""
+
+
+def _train_defaults():
+    return {
+        option.name: TRAIN_DEFAULTS.get(option.name, option.default)
+        for option in options()
+        if option.name not in _NOT_TRACED
+    }
 
 
 def _check_int(value, name, low):
@@ -160,10 +161,11 @@ def _check_int(value, name, low):
 
 
 def _options(options):
-    unknown = sorted(set(options) - set(_DEFAULTS))
+    defaults = {**_RUN_DEFAULTS, **_train_defaults()}
+    unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise TypeError(f"unknown trace options {unknown}; known: {sorted(_DEFAULTS)}")
-    opts = {**_DEFAULTS, **options}
+        raise TypeError(f"unknown trace options {unknown}; known: {sorted(defaults)}")
+    opts = {**defaults, **options}
     layers = opts["layers"]
     if isinstance(layers, str) or not hasattr(layers, "__len__"):
         raise TypeError(f"layers must be a sequence of ints, got {layers!r}")
@@ -179,57 +181,19 @@ def _options(options):
     opts["seed"] = _check_int(opts["seed"], "seed", 0)
     check_choice(opts["dataset"], "dataset", DATASETS)
     check_choice(opts["dtype"], "dtype", ("float32", "float64"))
-    check_choice(opts["granularity"], "granularity", ("weight", "neuron"))
     opts["sparse_classifier"] = bool(opts["sparse_classifier"])
-    opts["nesterov"] = bool(opts["nesterov"])
-    for name in (
-        "density",
-        "init_density",
-        "lr",
-        "score_lr",
-        "momentum",
-        "score_momentum",
-        "weight_decay",
-        "projection_tol",
-        "clip_norm",
-        "initial_score",
-    ):
-        value = opts[name]
-        if value is None and name in ("clip_norm", "initial_score"):
-            continue
-        if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Real):
-            raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
-        opts[name] = float(value)
-    opts["projection_max_iter"] = _check_int(opts["projection_max_iter"], "projection_max_iter", 1)
-    opts["n_samples"] = _check_int(opts["n_samples"], "n_samples", 2)
-    if not 0.0 < opts["init_density"] <= 1.0:
-        raise ValueError(f"init_density must be in (0, 1], got {opts['init_density']}")
+    density = opts["stored_density"]
+    if isinstance(density, bool) or not isinstance(density, numbers.Real):
+        raise TypeError(f"stored_density must be a real number, got {type(density).__name__}")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"stored_density must be in (0, 1], got {density}")
+    opts["stored_density"] = float(density)
     return opts
 
 
 def _config(opts):
-    return TrainConfig(
-        density=opts["density"],
-        n_samples=opts["n_samples"],
-        estimator=opts["estimator"],
-        projection=opts["projection"],
-        projection_tol=opts["projection_tol"],
-        projection_max_iter=opts["projection_max_iter"],
-        weight_grad=opts["weight_grad"],
-        clip_norm=opts["clip_norm"],
-        optimizer=opts["optimizer"],
-        lr=opts["lr"],
-        momentum=opts["momentum"],
-        nesterov=opts["nesterov"],
-        weight_decay=opts["weight_decay"],
-        score_optimizer=opts["score_optimizer"],
-        score_lr=opts["score_lr"],
-        score_momentum=opts["score_momentum"],
-        schedule=opts["schedule"],
-        total_steps=opts["steps"],
-        initial_score=opts["initial_score"],
-        compact_every=0,  # stored patterns stay fixed for the whole trace
-    )
+    train = {name: opts[name] for name in _train_defaults()}
+    return TrainConfig(**train, total_steps=opts["steps"], compact_every=0)
 
 
 def _data(opts, dtype):
@@ -258,38 +222,6 @@ def _data(opts, dtype):
 # ---------------------------------------------------------------------------
 
 
-class _Layout:
-    """Turns one layer's per-entry or per-unit arrays into dense arrays."""
-
-    def __init__(self, layer):
-        self.sparse = isinstance(layer, SparseLinear)
-        self.shape = tuple(layer.shape)
-        if self.sparse:
-            self.rows = np.repeat(np.arange(self.shape[0]), np.diff(layer.indptr))
-            self.cols = np.asarray(layer.indices, dtype=np.int64)
-            self.pattern = np.zeros(self.shape, dtype=bool)
-            self.pattern[self.rows, self.cols] = True
-            self.granularity = layer.granularity
-        else:
-            self.pattern = np.ones(self.shape, dtype=bool)
-            self.granularity = None
-
-    def weight(self, values, fill=0):
-        """Dense ``(..., n_out, n_in)`` from ``(..., nnz)`` (sparse) or as is (dense)."""
-        values = np.asarray(values)
-        if not self.sparse:
-            return values.copy()
-        out = np.full(values.shape[:-1] + self.shape, fill, dtype=values.dtype)
-        out[..., self.rows, self.cols] = values
-        return out
-
-    def units(self, values, fill=0):
-        """Dense layout of per-unit arrays (scores, masks, uniforms)."""
-        if self.granularity == "weight":
-            return self.weight(values, fill)
-        return np.array(values, copy=True)
-
-
 def _state_arrays(prefix, state_i, to_dense, arrays):
     for key, value in state_i.items():
         value = np.asarray(value)
@@ -315,13 +247,13 @@ def make_trace(**options):
     granularity : {"weight", "neuron"}, default="weight"
     density : float, default=0.5
         Kept fraction (budget = density * n_units).
-    init_density : float, default=1.0
+    stored_density : float, default=1.0
         Fraction of entries stored in each sparse layer's pattern (1.0: all).
     sparse_classifier : bool, default=False
         Make the classifier a weight-granularity sparse layer too.
-    n_samples : int, default=3
+    n_masks : int, default=3
         K, masks per step.
-    estimator : {"vrpge", "vrpge-sqrt", "reinforce", "straight-through"}
+    score_estimator : {"vrpge", "vrpge-sqrt", "reinforce", "straight-through"}
     projection : {"exact", "bisection"}
     projection_tol, projection_max_iter : float, int
         Bisection stopping rule (1e-3, 20).
@@ -345,6 +277,10 @@ def make_trace(**options):
     initial_score : float or None
         Initial keep probability (None: ``density``).
 
+    The training options and what they allow are those of
+    :class:`~cpusparse.training.config.TrainConfig`; :data:`TRAIN_DEFAULTS` lists
+    the defaults of traces that differ from it.
+
     Returns
     -------
     trace : dict of str to ndarray
@@ -359,22 +295,27 @@ def make_trace(**options):
     config = _config(opts)
     dtype = np.dtype(opts["dtype"])
     init_rng, data_rng, mask_rng = spawn_streams(opts["seed"])
-    network = make_mlp(
+    network = mlp(
         opts["layers"][0],
         opts["layers"][1:-1],
         opts["layers"][-1],
         granularity=opts["granularity"],
         sparse_classifier=opts["sparse_classifier"],
-        density=opts["init_density"],
+        stored_density=opts["stored_density"],
         dtype=dtype.type,
         rng=init_rng,
     )
     state = init_state(network, config, data_rng=data_rng, mask_rng=mask_rng)
     x_all, y_all = _data(opts, dtype)
-    layouts = [_Layout(layer) for layer in network.layers]
-    prunable = {li: p for p, li in enumerate(network.prunable)}
+    options_meta = {k: list(v) if k == "layers" else v for k, v in opts.items()}
+    return record_trace(
+        state, config, x_all, y_all, steps=opts["steps"], batch_size=opts["batch_size"],
+        options=options_meta,
+    )  # fmt: skip
 
-    from . import __version__
+
+def _versions():
+    from .. import __version__
 
     try:
         import numba
@@ -382,97 +323,128 @@ def make_trace(**options):
         numba_version = numba.__version__
     except ImportError:  # pragma: no cover - numba is a hard dependency
         numba_version = "unavailable"
+    return __version__, numba_version
+
+
+def record_trace(state, config, x, y, *, steps, batch_size, options=None):
+    """Run training steps on any network and record every intermediate as trace arrays.
+
+    The engine of :func:`make_trace`, for a network of any layer kinds: each layer
+    lays out its own arrays densely (:meth:`~cpusparse.engine.layers.base.Layer.dense`,
+    :meth:`~cpusparse.engine.layers.base.UnitMap.dense`).
+
+    Parameters
+    ----------
+    state : TrainState
+        At the start of the trace; updated in place.
+    config : TrainConfig
+        With ``compact_every=0``, so that stored patterns stay fixed.
+    x : ndarray of shape (n_data, n_in)
+        Batch-major data; mini-batches are drawn from ``state.data_rng``.
+    y : ndarray of int, shape (n_data,)
+    steps, batch_size : int
+    options : dict, optional
+        JSON-ready options stored as ``meta/options``.
+
+    Returns
+    -------
+    trace : dict of str to ndarray
+    """
+    if config.compact_every != 0:
+        raise ValueError(
+            "config.compact_every must be 0 for a trace (fixed patterns), got "
+            f"{config.compact_every}"
+        )
+    network = state.network
+    prunable = {li: p for p, li in enumerate(network.prunable)}
+    version, numba_version = _versions()
     layer_info = [
         {
             "index": i,
             "type": type(layer).__name__,
-            "n_in": int(layer.shape[1]),
-            "n_out": int(layer.shape[0]),
-            "activation": layer.activation,
-            "granularity": layer.granularity,
+            "n_in": layer.n_in,
+            "n_out": layer.n_out,
+            "granularity": None if layer.units is None else layer.units.granularity,
             "prunable": i in prunable,
+            **layer.config(),
         }
         for i, layer in enumerate(network.layers)
     ]
     arrays = {
         "meta/format_version": np.array(FORMAT_VERSION, dtype=np.int64),
-        "meta/cpusparse_version": np.array(__version__),
+        "meta/cpusparse_version": np.array(version),
         "meta/numpy_version": np.array(np.__version__),
         "meta/numba_version": np.array(numba_version),
-        "meta/dtype": np.array(dtype.name),
-        "meta/n_steps": np.array(opts["steps"], dtype=np.int64),
+        "meta/dtype": np.array(np.dtype(network.dtype).name),
+        "meta/n_steps": np.array(steps, dtype=np.int64),
         "meta/n_units": np.array(state.n_units_initial, dtype=np.int64),
         "meta/budget": np.array(state.budget, dtype=np.float64),
-        "meta/options": _json({k: list(v) if k == "layers" else v for k, v in opts.items()}),
+        "meta/options": _json(options or {}),
         "meta/config": _json(dataclasses.asdict(config)),
         "meta/layers": _json(layer_info),
         "meta/conventions": np.array(CONVENTIONS),
     }
-
     batches = []
-    while len(batches) < opts["steps"]:
-        batches.extend(iterate_batches(y_all.shape[0], opts["batch_size"], state.data_rng))
-    for s, idx in enumerate(batches[: opts["steps"]]):
-        pre = f"step{s}"
-        x = np.ascontiguousarray(x_all[idx])
-        y = np.ascontiguousarray(y_all[idx])
-        arrays[f"{pre}/batch_index"] = np.asarray(idx, dtype=np.int64)
-        arrays[f"{pre}/x"] = x
-        arrays[f"{pre}/y"] = y
+    while len(batches) < steps:
+        batches.extend(iterate_batches(y.shape[0], batch_size, state.data_rng))
+    for s, idx in enumerate(batches[:steps]):
+        xb = np.ascontiguousarray(x[idx])
+        yb = np.ascontiguousarray(y[idx])
+        arrays[f"step{s}/batch_index"] = np.asarray(idx, dtype=np.int64)
+        arrays[f"step{s}/x"] = xb
+        arrays[f"step{s}/y"] = yb
         before = [{k: v.copy() for k, v in layer.params().items()} for layer in network.layers]
-
-        record = {}
-        train_step(state, np.ascontiguousarray(x.T), y, config, record=record)
-
-        arrays[f"{pre}/losses"] = np.asarray(record["losses"], dtype=np.float64)
-        arrays[f"{pre}/grad_norm"] = np.array(record["grad_norm"], dtype=np.float64)
-        arrays[f"{pre}/threshold"] = np.array(record["threshold"], dtype=np.float64)
-        arrays[f"{pre}/lr"] = np.array(record["lr"], dtype=np.float64)
-        arrays[f"{pre}/score_lr"] = np.array(record["score_lr"], dtype=np.float64)
-        per_sample = record["weight_grads_per_sample"]
+        offsets = state.offsets.copy()
+        record = train_step(state, np.ascontiguousarray(xb.T), yb, config, record=True).record
+        arrays[f"step{s}/losses"] = np.asarray(record.losses, dtype=np.float64)
+        arrays[f"step{s}/grad_norm"] = np.array(record.grad_norm, dtype=np.float64)
+        arrays[f"step{s}/threshold"] = np.array(record.threshold, dtype=np.float64)
+        arrays[f"step{s}/lr"] = np.array(record.lr, dtype=np.float64)
+        arrays[f"step{s}/score_lr"] = np.array(record.score_lr, dtype=np.float64)
         pos = 0
         for li, layer in enumerate(network.layers):
-            lay = layouts[li]
-            lpre = f"{pre}/layer{li}"
-            names = list(layer.params())
-            if names:
-                arrays[f"{lpre}/pattern"] = lay.pattern.copy()
-                arrays[f"{lpre}/weight"] = lay.weight(before[li]["weight"])
-                arrays[f"{lpre}/bias"] = before[li]["bias"]
-            if li in prunable:
-                p = prunable[li]
-                seg = slice(int(state.offsets[p]), int(state.offsets[p + 1]))
-                arrays[f"{lpre}/score"] = lay.units(record["score"][seg])
-                arrays[f"{lpre}/uniforms"] = lay.units(
-                    record["uniforms"][:, seg], fill=OUTSIDE_UNIFORM
-                )
-                arrays[f"{lpre}/masks"] = lay.units(record["masks"][:, seg], fill=False)
-            if names:
-                wpos, bpos = pos + names.index("weight"), pos + names.index("bias")
-                arrays[f"{lpre}/weight_grad_per_sample"] = lay.weight(
-                    np.stack([g[wpos] for g in per_sample])
-                )
-                arrays[f"{lpre}/weight_grad_mean"] = lay.weight(record["weight_grads"][wpos])
-                arrays[f"{lpre}/bias_grad_per_sample"] = np.stack([g[bpos] for g in per_sample])
-                arrays[f"{lpre}/bias_grad_mean"] = record["weight_grads"][bpos].copy()
-            if li in prunable:
-                arrays[f"{lpre}/dscore"] = lay.units(record["dscore"][seg])
-                arrays[f"{lpre}/score_before_projection"] = lay.units(
-                    record["score_before_projection"][seg]
-                )
-                arrays[f"{lpre}/score_projected"] = lay.units(state.score[seg])
-            if names:
-                arrays[f"{lpre}/weight_updated"] = lay.weight(layer.weight)
-                arrays[f"{lpre}/bias_updated"] = layer.bias.copy()
-                _state_arrays(f"{lpre}/weight_state", state.weight_state[wpos], lay.weight, arrays)
-                _state_arrays(f"{lpre}/bias_state", state.weight_state[bpos], np.copy, arrays)
-            if li in prunable:
-                seg_state = {
-                    k: (v if np.ndim(v) == 0 else v[seg]) for k, v in state.score_state[0].items()
-                }
-                _state_arrays(f"{lpre}/score_state", seg_state, lay.units, arrays)
-            pos += len(names)
+            p = prunable.get(li)
+            seg = None if p is None else slice(int(offsets[p]), int(offsets[p + 1]))
+            _layer_arrays(arrays, f"step{s}/layer{li}", layer, before[li], pos, seg, record, state)
+            pos += len(before[li])
     return arrays
+
+
+def _layer_arrays(arrays, lpre, layer, before, pos, seg, record, state):
+    """One layer's arrays of one step, each in the layer's dense layout."""
+    names = list(before)
+    units = layer.units if seg is not None else None
+    if names:
+        pattern = layer.stored_pattern()
+        if pattern is not None:
+            arrays[f"{lpre}/pattern"] = pattern
+        for name in names:
+            arrays[f"{lpre}/{name}"] = layer.dense(name, before[name])
+    if units is not None:
+        arrays[f"{lpre}/score"] = units.dense(record.score[seg])
+        arrays[f"{lpre}/uniforms"] = units.dense(record.uniforms[:, seg], fill=OUTSIDE_UNIFORM)
+        arrays[f"{lpre}/masks"] = units.dense(record.masks[:, seg], fill=False)
+    for j, name in enumerate(names):
+        per_pass = np.stack([g[pos + j] for g in record.weight_grads_per_pass])
+        arrays[f"{lpre}/{name}_grad_per_sample"] = layer.dense(name, per_pass)
+        arrays[f"{lpre}/{name}_grad_mean"] = layer.dense(name, record.weight_grads[pos + j])
+    if units is not None:
+        arrays[f"{lpre}/dscore"] = units.dense(record.dscore[seg])
+        arrays[f"{lpre}/score_before_projection"] = units.dense(record.score_before_projection[seg])
+        arrays[f"{lpre}/score_projected"] = units.dense(state.score[seg])
+    params = layer.params()
+    for name in names:
+        arrays[f"{lpre}/{name}_updated"] = layer.dense(name, params[name])
+    for j, name in enumerate(names):
+        _state_arrays(
+            f"{lpre}/{name}_state",
+            state.weight_state[pos + j],
+            lambda v, name=name: layer.dense(name, v),
+            arrays,
+        )
+    if units is not None:
+        seg_state = {k: (v if np.ndim(v) == 0 else v[seg]) for k, v in state.score_state[0].items()}
+        _state_arrays(f"{lpre}/score_state", seg_state, units.dense, arrays)
 
 
 def _write_npz(f, arrays):
@@ -824,15 +796,15 @@ def compare_traces(ref, other, *, rtol=None, atol=None, include=None):
 
 
 def build_trace_parser():
-    """The parser of ``cpusparse trace``."""
-    d = _DEFAULTS
+    """The parser of ``cpusparse trace`` (training flags from the option table)."""
+    d = _RUN_DEFAULTS
     parser = argparse.ArgumentParser(
         prog="cpusparse trace",
         description=(
             "Record a golden trace: every intermediate of a few training steps of a small "
             "sparse MLP, as a versioned .npz (see docs/trace_format.rst)."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     parser.add_argument("out", metavar="OUT.npz", help="trace file to write")
     model = parser.add_argument_group("model")
@@ -841,42 +813,30 @@ def build_trace_parser():
         type=layer_sizes,
         default=None,
         metavar="N,N,...",
-        help="all layer sizes including inputs and classes (default: 20,16,12,5)",
+        help="all layer sizes including inputs and classes "
+        f"(default: {','.join(map(str, d['layers']))}; 64,32,10 with --dataset digits)",
     )
     model.add_argument("--n-in", type=int, help="input size (with --hidden, --n-classes)")
     model.add_argument("--hidden", type=layer_sizes, metavar="N[,N...]", help="hidden widths")
     model.add_argument("--n-classes", type=int, help="number of classes")
-    model.add_argument("--granularity", choices=("weight", "neuron"), default=d["granularity"])
-    model.add_argument("--density", type=float, default=d["density"], help="kept fraction")
+    model.add_argument("--granularity", choices=tuple(GRANULARITIES), default=d["granularity"])
     model.add_argument(
-        "--init-density", type=float, default=d["init_density"], help="stored fraction"
+        "--stored-density",
+        type=float,
+        default=d["stored_density"],
+        help="fraction of entries stored in each sparse layer's pattern",
     )
-    model.add_argument("--sparse-classifier", action="store_true")
+    model.add_argument(
+        "--sparse-classifier", action="store_true", help="make the classifier sparse too"
+    )
     model.add_argument("--dtype", choices=("float32", "float64"), default=d["dtype"])
-    est = parser.add_argument_group("estimator and projection")
-    est.add_argument("--n-samples", type=int, default=d["n_samples"], help="K")
-    est.add_argument("--estimator", choices=ESTIMATORS, default=d["estimator"])
-    est.add_argument("--weight-grad", choices=("mean", "first"), default=d["weight_grad"])
-    est.add_argument("--projection", choices=("exact", "bisection"), default=d["projection"])
-    est.add_argument("--projection-tol", type=float, default=d["projection_tol"])
-    est.add_argument("--projection-max-iter", type=int, default=d["projection_max_iter"])
-    est.add_argument("--initial-score", type=float, default=None)
-    opt = parser.add_argument_group("optimizers")
-    opt.add_argument("--optimizer", choices=("sgd", "adam"), default=d["optimizer"])
-    opt.add_argument("--lr", type=float, default=d["lr"])
-    opt.add_argument("--momentum", type=float, default=d["momentum"])
-    opt.add_argument("--nesterov", action="store_true")
-    opt.add_argument("--weight-decay", type=float, default=d["weight_decay"])
-    opt.add_argument("--clip-norm", type=float, default=None)
-    opt.add_argument("--score-optimizer", choices=("sgd", "adam"), default=d["score_optimizer"])
-    opt.add_argument("--score-lr", type=float, default=d["score_lr"])
-    opt.add_argument("--score-momentum", type=float, default=d["score_momentum"])
-    opt.add_argument("--schedule", choices=("constant", "cosine"), default=d["schedule"])
+    train = parser.add_argument_group("training (the options of TrainConfig)")
+    add_options(train, _train_defaults(), TRAIN_DEFAULTS)
     run = parser.add_argument_group("data and run")
     run.add_argument("--dataset", choices=DATASETS, default=d["dataset"])
     run.add_argument("--n-data", type=int, default=d["n_data"], help="synthetic data size")
-    run.add_argument("--seed", type=int, default=d["seed"])
-    run.add_argument("--steps", type=int, default=d["steps"])
+    run.add_argument("--seed", type=int, default=d["seed"], help="seed of every stream")
+    run.add_argument("--steps", type=int, default=d["steps"], help="training steps recorded")
     run.add_argument("--batch-size", type=int, default=d["batch_size"])
     return parser
 
@@ -902,10 +862,9 @@ def main_trace(argv=None):
     elif args.dataset == "digits":
         layers = [64, 32, 10]
     else:
-        layers = list(_DEFAULTS["layers"])
-    options = {
-        name: getattr(args, name) for name in _DEFAULTS if name != "layers" and hasattr(args, name)
-    }
+        layers = list(_RUN_DEFAULTS["layers"])
+    names = [*_RUN_DEFAULTS, *_train_defaults()]
+    options = {name: getattr(args, name) for name in names if name != "layers"}
     try:
         arrays = write_trace(args.out, layers=tuple(layers), **options)
     except (ValueError, TypeError) as exc:
@@ -913,7 +872,7 @@ def main_trace(argv=None):
         return 2
     print(
         f"wrote {args.out}: {len(arrays)} arrays, {args.steps} steps, layers "
-        f"{','.join(map(str, layers))}, {args.dtype}, {args.estimator}"
+        f"{','.join(map(str, layers))}, {args.dtype}, {args.score_estimator}"
     )
     return 0
 

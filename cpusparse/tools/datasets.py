@@ -6,7 +6,7 @@ deterministic procedure. Nothing is downloaded and nothing is cached on disk.
 
 Examples
 --------
->>> from cpusparse.datasets import load_dataset
+>>> from cpusparse.tools.datasets import load_dataset
 >>> ds = load_dataset("digits")
 >>> ds.X.shape, ds.X.dtype, ds.y.dtype, ds.n_classes, ds.feature_shape
 ((1797, 64), dtype('float32'), dtype('int64'), 10, (8, 8))
@@ -143,7 +143,7 @@ def load_dataset(name="digits", *, path=None, dtype=np.float32, split="all"):
 
     Examples
     --------
-    >>> from cpusparse.datasets import load_dataset
+    >>> from cpusparse.tools.datasets import load_dataset
     >>> ds = load_dataset("digits", dtype=np.float64)
     >>> ds.X.shape, float(ds.X.min()), float(ds.X.max())
     ((1797, 64), 0.0, 1.0)

@@ -1,7 +1,7 @@
 """The ``cpusparse`` command line.
 
-``cpusparse train`` trains a sparse MLP (:class:`~cpusparse.estimator.SparseMLPClassifier`)
-on one of the offline data sets of :mod:`cpusparse.datasets` and prints the test
+``cpusparse train`` trains a sparse MLP (:class:`~cpusparse.sklearn.SparseMLPClassifier`)
+on one of the offline data sets of :mod:`cpusparse.tools.datasets` and prints the test
 accuracy and a per-layer density report. ``cpusparse bench``, ``cpusparse trace`` and
 ``cpusparse verify`` are handed, with their remaining arguments, to the modules that
 implement them (each parses its own options).
@@ -30,29 +30,27 @@ __all__ = ["main", "build_parser"]
 
 # Subcommands implemented elsewhere: name -> (module, function taking argv).
 EXTERNAL = {
-    "bench": ("cpusparse.bench", "main", "benchmarks of the sparse kernels and training"),
-    "trace": ("cpusparse.trace", "main_trace", "record a reference trace of training"),
-    "verify": ("cpusparse.trace", "main_verify", "check an implementation against a trace"),
+    "bench": ("cpusparse.tools.bench", "main", "benchmarks of the sparse kernels and training"),
+    "trace": ("cpusparse.tools.trace", "main_trace", "record a reference trace of training"),
+    "verify": ("cpusparse.tools.trace", "main_verify", "check an implementation against a trace"),
 }
 
 _OFFICIAL_SPLIT = ("mnist", "mnist1d")
 
 
-def layer_sizes(text):
-    """Parse a comma-separated list of positive ints (an argparse ``type``)."""
-    try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
-        sizes = []
-    if not sizes or min(sizes) < 1:
-        raise argparse.ArgumentTypeError(f"must be positive ints such as 300,100, got {text!r}")
-    return sizes
-
-
 def build_parser():
     """The argument parser of ``cpusparse`` (``train`` fully; the others by name)."""
+    import inspect
+
+    from ..engine.layers.linear import GRANULARITIES, INITS
+    from ..sklearn import _TRAIN_OPTIONS as TRAIN_OPTIONS
+    from ..sklearn import SparseMLPClassifier
+    from ._options import HelpFormatter, add_options, layer_sizes
     from .datasets import DATASETS
-    from .train import ESTIMATORS
+
+    defaults = {
+        name: p.default for name, p in inspect.signature(SparseMLPClassifier).parameters.items()
+    }
 
     parser = argparse.ArgumentParser(
         prog="cpusparse",
@@ -68,14 +66,14 @@ def build_parser():
             "split 80/20 (stratified, by --seed); mnist and mnist1d use their official "
             "train/test split."
         ),
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=HelpFormatter,
     )
     data = train.add_argument_group("data")
     data.add_argument("--dataset", choices=DATASETS, default="digits")
     data.add_argument(
         "--data-path", metavar="PATH", help="MNIST IDX directory or .npz (--dataset mnist only)"
     )
-    model = train.add_argument_group("model and training")
+    model = train.add_argument_group("model")
     model.add_argument(
         "--hidden",
         type=layer_sizes,
@@ -84,21 +82,33 @@ def build_parser():
         metavar="N[,N...]",
         help="hidden layer widths, e.g. 300,100 or 300 100 (default: 300,100)",
     )
-    model.add_argument("--density", type=float, default=0.1, help="kept fraction of the units")
-    model.add_argument("--granularity", choices=("weight", "neuron"), default="weight")
-    model.add_argument("--estimator", choices=ESTIMATORS, default="vrpge")
-    model.add_argument("--n-samples", type=int, default=2, help="K, masks per step")
-    model.add_argument("--projection", choices=("exact", "bisection"), default="exact")
-    model.add_argument("--epochs", type=int, default=30, help="epochs of sparse training")
     model.add_argument(
-        "--finetune-epochs", type=int, default=10, help="epochs on the fixed mask (0 skips)"
+        "--granularity", choices=tuple(GRANULARITIES), default=defaults["granularity"]
     )
-    model.add_argument("--batch-size", type=int, default=64)
-    model.add_argument("--lr", type=float, default=0.01, help="initial weight learning rate")
-    model.add_argument("--score-lr", type=float, default=0.1, help="initial score learning rate")
-    model.add_argument("--init", choices=("kaiming", "uniform"), default="kaiming")
-    model.add_argument("--seed", type=int, default=0)
     model.add_argument(
+        "--init", choices=INITS, default=defaults["init"], help="weight initialisation"
+    )
+    method = train.add_argument_group("training (the options of TrainConfig)")
+    table_names = {name: param for param, name in TRAIN_OPTIONS.items()}
+    add_options(
+        method,
+        table_names,
+        {name: defaults[param] for name, param in table_names.items()},
+        dest=table_names,
+    )
+    run = train.add_argument_group("run")
+    run.add_argument(
+        "--epochs", type=int, default=defaults["max_iter"], help="epochs of sparse training"
+    )
+    run.add_argument(
+        "--finetune-epochs",
+        type=int,
+        default=defaults["finetune_iter"],
+        help="epochs on the fixed mask (0 skips)",
+    )
+    run.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+    run.add_argument("--seed", type=int, default=0, help="seed of every random stream")
+    run.add_argument(
         "--threads", type=int, default=1, help="Numba threads (results do not depend on it)"
     )
     out = train.add_argument_group("output")
@@ -144,20 +154,7 @@ def main(argv=None):
 
 def _dispatch(name, argv):
     module_name, func_name, _ = EXTERNAL[name]
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name:
-            raise
-        module = None
-    func = getattr(module, func_name, None)
-    if func is None:
-        print(
-            f"cpusparse {name}: not available yet ({module_name}.{func_name} is missing)",
-            file=sys.stderr,
-        )
-        return 1
-    status = func(argv)
+    status = getattr(importlib.import_module(module_name), func_name)(argv)
     return 0 if status is None else int(status)
 
 
@@ -191,29 +188,34 @@ def _load(args, parser):
 
 
 def _train(args, parser):
-    from .estimator import SparseMLPClassifier
+    from ..sklearn import _TRAIN_OPTIONS as TRAIN_OPTIONS
+    from ..sklearn import SparseMLPClassifier
+    from ..training.config import options
 
     if args.resume and args.checkpoint is None:
         parser.error("--resume needs --checkpoint PATH")
     hidden = tuple(size for group in args.hidden for size in group)
+    # Training options are checked against the option table and named by their flag.
+    rows = {option.name: option for option in options()}
+    table = {}
+    for param, name in TRAIN_OPTIONS.items():
+        try:
+            table[param] = rows[name].constraint.check(getattr(args, param), rows[name].flag)
+        except (ValueError, TypeError) as exc:
+            parser.error(str(exc))
     clf = SparseMLPClassifier(
         hidden_layer_sizes=hidden,
-        density=args.density,
         granularity=args.granularity,
-        n_samples=args.n_samples,
-        estimator=args.estimator,
-        projection=args.projection,
+        init=args.init,
         max_iter=args.epochs,
         finetune_iter=args.finetune_epochs,
         batch_size=args.batch_size,
-        learning_rate_init=args.lr,
-        score_learning_rate=args.score_lr,
-        init=args.init,
         n_jobs=args.threads,
         random_state=args.seed,
         verbose=not args.quiet,
         checkpoint=args.checkpoint,
         resume=args.resume,
+        **table,
     )
     try:
         clf._check_params()
@@ -230,7 +232,7 @@ def _train(args, parser):
         print(f"cpusparse train: error: cannot load {args.dataset!r}: {exc}", file=sys.stderr)
         return 1
     t_loaded = time.perf_counter()
-    from .train import NonFiniteError
+    from ..training.state import NonFiniteError
 
     try:
         clf.fit(X_train, y_train)
@@ -254,7 +256,7 @@ def _train(args, parser):
     if not args.quiet:
         print(_table(layers))
     if args.json is not None:
-        from .checkpoint import atomic_write
+        from .._io import atomic_write
 
         metrics = {
             "accuracy": accuracy,

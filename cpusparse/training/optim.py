@@ -151,7 +151,7 @@ class SGD:
     Examples
     --------
     >>> import numpy as np
-    >>> from cpusparse.optim import SGD
+    >>> from cpusparse.training import SGD
     >>> opt = SGD(lr=0.1, momentum=0.9)
     >>> params = [np.array([1.0, -2.0])]
     >>> state = opt.init_state(params)
@@ -274,7 +274,7 @@ class Adam:
     Examples
     --------
     >>> import numpy as np
-    >>> from cpusparse.optim import Adam
+    >>> from cpusparse.training import Adam
     >>> opt = Adam(lr=0.1)
     >>> params = [np.array([1.0, -2.0])]
     >>> state = opt.init_state(params)
@@ -385,7 +385,7 @@ def compact_state(state_i, keep):
     Examples
     --------
     >>> import numpy as np
-    >>> from cpusparse.optim import compact_state
+    >>> from cpusparse.training import compact_state
     >>> s = {"step": np.array(3), "exp_avg": np.array([0.1, 0.2, 0.3])}
     >>> compact_state(s, np.array([True, False, True]))
     {'step': array(3), 'exp_avg': array([0.1, 0.3])}
@@ -462,7 +462,7 @@ def clip_grad_norm(grads, max_norm):
     Examples
     --------
     >>> import numpy as np
-    >>> from cpusparse.optim import clip_grad_norm
+    >>> from cpusparse.training import clip_grad_norm
     >>> clipped, norm = clip_grad_norm([np.array([3.0]), np.array([4.0])], 1.0)
     >>> norm
     5.0
@@ -551,7 +551,7 @@ def constant_schedule(lr):
 
     Examples
     --------
-    >>> from cpusparse.optim import constant_schedule
+    >>> from cpusparse.training import constant_schedule
     >>> constant_schedule(0.1)(1000)
     0.1
     """
@@ -599,7 +599,7 @@ def cosine_schedule(lr, total_steps, *, min_lr=0.0, warmup_steps=0):
 
     Examples
     --------
-    >>> from cpusparse.optim import cosine_schedule
+    >>> from cpusparse.training import cosine_schedule
     >>> schedule = cosine_schedule(0.1, 10, warmup_steps=2)
     >>> [round(schedule(t), 4) for t in range(11)]
     [0.05, 0.1, 0.1, 0.0962, 0.0854, 0.0691, 0.05, 0.0309, 0.0146, 0.0038, 0.0]

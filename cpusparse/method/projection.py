@@ -1,6 +1,6 @@
 r"""Euclidean projection of keep probabilities onto the budget set.
 
-After each gradient step on the scores, Zhou et al. (2021) project them back
+After each gradient step on the scores, Zhou et al. (2021) [1]_ project them back
 onto
 
 .. math::
@@ -27,7 +27,8 @@ import numpy as np
 
 __all__ = ["project_scores", "concat_scores", "split_scores"]
 
-_METHODS = ("exact", "bisection")
+METHODS = ("exact", "bisection")
+"""Solvers of :func:`project_scores`."""
 
 
 def _check_real_array(x, name):
@@ -195,7 +196,7 @@ def project_scores(score, budget, *, method="exact", tol=1e-3, max_iter=20):
     Examples
     --------
     >>> import numpy as np
-    >>> from cpusparse.projection import project_scores
+    >>> from cpusparse.method import project_scores
     >>> p, v = project_scores(np.array([0.9, 0.6, 0.3, -0.2]), 1.2)
     >>> p, v
     (array([0.7, 0.4, 0.1, 0. ]), 0.2)
@@ -205,8 +206,8 @@ def project_scores(score, budget, *, method="exact", tol=1e-3, max_iter=20):
     >>> bool(abs(q.sum() - 1.0) < 1e-3)
     True
     """
-    if method not in _METHODS:
-        raise ValueError(f"method must be one of {_METHODS}, got {method!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     score = _check_real_array(score, "score")
     if score.ndim != 1:
         raise ValueError(f"score must be 1-D, got an array of shape {score.shape}")
@@ -270,7 +271,7 @@ def concat_scores(scores):
     Examples
     --------
     >>> import numpy as np
-    >>> from cpusparse.projection import concat_scores, split_scores
+    >>> from cpusparse.method import concat_scores, split_scores
     >>> flat, offsets = concat_scores([np.full(2, 0.5), np.full((2, 2), 0.25)])
     >>> flat
     array([0.5 , 0.5 , 0.25, 0.25, 0.25, 0.25])
@@ -294,7 +295,7 @@ def concat_scores(scores):
     return flat, offsets
 
 
-def split_scores(flat, offsets, *, shapes=None):
+def split_scores(flat, offsets, *, shapes=None, copy=True):
     """Split a flat score vector back into per-layer arrays (inverse of :func:`concat_scores`).
 
     Parameters
@@ -305,11 +306,14 @@ def split_scores(flat, offsets, *, shapes=None):
         Nondecreasing, ``offsets[0] == 0`` and ``offsets[-1] == n_total``.
     shapes : sequence of tuple, optional
         Shape of each layer; by default each piece stays 1-D.
+    copy : bool, default=True
+        Return copies; False returns views of ``flat`` (what the training step
+        hands its layers, every pass).
 
     Returns
     -------
     scores : list of ndarray
-        ``n_layers`` new arrays (copies, not views of ``flat``).
+        ``n_layers`` arrays, copies unless ``copy=False``.
 
     Raises
     ------
@@ -325,7 +329,7 @@ def split_scores(flat, offsets, *, shapes=None):
     Examples
     --------
     >>> import numpy as np
-    >>> from cpusparse.projection import split_scores
+    >>> from cpusparse.method import split_scores
     >>> split_scores(np.arange(5.0), np.array([0, 2, 5]))
     [array([0., 1.]), array([2., 3., 4.])]
     """
@@ -357,7 +361,9 @@ def split_scores(flat, offsets, *, shapes=None):
             )
     pieces = []
     for layer in range(n_layers):
-        piece = flat[offsets[layer] : offsets[layer + 1]].copy()
+        piece = flat[offsets[layer] : offsets[layer + 1]]
+        if copy:
+            piece = piece.copy()
         if shapes is not None:
             piece = piece.reshape(shapes[layer])
         pieces.append(piece)

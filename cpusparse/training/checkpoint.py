@@ -1,17 +1,20 @@
 """Checkpoints: the whole training state in one ``.npz`` file, written atomically.
 
-A checkpoint holds everything :func:`~cpusparse.train.run_epoch` reads or changes,
-so that training resumed from it is bit-identical to training that never stopped:
+A checkpoint holds everything :func:`~cpusparse.training.loop.run_epoch` reads or
+changes, so that training resumed from it is bit-identical to training that never
+stopped:
 
-- every layer's arrays (``SparseLinear``: CSR pattern, weights, bias, shape,
-  granularity, activation; ``Linear``: weight, bias, activation);
+- the network, as each layer serialises itself
+  (:meth:`~cpusparse.engine.layers.base.Layer.config` and
+  :meth:`~cpusparse.engine.layers.base.Layer.arrays`): any registered layer kind,
+  including one defined outside the package;
 - the flat score vector, its layer offsets, the budget and the initial number of
   units;
 - the weight and score optimizer states (lists of dicts of arrays, 0-d arrays
   included) and the step counter;
 - the exact states of the data-order and mask random streams;
 - the epoch, the phase (``"sparse"`` or ``"finetune"``), the fixed masks of the
-  fine-tuning phase, the history and the :class:`~cpusparse.train.TrainConfig`;
+  fine-tuning phase, the history and the :class:`~cpusparse.training.config.TrainConfig`;
 - the format version and the cpusparse version.
 
 Format
@@ -25,11 +28,11 @@ files are read with ``allow_pickle=False``. Python floats survive JSON exactly
 Examples
 --------
 >>> import os, tempfile
->>> from cpusparse.network import make_mlp
->>> from cpusparse.train import TrainConfig, init_state, spawn_streams
+>>> from cpusparse.models import mlp
+>>> from cpusparse.training import TrainConfig, init_state, spawn_streams
 >>> init, data, masks = spawn_streams(0)
 >>> config = TrainConfig(density=0.5)
->>> state = init_state(make_mlp(4, (3,), 2, rng=init), config, data_rng=data, mask_rng=masks)
+>>> state = init_state(mlp(4, (3,), 2, rng=init), config, data_rng=data, mask_rng=masks)
 >>> path = os.path.join(tempfile.mkdtemp(), "run.npz")
 >>> save_checkpoint(path, state, config, epoch=0, phase="sparse", history=[])
 >>> restored, config2 = restore_state(load_checkpoint(path))
@@ -42,14 +45,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
 import zipfile
 
 import numpy as np
 
-from .layers import Linear, SparseLinear
-from .network import Sequential
-from .train import TrainConfig, TrainState
+from .._io import atomic_write
+from ..engine.containers import Sequential
+from .config import TrainConfig
+from .state import TrainState
 
 __all__ = [
     "FORMAT_VERSION",
@@ -57,10 +60,9 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "restore_state",
-    "atomic_write",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the checkpoint layout; :func:`load_checkpoint` refuses any other."""
 
 PHASES = ("sparse", "finetune")
@@ -68,67 +70,6 @@ PHASES = ("sparse", "finetune")
 
 class CheckpointError(ValueError):
     """A checkpoint file is corrupt, incomplete or of another format version."""
-
-
-def atomic_write(path, write):
-    """Write a file atomically: a temporary file in the same directory, then rename.
-
-    Parameters
-    ----------
-    path : str or os.PathLike
-        Destination. An existing file is replaced only once the new content is
-        completely written and flushed to disk, so a crash at any point leaves
-        either the old file or the new one, never a mix, and no temporary file.
-    write : callable
-        Called with a binary file object opened for writing.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    try:  # make the rename itself durable (POSIX; not possible everywhere)
-        dir_fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(dir_fd)
-    except OSError:
-        pass
-    finally:
-        os.close(dir_fd)
-
-
-def _layer_record(layer, i, arrays):
-    if isinstance(layer, SparseLinear):
-        arrays[f"layer{i}.indptr"] = layer.indptr
-        arrays[f"layer{i}.indices"] = layer.indices
-        arrays[f"layer{i}.weight"] = layer.weight
-        arrays[f"layer{i}.bias"] = layer.bias
-        return {
-            "type": "SparseLinear",
-            "shape": list(layer.shape),
-            "granularity": layer.granularity,
-            "activation": layer.activation,
-        }
-    if isinstance(layer, Linear):
-        arrays[f"layer{i}.weight"] = layer.weight
-        arrays[f"layer{i}.bias"] = layer.bias
-        return {"type": "Linear", "shape": list(layer.shape), "activation": layer.activation}
-    raise TypeError(
-        f"layer {i} must be a SparseLinear or a Linear to be checkpointed, got "
-        f"{type(layer).__name__}"
-    )
 
 
 def _optimizer_record(prefix, opt_state, arrays):
@@ -170,8 +111,8 @@ def save_checkpoint(path, state, config, *, epoch, phase, history, masks=None, e
         raise ValueError(f"phase must be one of {PHASES}, got {phase!r}")
     if phase == "finetune" and masks is None:
         raise ValueError("masks are required for phase='finetune'")
-    arrays = {}
-    layers = [_layer_record(layer, i, arrays) for i, layer in enumerate(state.network.layers)]
+    arrays = {f"layer{key}": value for key, value in state.network.arrays().items()}
+    layers = state.network.config()["layers"]
     arrays["score"] = state.score
     arrays["offsets"] = state.offsets
     weight_keys = _optimizer_record("weight_state", state.weight_state, arrays)
@@ -202,7 +143,7 @@ def save_checkpoint(path, state, config, *, epoch, phase, history, masks=None, e
 
 
 def _version():
-    from . import __version__
+    from .. import __version__
 
     return __version__
 
@@ -218,12 +159,13 @@ def load_checkpoint(path):
     -------
     ckpt : dict
         Keys ``format_version``, ``cpusparse_version``, ``epoch``, ``phase``,
-        ``step``, ``budget``, ``n_units_initial``, ``layers`` (list of dicts with
-        the layer's description and arrays), ``score``, ``offsets``,
+        ``step``, ``budget``, ``n_units_initial``, ``layers`` (list of dicts: the
+        layer's ``type`` and :meth:`~cpusparse.engine.layers.base.Layer.config`,
+        and its ``arrays``), ``score``, ``offsets``,
         ``weight_state`` and ``score_state`` (lists of dicts of arrays),
         ``masks`` (list of ndarray of bool, or None), ``data_rng`` and
         ``mask_rng`` (bit-generator states), ``config`` (dict of
-        :class:`~cpusparse.train.TrainConfig` fields), ``history`` and ``extra``.
+        :class:`~cpusparse.training.config.TrainConfig` fields), ``history`` and ``extra``.
 
     Raises
     ------
@@ -262,10 +204,9 @@ def load_checkpoint(path):
 def _unpack(meta, arrays):
     layers = []
     for i, record in enumerate(meta["layers"]):
-        names = ("indptr", "indices", "weight", "bias")
-        if record["type"] == "Linear":
-            names = ("weight", "bias")
-        layers.append({**record, **{name: arrays[f"layer{i}.{name}"] for name in names}})
+        prefix = f"layer{i}."
+        own = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
+        layers.append({**record, "arrays": own})
 
     def optimizer(prefix, keys):
         return [{key: arrays[f"{prefix}{j}.{key}"] for key in ks} for j, ks in enumerate(keys)]
@@ -313,27 +254,21 @@ def restore_state(ckpt):
         streams at exactly the saved positions.
     config : TrainConfig
     """
-    layers = []
-    for rec in ckpt["layers"]:
-        if rec["type"] == "SparseLinear":
-            layers.append(
-                SparseLinear(
-                    rec["indptr"],
-                    rec["indices"],
-                    rec["weight"],
-                    rec["bias"],
-                    rec["shape"][1],
-                    granularity=rec["granularity"],
-                    activation=rec["activation"],
-                )
-            )
-        elif rec["type"] == "Linear":
-            layers.append(Linear(rec["weight"], rec["bias"], activation=rec["activation"]))
-        else:
-            raise CheckpointError(f"unknown layer type {rec['type']!r} in checkpoint")
+    layer_config = {
+        "layers": [{k: v for k, v in rec.items() if k != "arrays"} for rec in ckpt["layers"]]
+    }
+    layer_arrays = {
+        f"{i}.{name}": arr
+        for i, rec in enumerate(ckpt["layers"])
+        for name, arr in rec["arrays"].items()
+    }
+    try:
+        network = Sequential.from_config(layer_config, layer_arrays)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(f"checkpoint holds a network that cannot be rebuilt: {exc}") from exc
     config = TrainConfig(**ckpt["config"])
     state = TrainState(
-        network=Sequential(layers),
+        network=network,
         score=ckpt["score"],
         offsets=ckpt["offsets"],
         budget=ckpt["budget"],

@@ -26,8 +26,8 @@ from typing import NamedTuple
 
 import numpy as np
 
-from . import _kernels
-from ._validation import check_array, check_random_state, check_same_dtype
+from .._validation import check_array, check_rng, check_same_dtype
+from .kernels import csr as _kernels
 
 __all__ = [
     "ActivePattern",
@@ -205,7 +205,7 @@ def random_pattern(shape, density, *, rng=None):
     """
     if not 0 < density <= 1:
         raise ValueError(f"density must be in (0, 1], got {density}")
-    rng = check_random_state(rng)
+    rng = check_rng(rng)
     n_out, n_in = shape
     size = n_out * n_in
     nnz = int(round(density * size))
@@ -259,15 +259,6 @@ def _empty_aligned(shape, dtype):
     buf = np.empty(nbytes + _ALIGN, dtype=np.uint8)
     offset = -buf.ctypes.data % _ALIGN
     return buf[offset : offset + nbytes].view(dtype).reshape(shape)
-
-
-def _aligned(x):
-    """``x`` if its data is 64-byte aligned, else an aligned copy (for kernel inputs)."""
-    if x.ctypes.data % _ALIGN == 0 or x.size == 0:
-        return x
-    out = _empty_aligned(x.shape, x.dtype)
-    out[...] = x
-    return out
 
 
 def _select_active(indptr, indices, data, shape, entry_mask, row_mask, col_mask):
@@ -501,7 +492,7 @@ def masked_matmul_backward(active, x, dout, out=None, *, relu=False, need_dx=Tru
         \qquad \frac{\partial L}{\partial b_o} = \sum_b \delta_{ob}.
 
     Only the active entries are visited; each dot product over the batch and each
-    sum over rows runs in a fixed order (see :mod:`cpusparse._kernels`), so the
+    sum over rows runs in a fixed order (see :mod:`cpusparse.engine.kernels.csr`), so the
     result does not depend on the number of threads.
 
     Examples
@@ -551,5 +542,5 @@ def compact_pattern(indptr, indices, keep):
     indices = np.asarray(indices, dtype=INDEX_DTYPE)
     keep = _check_mask(keep, indices.shape[0], "keep")
     new_indptr = np.empty_like(indptr)
-    _kernels.scatter_rows(indptr, keep, new_indptr)
+    _kernels.compact_indptr(indptr, keep, new_indptr)
     return new_indptr, indices[keep]

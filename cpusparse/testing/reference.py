@@ -3,10 +3,10 @@ r"""Dense NumPy reference for every masked sparse operation.
 Every function here computes with *dense* weights of shape ``(n_out, n_in)`` and
 dense masks, using plain BLAS products (``@``) and no Numba. They are the oracle of
 the test suite and the dense baseline of the benchmarks: the sparse engine
-(:mod:`cpusparse.sparse`, :mod:`cpusparse.layers`) must agree with them within the
+(:mod:`cpusparse.engine.csr`, :mod:`cpusparse.engine.layers`) must agree with them within the
 rounding of the dtype.
 
-The masks follow :mod:`cpusparse.sparse`:
+The masks follow :mod:`cpusparse.engine.csr`:
 
 - ``weight_mask`` of shape ``(n_out, n_in)``: one bit per weight (weight granularity);
 - ``row_mask`` of shape ``(n_out,)``: one bit per output unit (neuron granularity); a
@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .losses import softmax_cross_entropy
+from ..engine.losses import softmax_cross_entropy
 
 __all__ = ["dense_forward", "dense_backward", "dense_mlp_loss_and_grads"]
 
@@ -218,7 +218,7 @@ def dense_mlp_loss_and_grads(weights, biases, x, y, *, weight_masks=None, row_ma
 
     Layers ``0 .. L-2`` compute ``r * relu((W * M) @ h + b)``; the last layer is
     linear, ``(W * M) @ h + b``, followed by
-    :func:`cpusparse.losses.softmax_cross_entropy`.
+    :func:`cpusparse.engine.losses.softmax_cross_entropy`.
 
     Parameters
     ----------

@@ -1,9 +1,9 @@
 r"""A scikit-learn classifier trained completely sparse (VR-PGE).
 
-:class:`SparseMLPClassifier` wraps :mod:`cpusparse.train`: it builds a ReLU MLP
-whose hidden layers are sparse (:func:`~cpusparse.network.make_mlp`), trains weights
-and keep probabilities together with :func:`~cpusparse.train.run_epoch` under one
-global budget, then fixes a mask and fine-tunes the weights on it. Prediction uses
+:class:`SparseMLPClassifier` wraps :mod:`cpusparse.training`: it builds a ReLU MLP
+whose hidden layers are sparse (:func:`~cpusparse.models.mlp`), trains weights
+and keep probabilities together with :func:`~cpusparse.training.loop.run_epoch` under
+one global budget, then fixes a mask and fine-tunes the weights on it. Prediction uses
 the fixed mask only, so the deployed network has at most ``density`` of its
 prunable units.
 """
@@ -17,30 +17,26 @@ import numbers
 import os
 import sys
 import time
+from numbers import Integral, Real
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder
+from sklearn.utils._param_validation import Interval, StrOptions
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._threads import numba_threads
-from ._validation import check_choice, check_density, check_n_samples
-from .checkpoint import load_checkpoint, restore_state, save_checkpoint
-from .losses import softmax
-from .network import make_mlp
-from .train import (
-    ESTIMATORS,
-    TrainConfig,
-    check_parameters_finite,
-    evaluate,
-    expected_density,
-    fixed_mask,
-    init_state,
-    run_epoch,
-    spawn_streams,
-)
+from .engine.layers.base import EVAL
+from .engine.layers.linear import GRANULARITIES, INITS
+from .engine.losses import softmax
+from .models import mlp
+from .training import config as _config
+from .training.checkpoint import load_checkpoint, restore_state, save_checkpoint
+from .training.config import TrainConfig
+from .training.loop import evaluate, fixed_mask, run_epoch
+from .training.state import check_parameters_finite, expected_density, init_state, spawn_streams
 
 __all__ = ["SparseMLPClassifier"]
 
@@ -53,23 +49,41 @@ _RUN_ONLY_PARAMS = ("verbose", "checkpoint", "resume", "random_state", "n_jobs")
 _PROGRESS_EVAL_SAMPLES = 2048
 
 
-def _check_int(value, name, low):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise TypeError(f"{name} must be an int >= {low}, got {value!r}")
-    if value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value}")
-    return int(value)
+# The classifier's parameters that are options of the training step, by the name of
+# the option in the table (cpusparse.training.config): their allowed values come from
+# there. Defaults may differ (the classifier's are tuned for its cosine schedule).
+_TRAIN_OPTIONS = {
+    "density": "density",
+    "n_masks": "n_masks",
+    "score_estimator": "score_estimator",
+    "projection": "projection",
+    "learning_rate_init": "lr",
+    "score_learning_rate": "score_lr",
+    "optimizer": "optimizer",
+    "score_optimizer": "score_optimizer",
+    "clip_norm": "clip_norm",
+    "weight_grad": "weight_grad",
+}
 
 
-def _check_positive(value, name):
-    if (
-        isinstance(value, bool)
-        or not isinstance(value, numbers.Real)
-        or not math.isfinite(value)
-        or value <= 0
-    ):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+def _sklearn_constraint(constraint):
+    """The scikit-learn parameter constraints of one option-table constraint."""
+    if isinstance(constraint, _config.Choice):
+        return [StrOptions(set(constraint.values))]
+    if isinstance(constraint, _config.Bool):
+        return ["boolean"]
+    if isinstance(constraint, _config.Int):
+        closed = "left" if constraint.high is None else "both"
+        return [Interval(Integral, constraint.low, constraint.high, closed=closed)]
+    out = [Interval(Real, constraint.low, constraint.high, closed=constraint.closed)]
+    return out + [None] if constraint.none else out
+
+
+def _table_constraints():
+    table = {option.name: option for option in _config.options()}
+    return {
+        param: _sklearn_constraint(table[name].constraint) for param, name in _TRAIN_OPTIONS.items()
+    }
 
 
 def _check_hidden(hidden):
@@ -111,7 +125,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
 
     over the weights :math:`w` and the keep probabilities :math:`s` of the
     :math:`n` prunable units, with the variance-reduced policy-gradient estimator
-    (VR-PGE) for :math:`s`: every step runs ``n_samples`` sparse forward passes
+    (VR-PGE) for :math:`s`: every step runs ``n_masks`` sparse forward passes
     and sparse backward passes only (Zhou et al., 2021). After ``max_iter`` epochs
     a deterministic mask within the budget is fixed and the weights are
     fine-tuned on it for ``finetune_iter`` epochs.
@@ -124,10 +138,11 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         Kept fraction of the prunable units (the budget).
     granularity : {"weight", "neuron"}, default="weight"
         One mask bit per stored weight, or per hidden unit.
-    n_samples : int >= 2, default=2
+    n_masks : int >= 2, default=2
         Number :math:`K` of sampled masks (forward passes) per step.
-    estimator : {"vrpge", "vrpge-sqrt", "reinforce", "straight-through"}, default="vrpge"
-        Gradient estimator of the scores (see :class:`~cpusparse.train.TrainConfig`).
+    score_estimator : {"vrpge", "vrpge-sqrt", "reinforce", "straight-through"}, default="vrpge"
+        Gradient estimator of the keep probabilities (see
+        :class:`~cpusparse.training.config.TrainConfig`).
     projection : {"exact", "bisection"}, default="exact"
         Solver of the projection onto the budget set.
     max_iter : int >= 1, default=30
@@ -135,7 +150,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
     finetune_iter : int >= 0, default=10
         Epochs of weight training on the fixed mask; 0 skips fine-tuning.
     fixed_mask : {"topk", "best-of-n"}, default="topk"
-        How the final mask is chosen (:func:`~cpusparse.train.fixed_mask`):
+        How the final mask is chosen (:func:`~cpusparse.training.loop.fixed_mask`):
         the ``floor(k)`` largest scores, or the most accurate of 10 sampled masks
         on the validation part (the training data without one). A sampled mask
         can exceed the budget; it is then cut to its ``floor(k)`` units of
@@ -157,7 +172,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         Average the weight gradient over the K passes, or use the first only.
     init : {"kaiming", "uniform"}, default="kaiming"
         Weight initialisation; the fan-in counts only the inputs expected to be
-        kept at ``density`` (see :func:`~cpusparse.network.make_mlp`).
+        kept at ``density`` (see :func:`~cpusparse.models.mlp`).
     dtype : {"float32", "float64"}, default="float32"
         Floating type of parameters and activations.
     n_jobs : int or None, default=None
@@ -175,7 +190,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         accuracy is recorded each epoch in ``history_`` (0 disables it).
     checkpoint : str or os.PathLike, default=None
         File written atomically at the end of every epoch
-        (:func:`~cpusparse.checkpoint.save_checkpoint`).
+        (:func:`~cpusparse.training.checkpoint.save_checkpoint`).
     resume : bool, default=False
         Continue from ``checkpoint`` if that file exists (it must have been
         written by a fit with the same parameters on the same data); the result
@@ -192,7 +207,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         The trained network.
     masks_ : list of ndarray of bool
         The fixed masks used for prediction, one per prunable layer.
-    score_ : ndarray of shape (n_units,)
+    keep_prob_ : ndarray of shape (n_units,)
         Final keep probabilities of the (remaining) prunable units, concatenated.
     n_active_ : int
         Number of prunable units kept by ``masks_``.
@@ -211,12 +226,12 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         ``expected_density`` (``sum(s) / n``), ``realised_density`` (mean kept
         fraction of the sampled masks, or of the fixed mask), ``grad_variance``
         (mean variance of the score gradient over the epoch, NaN in
-        fine-tuning; see :class:`~cpusparse.train.EpochStats`) and ``seconds``.
+        fine-tuning; see :class:`~cpusparse.training.loop.EpochStats`) and ``seconds``.
         All but ``seconds`` are bit-reproducible.
 
     See Also
     --------
-    cpusparse.train.train_step : The training step (Algorithm 1 of the paper).
+    cpusparse.training.step.train_step : The training step (Algorithm 1 of the paper).
 
     Notes
     -----
@@ -256,8 +271,8 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         hidden_layer_sizes=(300, 100),
         density=0.1,
         granularity="weight",
-        n_samples=2,
-        estimator="vrpge",
+        n_masks=2,
+        score_estimator="vrpge",
         projection="exact",
         max_iter=30,
         finetune_iter=10,
@@ -282,8 +297,8 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         self.hidden_layer_sizes = hidden_layer_sizes
         self.density = density
         self.granularity = granularity
-        self.n_samples = n_samples
-        self.estimator = estimator
+        self.n_masks = n_masks
+        self.score_estimator = score_estimator
         self.projection = projection
         self.max_iter = max_iter
         self.finetune_iter = finetune_iter
@@ -307,38 +322,39 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ validation
 
+    _parameter_constraints: dict = {
+        **_table_constraints(),
+        "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
+        "granularity": [StrOptions(set(GRANULARITIES))],
+        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "finetune_iter": [Interval(Integral, 0, None, closed="left")],
+        "fixed_mask": [StrOptions({"topk", "best-of-n"})],
+        "batch_size": [Interval(Integral, 1, None, closed="left")],
+        "sparse_classifier": ["boolean"],
+        "init": [StrOptions(set(INITS))],
+        "dtype": [StrOptions({"float32", "float64"}), type],
+        "n_jobs": [Interval(Integral, 1, None, closed="left"), None],
+        "random_state": [
+            Interval(Integral, 0, None, closed="left"),
+            np.random.RandomState,
+            np.random.Generator,
+            None,
+        ],
+        "verbose": ["boolean"],
+        "validation_fraction": [Interval(Real, 0, 1, closed="left")],
+        "checkpoint": [str, os.PathLike, None],
+        "resume": ["boolean"],
+    }
+
     def _check_params(self):
         """Validate the parameters; return the hidden sizes and the dtype."""
+        self._validate_params()
         hidden = _check_hidden(self.hidden_layer_sizes)
-        check_density(self.density)
-        check_choice(self.granularity, "granularity", ("weight", "neuron"))
-        check_n_samples(self.n_samples)
-        check_choice(self.estimator, "estimator", ESTIMATORS)
-        check_choice(self.projection, "projection", ("exact", "bisection"))
-        _check_int(self.max_iter, "max_iter", 1)
-        _check_int(self.finetune_iter, "finetune_iter", 0)
-        check_choice(self.fixed_mask, "fixed_mask", ("topk", "best-of-n"))
-        _check_int(self.batch_size, "batch_size", 1)
-        _check_positive(self.learning_rate_init, "learning_rate_init")
-        _check_positive(self.score_learning_rate, "score_learning_rate")
-        check_choice(self.optimizer, "optimizer", ("adam", "sgd"))
-        check_choice(self.score_optimizer, "score_optimizer", ("adam", "sgd"))
-        if self.clip_norm is not None:
-            _check_positive(self.clip_norm, "clip_norm")
-        check_choice(self.weight_grad, "weight_grad", ("mean", "first"))
-        check_choice(self.init, "init", ("kaiming", "uniform"))
-        if self.n_jobs is not None:
-            _check_int(self.n_jobs, "n_jobs", 1)
-        if self.dtype not in ("float32", "float64", np.float32, np.float64):
+        if isinstance(self.dtype, type) and self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
-        v = self.validation_fraction
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0.0 <= v < 1.0:
-            raise ValueError(f"validation_fraction must be in [0, 1), got {v!r}")
         if self.checkpoint is None and self.resume:
             raise ValueError("resume=True needs checkpoint=<path>, got checkpoint=None")
         if self.checkpoint is not None:
-            if not isinstance(self.checkpoint, (str, os.PathLike)):
-                raise TypeError(f"checkpoint must be None or a path, got {self.checkpoint!r}")
             directory = os.path.dirname(os.path.abspath(self.checkpoint))
             if not os.path.isdir(directory):
                 raise ValueError(
@@ -391,7 +407,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
 
         Raises
         ------
-        cpusparse.train.NonFiniteError
+        cpusparse.training.state.NonFiniteError
             If a loss or a parameter becomes NaN or infinite; the message names
             the step (and the layer). The last checkpoint is left intact.
         """
@@ -429,8 +445,8 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         n_batches = -(-y_train.shape[0] // self.batch_size)
         config = TrainConfig(
             density=float(self.density),
-            n_samples=int(self.n_samples),
-            estimator=self.estimator,
+            n_masks=int(self.n_masks),
+            score_estimator=self.score_estimator,
             projection=self.projection,
             weight_grad=self.weight_grad,
             clip_norm=None if self.clip_norm is None else float(self.clip_norm),
@@ -444,14 +460,14 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
 
         if ckpt is None:
             init_rng, data_rng, mask_rng = spawn_streams(entropy)
-            network = make_mlp(
+            network = mlp(
                 X.shape[1],
                 hidden,
                 classes.shape[0],
                 granularity=self.granularity,
                 sparse_classifier=bool(self.sparse_classifier),
                 init=self.init,
-                init_density=float(self.density),
+                density=float(self.density),
                 dtype=dtype,
                 rng=init_rng,
             )
@@ -609,7 +625,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
 
         self.network_ = state.network
         self.masks_ = masks
-        self.score_ = state.score.copy()
+        self.keep_prob_ = state.score.copy()
         self.n_active_ = int(sum(int(m.sum()) for m in masks))
         self.density_ = self.n_active_ / state.n_units_initial
         self.n_iter_ = len(history)
@@ -652,7 +668,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         net = self.network_
         x = np.ascontiguousarray(X.T, dtype=net.dtype)
         with numba_threads(self.n_jobs):
-            logits, _ = net.forward(x, self.masks_)
+            logits, _ = net.forward(x, self.masks_, mode=EVAL)
         return softmax(logits.astype(np.float64)).T
 
     def predict(self, X):
@@ -688,22 +704,21 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         for i, layer in enumerate(net.layers):
             if not layer.params():
                 continue
-            shape = tuple(int(s) for s in layer.shape)
             if i in masks:
-                gran = layer.granularity
-                n_units = shape[0] * shape[1] if gran == "weight" else shape[0]
+                n_units = layer.units.n_units_full
                 active = int(masks[i].sum())
             else:
-                n_units = active = shape[0] * shape[1]
+                pattern = layer.stored_pattern()
+                n_units = active = int(pattern.sum()) if pattern is not None else 0
             report.append(
                 {
                     "layer": i,
                     "type": type(layer).__name__,
-                    "shape": shape,
+                    "shape": (int(layer.n_out), int(layer.n_in)),
                     "prunable": i in masks,
                     "n_units": n_units,
                     "active": active,
-                    "density": active / n_units,
+                    "density": active / n_units if n_units else 1.0,
                 }
             )
         return report

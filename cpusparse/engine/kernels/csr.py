@@ -1,0 +1,295 @@
+"""The Numba kernels of cpusparse: masked CSR products and their gradients.
+
+Private module. Every kernel takes raw arrays and writes into arrays it is given;
+none validates its input, allocates its result or draws random numbers. The
+validated public wrappers live in :mod:`cpusparse.engine.csr`; the LLVM
+intrinsics that fix the order of the vector reductions live in
+:mod:`cpusparse.engine.kernels.intrinsics`.
+
+Conventions shared by every kernel
+----------------------------------
+- Activations are *feature-major*: ``x`` has shape ``(n_in, n_batch)`` and ``out``
+  shape ``(n_out, n_batch)``, both C-contiguous, so one feature's values over the
+  batch are contiguous and the inner loops run over the batch.
+- A weight matrix of shape ``(n_out, n_in)`` is a canonical CSR pattern
+  ``(indptr, indices)`` with values ``data`` aligned with ``indices``.
+- An *active pattern* ``(a_indptr, a_indices, a_data, a_pos)`` is the sub-pattern
+  selected by a mask; ``a_pos[c]`` is the position of active entry ``c`` in the
+  stored arrays, so gradients can be written back aligned with the stored entries.
+- Every floating-point reduction runs in one fixed order that does not depend on
+  the number of threads: a dot product over the batch accumulates element ``b`` in
+  lane ``b % 8`` in ascending ``b`` and combines the lanes as
+  ``((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7))``; a sum over rows of the
+  weight matrix runs over the rows in ascending order. No ``fastmath``.
+- Tiling never changes an order. The products over the batch are elementwise in
+  the batch index ``b``, so ``_make_init_tile`` holds a tile of the batch (8 vectors
+  of 64 bytes: 128 float32 or 64 float64, then narrower vectors and a scalar loop
+  for the rest) in registers and still applies, to every element, one multiply and
+  one add per active entry in stored (forward) or ascending-row (input gradient)
+  order. ``_dot4`` computes four ``_dot`` products sharing one operand, each in the
+  order of ``_dot``. Results are therefore bit-identical for any tiling, any
+  ``n_batch`` split and any thread count.
+"""
+
+from numba import njit, prange
+
+from .intrinsics import TILE_VECS, _dot, _dot4, _dot8, _init_8z, _init_x, _init_y, _init_z
+
+__all__: list[str] = []
+
+
+@njit(cache=True, nogil=True)
+def active_pattern(
+    indptr,
+    indices,
+    data,
+    entry_mask,
+    use_entry_mask,
+    row_mask,
+    use_row_mask,
+    col_mask,
+    use_col_mask,
+    a_indptr,
+    a_indices,
+    a_data,
+    a_pos,
+):
+    """Compact the stored entries kept by the masks; return their number.
+
+    One pass over the stored entries of the kept rows.
+    """
+    # NOTE: a_indptr has n_out + 1 slots; a_indices, a_data, a_pos have room for nnz.
+    n_out = indptr.shape[0] - 1
+    c = 0
+    a_indptr[0] = 0
+    for o in range(n_out):
+        if use_row_mask and not row_mask[o]:
+            a_indptr[o + 1] = c
+            continue
+        for k in range(indptr[o], indptr[o + 1]):
+            if use_entry_mask and not entry_mask[k]:
+                continue
+            j = indices[k]
+            if use_col_mask and not col_mask[j]:
+                continue
+            a_indices[c] = j
+            a_data[c] = data[k]
+            a_pos[c] = k
+            c += 1
+        a_indptr[o + 1] = c
+    return c
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sum(u):
+    # Fixed-order sum with the same lane structure as ``_dot``.
+    zero = u.dtype.type(0)
+    s0 = s1 = s2 = s3 = s4 = s5 = s6 = s7 = zero
+    n = u.shape[0]
+    n8 = n - n % 8
+    for b in range(0, n8, 8):
+        s0 += u[b]
+        s1 += u[b + 1]
+        s2 += u[b + 2]
+        s3 += u[b + 3]
+        s4 += u[b + 4]
+        s5 += u[b + 5]
+        s6 += u[b + 6]
+        s7 += u[b + 7]
+    t = n - n8
+    if t > 0:
+        s0 += u[n8]
+    if t > 1:
+        s1 += u[n8 + 1]
+    if t > 2:
+        s2 += u[n8 + 2]
+    if t > 3:
+        s3 += u[n8 + 3]
+    if t > 4:
+        s4 += u[n8 + 4]
+    if t > 5:
+        s5 += u[n8 + 5]
+    if t > 6:
+        s6 += u[n8 + 6]
+    return ((s0 + s1) + (s2 + s3)) + ((s4 + s5) + (s6 + s7))
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _output_grad_row(dout, out, row_mask, use_row_mask, relu, dpre, dbias, o):
+    # Row o of output_grad: dpre[o] and dbias[o].
+    n_batch = dpre.shape[1]
+    g = dpre[o]
+    if use_row_mask and not row_mask[o]:
+        for b in range(n_batch):
+            g[b] = 0
+        dbias[o] = 0
+        return
+    d = dout[o]
+    if relu:
+        y = out[o]
+        for b in range(n_batch):
+            g[b] = d[b] if y[b] > 0 else 0
+    else:
+        for b in range(n_batch):
+            g[b] = d[b]
+    dbias[o] = _sum(g)
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _init_gather_row(mat, cols, vals, start, end, row, init, relu):
+    """``row[b] = act(init + sum_k vals[k] * mat[cols[k], b])``, k ascending, every b."""
+    # NOTE: mat C-contiguous with row.shape[0] columns.
+    n = row.shape[0]
+    z = 64 // row.itemsize
+    b0 = 0
+    while b0 + TILE_VECS * z <= n:
+        _init_8z(mat, cols, vals, start, end, row, b0, init, relu)
+        b0 += TILE_VECS * z
+    while b0 + z <= n:
+        _init_z(mat, cols, vals, start, end, row, b0, init, relu)
+        b0 += z
+    if b0 + z // 2 <= n:
+        _init_y(mat, cols, vals, start, end, row, b0, init, relu)
+        b0 += z // 2
+    if b0 + z // 4 <= n:
+        _init_x(mat, cols, vals, start, end, row, b0, init, relu)
+        b0 += z // 4
+    if b0 < n:
+        for b in range(b0, n):
+            row[b] = init
+        for k in range(start, end):
+            w = vals[k]
+            src = mat[cols[k]]
+            for b in range(b0, n):
+                row[b] = row[b] + w * src[b]
+        if relu:
+            for b in range(b0, n):
+                if row[b] < 0:
+                    row[b] = 0
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def spmm_forward(a_indptr, a_indices, a_data, x, bias, row_mask, use_row_mask, relu, out):
+    """``out = act(W_active @ x + bias)``; rows dropped by ``row_mask`` are 0.
+
+    Each output element is ``bias`` plus the row's active products in stored order;
+    a tile of the output row over the batch stays in registers for the whole row,
+    from the bias to the ReLU, and is stored once.
+    """
+    # NOTE: x (n_in, n_batch) and out (n_out, n_batch) C-contiguous, same dtype.
+    n_out, n_batch = out.shape
+    for o in prange(n_out):
+        row = out[o]
+        if use_row_mask and not row_mask[o]:
+            for b in range(n_batch):
+                row[b] = 0
+            continue
+        _init_gather_row(x, a_indices, a_data, a_indptr[o], a_indptr[o + 1], row, bias[o], relu)
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def spmm_gather_t(t_indptr, t_rows, t_data, dpre, dx):
+    """``dx = W_active.T @ dpre`` from the transposed (CSC) active pattern.
+
+    ``dx[j]`` is the sum over the rows ``o`` of column ``j`` in ascending order of
+    ``t_data[c] * dpre[o]``, starting from 0 (the order of ``W_active.T @ dpre``
+    accumulated row by row); every ``dx`` row is written once, from registers.
+    """
+    # NOTE: (t_indptr, t_rows, t_data) from transpose_active; dx (n_in, n_batch).
+    n_in = dx.shape[0]
+    zero = dx.dtype.type(0)
+    for j in prange(n_in):
+        _init_gather_row(dpre, t_rows, t_data, t_indptr[j], t_indptr[j + 1], dx[j], zero, False)
+
+
+@njit(cache=True, nogil=True)
+def transpose_active(a_indptr, a_indices, a_data, t_indptr, t_rows, t_data):
+    """The CSC form of an active pattern: rows ascending within each column."""
+    # NOTE: t_indptr has n_in + 1 slots and is zero on entry; t_rows, t_data n_active.
+    n_out = a_indptr.shape[0] - 1
+    n_in = t_indptr.shape[0] - 1
+    n_active = a_indptr[n_out]
+    for c in range(n_active):
+        t_indptr[a_indices[c] + 1] += 1
+    for j in range(n_in):
+        t_indptr[j + 1] += t_indptr[j]
+    for o in range(n_out):
+        for c in range(a_indptr[o], a_indptr[o + 1]):
+            j = a_indices[c]
+            d = t_indptr[j]
+            t_rows[d] = o
+            t_data[d] = a_data[c]
+            t_indptr[j] = d + 1
+    for j in range(n_in, 0, -1):
+        t_indptr[j] = t_indptr[j - 1]
+    t_indptr[0] = 0
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _sddmm_row(a_indices, a_pos, x, g, k, end, dweight):
+    # Entries k .. end - 1 of one row: dweight[a_pos[c]] = g . x[a_indices[c]].
+    while k + 8 <= end:
+        d0, d1, d2, d3, d4, d5, d6, d7 = _dot8(
+            g,
+            x[a_indices[k]],
+            x[a_indices[k + 1]],
+            x[a_indices[k + 2]],
+            x[a_indices[k + 3]],
+            x[a_indices[k + 4]],
+            x[a_indices[k + 5]],
+            x[a_indices[k + 6]],
+            x[a_indices[k + 7]],
+        )
+        dweight[a_pos[k]] = d0
+        dweight[a_pos[k + 1]] = d1
+        dweight[a_pos[k + 2]] = d2
+        dweight[a_pos[k + 3]] = d3
+        dweight[a_pos[k + 4]] = d4
+        dweight[a_pos[k + 5]] = d5
+        dweight[a_pos[k + 6]] = d6
+        dweight[a_pos[k + 7]] = d7
+        k += 8
+    while k + 4 <= end:
+        d0, d1, d2, d3 = _dot4(
+            g, x[a_indices[k]], x[a_indices[k + 1]], x[a_indices[k + 2]], x[a_indices[k + 3]]
+        )
+        dweight[a_pos[k]] = d0
+        dweight[a_pos[k + 1]] = d1
+        dweight[a_pos[k + 2]] = d2
+        dweight[a_pos[k + 3]] = d3
+        k += 4
+    while k < end:
+        dweight[a_pos[k]] = _dot(g, x[a_indices[k]])
+        k += 1
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def output_grad_sddmm(
+    dout, out, row_mask, use_row_mask, relu, a_indptr, a_indices, a_pos, x, dpre, dbias, dweight
+):
+    """:func:`output_grad` then :func:`sddmm`, fused row by row.
+
+    Row ``o`` of ``dpre`` is computed and then, still in L1, dotted with the inputs
+    of the row's active entries: one pass over ``dpre`` instead of two, with the
+    same operations in the same order as the two kernels.
+    """
+    # NOTE: preconditions of output_grad and of sddmm.
+    n_out = dpre.shape[0]
+    for o in prange(n_out):
+        _output_grad_row(dout, out, row_mask, use_row_mask, relu, dpre, dbias, o)
+        _sddmm_row(a_indices, a_pos, x, dpre[o], a_indptr[o], a_indptr[o + 1], dweight)
+
+
+@njit(cache=True, nogil=True)
+def compact_indptr(indptr, keep, new_indptr):
+    """Row pointer of the pattern that keeps the stored entries where ``keep``."""
+    # NOTE: new_indptr has n_out + 1 slots.
+    n_out = indptr.shape[0] - 1
+    c = 0
+    new_indptr[0] = 0
+    for o in range(n_out):
+        for k in range(indptr[o], indptr[o + 1]):
+            if keep[k]:
+                c += 1
+        new_indptr[o + 1] = c
+    return c

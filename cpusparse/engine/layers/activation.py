@@ -1,0 +1,55 @@
+"""Elementwise activations."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..._validation import check_array
+from .base import TRAIN, Layer
+
+__all__ = ["ReLU", "ReLUCache"]
+
+
+class ReLUCache(NamedTuple):
+    """What :meth:`ReLU.backward` needs from the forward pass."""
+
+    positive: np.ndarray
+
+
+class ReLU(Layer):
+    """Elementwise ``max(x, 0)``; its gradient is taken as 0 at 0.
+
+    A feature known to be zero stays zero, so ``live`` passes through.
+
+    Examples
+    --------
+    >>> out, cache = ReLU().forward(np.array([[-1.0, 2.0]]))
+    >>> out, ReLU().backward(np.array([[5.0, 5.0]]), cache)[0]
+    (array([[0., 2.]]), array([[0., 5.]]))
+    """
+
+    def live_outputs(self, mask, live):
+        """Output features that may be nonzero (see :meth:`Layer.live_outputs`)."""
+        return live
+
+    def _check_input(self, x):
+        return check_array(x, "x", finite=True)
+
+    def _check_dout(self, dout, cache):
+        return check_array(dout, "dout", shape=cache.positive.shape)
+
+    def _forward(self, x, mask=None, live=None, mode=TRAIN):
+        positive = x > 0
+        return np.where(positive, x, x.dtype.type(0)), ReLUCache(positive)
+
+    def _backward(self, dout, cache, need_dx=True):
+        return np.where(cache.positive, dout, dout.dtype.type(0)), {}
+
+    def config(self):
+        """JSON-ready settings that, with :meth:`arrays`, rebuild the layer."""
+        return {}
+
+    def __repr__(self):
+        return "ReLU()"

@@ -1,0 +1,351 @@
+r"""The layer protocol: what every layer provides, and what a prunable layer adds.
+
+Every layer is a :class:`Layer` with explicit state and pure passes:
+
+- ``forward(x, mask=None, *, live=None, mode=TRAIN) -> (out, cache)`` and
+  ``backward(dout, cache, *, need_dx=True) -> (dx, grads)``, where ``grads`` holds
+  fresh arrays keyed like :meth:`Layer.params`. Nothing is kept on the layer between
+  the two calls, so K forward passes with K masks need nothing special.
+- ``params()`` (trainable arrays, updated in place by the optimizers) and
+  ``buffers()`` (non-trainable state such as batch-norm running statistics).
+- ``units``: ``None`` for a layer that takes no mask, else a :class:`UnitMap` that
+  says what one mask bit keeps (a stored weight, an output neuron, a channel), how
+  many stored weights each unit owns, what compaction keeps and how per-unit arrays
+  are laid out densely. Every granularity-specific decision lives in a unit map.
+- ``live_outputs(mask, live)``: the output features that may be nonzero, given the
+  mask and the input features that may be nonzero (``live``; None means all). A
+  container passes it to the next layer, which skips work on inputs known to be
+  exactly zero. This is also how one prunable unit spans several layers: a channel
+  dropped by a convolution is known zero in the batch norm and the pooling after it.
+- ``config()``, ``arrays()`` and ``from_config(config, arrays)``: the layer's own
+  serialisation, for checkpoints. Every concrete subclass registers itself by class
+  name in :data:`LAYER_TYPES` when it is defined, so a checkpoint can rebuild any
+  layer kind, including one defined outside the package, without a type switch.
+
+Activations are feature-major: ``x`` has shape ``(n_in, n_batch)``, one column per
+sample. The public ``forward``/``backward`` validate their input once; containers call
+the unvalidated ``_forward``/``_backward`` after validating at their own boundary.
+
+The :class:`Mode` of a pass says whether it is a training pass (batch statistics) or
+an evaluation pass (running statistics), and whether it is a straight-through pass
+(every stored entry computed, the mask applied multiplicatively, so that the backward
+pass yields :math:`\partial L / \partial m` in ``grads["mask"]``).
+
+Containers (:mod:`cpusparse.engine.containers`) are layers too: they report
+``n_masks`` (the number of prunable layers inside them) and take that many masks, so
+a block with two inputs, such as a residual add, is a container whose ``_run`` sends
+one input through two branches and adds them.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any, ClassVar, NamedTuple
+
+import numpy as np
+
+from ..csr import _check_activations
+
+__all__ = ["Mode", "TRAIN", "EVAL", "STRAIGHT_THROUGH", "Layer", "UnitMap", "LAYER_TYPES"]
+
+
+class Mode(NamedTuple):
+    """How a forward pass runs.
+
+    Attributes
+    ----------
+    training : bool, default=True
+        A training pass (batch statistics, buffers updated) or an evaluation pass.
+    straight_through : bool, default=False
+        Compute every stored entry and apply the mask multiplicatively, so that the
+        backward pass returns the gradient with respect to the mask (the chain-rule
+        baseline); masks are then not used to skip work.
+    """
+
+    training: bool = True
+    straight_through: bool = False
+
+
+TRAIN = Mode()
+"""A sparse training pass (the default)."""
+EVAL = Mode(training=False)
+"""An evaluation pass."""
+STRAIGHT_THROUGH = Mode(straight_through=True)
+"""A dense training pass through the mask, for the straight-through estimator."""
+
+LAYER_TYPES: dict[str, type[Layer]] = {}
+"""Every concrete layer class by name (filled by :meth:`Layer.__init_subclass__`)."""
+
+
+class UnitMap(abc.ABC):
+    """What the mask bits of one prunable layer keep.
+
+    A unit map belongs to one layer (``layer.units``) and answers every question
+    whose answer depends on the granularity, so that containers, the training loop,
+    compaction, checkpoints and traces never branch on it.
+
+    Attributes
+    ----------
+    granularity : str
+        Name of the kind of unit (``"weight"``, ``"neuron"``, ...).
+    zeroes_outputs : bool
+        True when a dropped unit makes output features exactly zero (a neuron or a
+        channel): the next layer's inputs are then masked too.
+    thins_fan_in : bool
+        True when a kept unit computes with only part of its inputs (one bit per
+        weight), so that weight initialisation scales the fan-in by the density.
+    """
+
+    granularity: ClassVar[str]
+    zeroes_outputs: ClassVar[bool]
+    thins_fan_in: ClassVar[bool]
+
+    @property
+    @abc.abstractmethod
+    def n_units(self) -> int:
+        """Number of mask bits."""
+
+    @property
+    @abc.abstractmethod
+    def n_units_full(self) -> int:
+        """Number of units of the layer with every entry stored (for density reports)."""
+
+    @abc.abstractmethod
+    def stored_per_unit(self) -> np.ndarray:
+        """Number of stored weights each unit owns, shape ``(n_units,)``."""
+
+    @abc.abstractmethod
+    def compaction(self, dead: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+        """What compaction keeps when the units ``dead`` can never be sampled again.
+
+        Parameters
+        ----------
+        dead : ndarray of bool, shape (n_units,)
+
+        Returns
+        -------
+        kept_units : ndarray of bool, shape (n_units,)
+            The units that stay in the score vector (arrays aligned with the units,
+            such as scores and their optimizer state, are compacted with it).
+        kept_entries : dict of str to ndarray of bool
+            For each parameter whose entries shrink, the entries kept (its
+            optimizer state is compacted with it); see :meth:`Layer.compact`.
+        """
+
+    def dense(self, values: np.ndarray, fill: Any = 0) -> np.ndarray:
+        """Per-unit values ``(..., n_units)`` in the layer's dense layout (for traces)."""
+        return np.array(values, copy=True)
+
+    def check_mask(self, mask: Any) -> np.ndarray:
+        """``mask`` as a contiguous boolean array of shape ``(n_units,)``, or an error."""
+        mask = np.asarray(mask)
+        if mask.dtype != np.bool_:
+            raise TypeError(f"mask must be a boolean array, got dtype {mask.dtype}")
+        if mask.shape != (self.n_units,):
+            raise ValueError(
+                f"mask must have shape ({self.n_units},) (one bit per {self.granularity}), "
+                f"got {mask.shape}"
+            )
+        return np.ascontiguousarray(mask)
+
+
+class Layer(abc.ABC):
+    """Base of every layer; see the module docstring for the contract.
+
+    Subclasses implement :meth:`_forward`, :meth:`_backward` and :meth:`config`, and
+    override the rest where the defaults do not fit: any number of features
+    (:attr:`n_in`, :attr:`n_out` None, for elementwise layers), no parameters, no
+    buffers, no units, every output live, and rebuilt by ``cls(**arrays, **config)``.
+    """
+
+    units: UnitMap | None = None
+    """What the mask bits keep; None for a layer that takes no mask."""
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        if not getattr(cls, "__abstractmethods__", None):
+            LAYER_TYPES[cls.__name__] = cls
+
+    # ------------------------------------------------------------------ sizes
+
+    @property
+    def n_in(self) -> int | None:
+        """Number of input features (None: any number, for an elementwise layer)."""
+        return None
+
+    @property
+    def n_out(self) -> int | None:
+        """Number of output features (None: as many as the inputs)."""
+        return None
+
+    @property
+    def n_masks(self) -> int:
+        """Number of masks the layer takes: 1 if prunable, else 0 (containers: more)."""
+        return 0 if self.units is None else 1
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        """Floating type of the parameters (None for a layer without parameters)."""
+        params = self.params()
+        return next(iter(params.values())).dtype if params else None
+
+    # ------------------------------------------------------------------ state
+
+    def params(self) -> dict[str, np.ndarray]:
+        """The trainable arrays by name (the arrays themselves, updated in place)."""
+        return {}
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        """Non-trainable state by name (e.g. running statistics); none by default."""
+        return {}
+
+    def live_outputs(self, mask: np.ndarray | None, live: np.ndarray | None) -> np.ndarray | None:
+        """Output features that may be nonzero after a pass with ``mask``.
+
+        Parameters
+        ----------
+        mask : ndarray of bool or None
+            The layer's mask (None for a layer without units, or everything kept).
+        live : ndarray of bool, shape (n_in,), or None
+            Input features that may be nonzero; None means every one.
+
+        Returns
+        -------
+        ndarray of bool, shape (n_out,), or None
+            None means every output may be nonzero (the default).
+        """
+        return None
+
+    def n_active(self, mask=None, live=None, mode=TRAIN) -> int:
+        """Number of weights one pass multiplies with, per sample (its multiply-adds).
+
+        The cost model of the benchmarks: a pass with mask ``mask`` on inputs of which
+        only ``live`` may be nonzero. 0 for a layer without weights (the default).
+        """
+        return 0
+
+    # ------------------------------------------------------------------ passes
+
+    def forward(self, x, mask=None, *, live=None, mode=TRAIN):
+        """Forward pass (validated).
+
+        Parameters
+        ----------
+        x : ndarray of shape (n_in, n_batch)
+            Feature-major input, the layer's dtype.
+        mask : ndarray of bool, shape (units.n_units,), optional
+            Keep bits of a prunable layer; None keeps every unit.
+        live : ndarray of bool, shape (n_in,), optional
+            Inputs that may be nonzero; the layer computes as if ``x`` were zero
+            outside them.
+        mode : Mode, default=TRAIN
+
+        Returns
+        -------
+        out : ndarray of shape (n_out, n_batch)
+        cache : object
+            Everything :meth:`backward` needs.
+        """
+        x = self._check_input(x)
+        mask = self._check_mask(mask)
+        live = _check_live(live, self.n_in)
+        return self._forward(x, mask, live, mode)
+
+    def backward(self, dout, cache, *, need_dx=True):
+        """Backward pass (validated).
+
+        Parameters
+        ----------
+        dout : ndarray of shape (n_out, n_batch)
+            Gradient of the loss with respect to the forward output.
+        cache : object
+            From :meth:`forward`.
+        need_dx : bool, default=True
+            Whether to compute the input gradient (False for the first layer).
+
+        Returns
+        -------
+        dx : ndarray of shape (n_in, n_batch) or None
+        grads : dict of str to ndarray
+            Fresh arrays keyed like :meth:`params`; a straight-through pass adds
+            ``"mask"``, the gradient with respect to the mask.
+        """
+        dout = self._check_dout(dout, cache)
+        return self._backward(dout, cache, need_dx)
+
+    @abc.abstractmethod
+    def _forward(self, x, mask, live, mode):
+        """Unvalidated forward pass; see :meth:`forward`."""
+
+    @abc.abstractmethod
+    def _backward(self, dout, cache, need_dx):
+        """Unvalidated backward pass; see :meth:`backward`."""
+
+    def _run(self, x, masks, live, mode):
+        """One step of a container: ``(out, cache, live_out)`` with ``n_masks`` masks."""
+        mask = masks[0] if masks else None
+        out, cache = self._forward(x, mask, live, mode)
+        return out, cache, (None if mode.straight_through else self.live_outputs(mask, live))
+
+    def _check_input(self, x):
+        return _check_activations(x, self.n_in, "x", self.dtype)
+
+    def _check_dout(self, dout, cache):
+        dout = _check_activations(dout, self.n_out, "dout", self.dtype)
+        expected = getattr(cache, "out", None)
+        if expected is not None and dout.shape != expected.shape:
+            raise ValueError(f"dout must have shape {expected.shape}, got {dout.shape}")
+        return dout
+
+    def _check_mask(self, mask):
+        if mask is None:
+            return None
+        if self.units is None:
+            raise ValueError(f"{type(self).__name__} takes no mask, got one")
+        return self.units.check_mask(mask)
+
+    # ------------------------------------------------------------------ storage
+
+    def stored_pattern(self) -> np.ndarray | None:
+        """Dense boolean ``(n_out, n_in)`` map of the stored weights (None: no weight)."""
+        return None
+
+    def dense(self, name: str, values: np.ndarray, fill: Any = 0) -> np.ndarray:
+        """Values aligned with parameter ``name`` in its dense layout (for traces).
+
+        ``values`` has the parameter's shape, optionally with leading axes (one per
+        mask pass); the default layout is the parameter's own.
+        """
+        return np.array(values, copy=True)
+
+    def compact(self, kept_entries: dict[str, np.ndarray]) -> Layer:
+        """A new layer without the entries that ``kept_entries`` drops.
+
+        ``kept_entries`` comes from ``units.compaction``; layers without units are
+        never compacted.
+        """
+        raise NotImplementedError(f"{type(self).__name__} cannot be compacted")
+
+    @abc.abstractmethod
+    def config(self) -> dict:
+        """JSON-ready settings that, with :meth:`arrays`, rebuild the layer."""
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array needed to rebuild the layer: parameters, buffers, structure."""
+        return {**self.params(), **self.buffers()}
+
+    @classmethod
+    def from_config(cls, config: dict, arrays: dict[str, np.ndarray]) -> Layer:
+        """Rebuild a layer from :meth:`config` and :meth:`arrays`."""
+        return cls(**arrays, **config)
+
+
+def _check_live(live, n):
+    if live is None:
+        return None
+    live = np.asarray(live)
+    if live.dtype != np.bool_:
+        raise TypeError(f"live must be a boolean array, got dtype {live.dtype}")
+    if live.ndim != 1 or (n is not None and live.shape != (n,)):
+        raise ValueError(f"live must have shape ({n},) (one bit per input), got {live.shape}")
+    return np.ascontiguousarray(live)

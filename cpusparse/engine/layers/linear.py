@@ -1,0 +1,574 @@
+"""Linear layers: :class:`SparseLinear` (a CSR pattern computed with a mask) and :class:`Linear`.
+
+Weights are ``(n_out, n_in)`` as in PyTorch; activations are feature-major,
+``(n_in, n_batch)``, so ``out = W @ x`` as in the math. A :class:`SparseLinear` layer
+delegates everything that depends on what one mask bit keeps to its unit map:
+:class:`WeightUnits` (one bit per stored weight) or :class:`NeuronUnits` (one bit per
+output unit, its whole row and bias). :data:`GRANULARITIES` maps the granularity
+names to them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from ..._validation import check_array, check_choice, check_density, check_rng, check_same_dtype
+from .. import csr
+from .base import TRAIN, Layer, UnitMap
+
+__all__ = [
+    "SparseLinear",
+    "SparseLinearCache",
+    "Linear",
+    "LinearCache",
+    "WeightUnits",
+    "NeuronUnits",
+    "GRANULARITIES",
+]
+
+INITS = ("uniform", "kaiming")
+"""Weight initialisations of :meth:`SparseLinear.random` and :meth:`Linear.random`."""
+
+
+def _init_uniform(shape, fan_in, dtype, rng):
+    # PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
+    bound = 1.0 / np.sqrt(fan_in) if fan_in > 0 else 0.0
+    return rng.uniform(-bound, bound, size=shape).astype(dtype)
+
+
+def _init_weight(shape, fan_in, init, dtype, rng):
+    # "uniform": PyTorch's nn.Linear default; "kaiming": He normal, std sqrt(2 / fan_in).
+    check_choice(init, "init", INITS)
+    if init == "uniform":
+        return _init_uniform(shape, fan_in, dtype, rng)
+    std = np.sqrt(2.0 / fan_in) if fan_in > 0 else 0.0
+    return rng.normal(0.0, std, size=shape).astype(dtype)
+
+
+def _check_fan_in_scale(fan_in_scale):
+    if not 0 < fan_in_scale <= 1:
+        raise ValueError(f"fan_in_scale must be in (0, 1], got {fan_in_scale}")
+
+
+class WeightUnits(UnitMap):
+    """One mask bit per stored weight of a :class:`SparseLinear` layer.
+
+    The mask selects stored entries; a row whose entries are all dropped still
+    outputs ``act(bias)``, so no output is known to be zero.
+    """
+
+    granularity = "weight"
+    zeroes_outputs = False
+    thins_fan_in = True
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    @property
+    def n_units(self):
+        """Number of mask bits."""
+        return self.layer.nnz
+
+    @property
+    def n_units_full(self):
+        """Number of units of the layer with every entry stored."""
+        return self.layer.shape[0] * self.layer.shape[1]
+
+    def stored_per_unit(self):
+        """Number of stored weights each unit owns, shape ``(n_units,)``."""
+        return np.ones(self.n_units, dtype=np.int64)
+
+    def compaction(self, dead):
+        """Units and entries kept when ``dead`` units go (see :meth:`UnitMap.compaction`)."""
+        keep = ~dead
+        return keep, {"weight": keep}
+
+    def dense(self, values, fill=0):
+        """Per-unit values in the layer's dense layout (see :meth:`UnitMap.dense`)."""
+        return self.layer.dense("weight", values, fill)
+
+    def masks(self, mask):
+        """``(entry_mask, row_mask)`` for :func:`cpusparse.engine.csr.select_active`."""
+        return mask, None
+
+    def live_outputs(self, mask):
+        """Output features that may be nonzero (see :meth:`Layer.live_outputs`)."""
+        return None
+
+    def straight_through_forward(self, layer, x, mask):
+        """Forward pass over every stored entry, the mask applied multiplicatively."""
+        # out = f((W * m) @ x + b) over every stored entry.
+        data = layer.weight * mask
+        active = layer._everything(data)
+        out = csr._masked_matmul(active, x, layer.bias, layer.activation == "relu")
+        return out, SparseLinearCache(x, out, active, mask, None)
+
+    def straight_through_backward(self, layer, dout, cache, need_dx):
+        """Backward pass of :meth:`straight_through_forward`, with ``grads["mask"]``."""
+        # dL/dW_eff by the chain rule at every stored entry; dL/dm = dL/dW_eff * W.
+        relu = layer.activation == "relu"
+        dx, deff, dbias = csr._masked_matmul_backward(
+            cache.active, cache.x, dout, cache.out, relu, need_dx
+        )
+        return dx, {"weight": deff * cache.mask, "bias": dbias, "mask": deff * layer.weight}
+
+
+class NeuronUnits(UnitMap):
+    """One mask bit per output unit of a :class:`SparseLinear` layer.
+
+    ``out = m * act(W @ x + b)``: a dropped unit outputs exactly 0, bias included, so
+    the next layer skips its column.
+    """
+
+    granularity = "neuron"
+    zeroes_outputs = True
+    thins_fan_in = False
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    @property
+    def n_units(self):
+        """Number of mask bits."""
+        return self.layer.shape[0]
+
+    @property
+    def n_units_full(self):
+        """Number of units of the layer with every entry stored."""
+        return self.layer.shape[0]
+
+    def stored_per_unit(self):
+        """Number of stored weights each unit owns, shape ``(n_units,)``."""
+        return np.diff(self.layer.indptr)
+
+    def compaction(self, dead):
+        """Units and entries kept when ``dead`` units go (see :meth:`UnitMap.compaction`)."""
+        # The units stay (their number fixes the next layer's input size); the stored
+        # weights of dead rows go.
+        keep = np.repeat(~dead, np.diff(self.layer.indptr))
+        return np.ones(dead.shape[0], dtype=bool), {"weight": keep}
+
+    def masks(self, mask):
+        """``(entry_mask, row_mask)`` for :func:`cpusparse.engine.csr.select_active`."""
+        return None, mask
+
+    def live_outputs(self, mask):
+        """Output features that may be nonzero (see :meth:`Layer.live_outputs`)."""
+        return mask
+
+    def straight_through_forward(self, layer, x, mask):
+        """Forward pass over every stored entry, the mask applied multiplicatively."""
+        # out = m * f(W @ x + b): the unmasked output is kept for dL/dm.
+        active = layer._everything(layer.weight)
+        unmasked = csr._masked_matmul(active, x, layer.bias, layer.activation == "relu")
+        out = unmasked * mask[:, None]
+        return out, SparseLinearCache(x, out, active, mask, unmasked)
+
+    def straight_through_backward(self, layer, dout, cache, need_dx):
+        """Backward pass of :meth:`straight_through_forward`, with ``grads["mask"]``."""
+        relu = layer.activation == "relu"
+        dmask = np.einsum("ob,ob->o", dout, cache.unmasked)
+        dunmasked = np.ascontiguousarray(dout * cache.mask[:, None])
+        dx, dweight, dbias = csr._masked_matmul_backward(
+            cache.active, cache.x, dunmasked, cache.unmasked, relu, need_dx
+        )
+        return dx, {"weight": dweight, "bias": dbias, "mask": dmask}
+
+
+GRANULARITIES = {"weight": WeightUnits, "neuron": NeuronUnits}
+"""The unit maps of :class:`SparseLinear` by granularity name."""
+
+
+class SparseLinearCache(NamedTuple):
+    """What :meth:`SparseLinear.backward` needs from the forward pass.
+
+    ``mask`` and ``unmasked`` are set only by a straight-through pass: the mask and,
+    for neuron granularity, the output before the mask was applied.
+    """
+
+    x: np.ndarray
+    out: np.ndarray
+    active: csr.ActivePattern
+    mask: np.ndarray | None = None
+    unmasked: np.ndarray | None = None
+
+
+class SparseLinear(Layer):
+    """A linear layer whose weight is a CSR pattern, computed with a sampled mask.
+
+    ``out = act((W * m) @ x + b)`` for weight granularity and
+    ``out = m * act(W @ x + b)`` (a dropped unit outputs exactly 0) for neuron
+    granularity. Forward and backward touch only the active entries.
+
+    Parameters
+    ----------
+    indptr, indices : ndarray
+        Canonical CSR pattern of the stored weights, shape ``(n_out, n_in)``.
+    weight : ndarray of shape (nnz,)
+        Values of the stored weights, aligned with ``indices``.
+    bias : ndarray of shape (n_out,)
+        Dense bias, same dtype as ``weight``.
+    n_in : int
+        Number of inputs.
+    granularity : {"weight", "neuron"}, default="weight"
+        What one mask bit keeps: one stored weight, or one output unit with its
+        whole row and bias (see :data:`GRANULARITIES`).
+    activation : {None, "relu"}, default=None
+        Activation fused into the product.
+
+    Attributes
+    ----------
+    units : WeightUnits or NeuronUnits
+        What the mask bits keep; ``units.n_units`` is ``nnz`` (weight) or ``n_out``
+        (neuron).
+
+    Examples
+    --------
+    >>> layer = SparseLinear.random(3, 2, rng=0, dtype=np.float64)
+    >>> x = np.ones((3, 4))
+    >>> out, cache = layer.forward(x, mask=np.array([True, False, True, True, False, True]))
+    >>> dx, grads = layer.backward(np.ones_like(out), cache)
+    >>> grads["weight"].shape, bool(grads["weight"][1] == 0)
+    ((6,), True)
+    """
+
+    def __init__(
+        self, indptr, indices, weight, bias, n_in, *, granularity="weight", activation=None
+    ):
+        n_out = len(indptr) - 1
+        self.indptr, self.indices = csr.check_pattern(indptr, indices, (n_out, n_in))
+        self.weight = check_array(weight, "weight", ndim=1, shape=self.indices.shape, finite=True)
+        self.bias = check_array(bias, "bias", ndim=1, shape=(n_out,), finite=True)
+        check_same_dtype(("weight", self.weight), ("bias", self.bias))
+        self.shape = (int(n_out), int(n_in))
+        check_choice(granularity, "granularity", tuple(GRANULARITIES))
+        self.units = GRANULARITIES[granularity](self)
+        self.activation = check_choice(activation, "activation", (None, "relu"))
+
+    @classmethod
+    def random(
+        cls,
+        n_in,
+        n_out,
+        *,
+        density=1.0,
+        granularity="weight",
+        activation=None,
+        init="uniform",
+        fan_in_scale=1.0,
+        dtype=np.float32,
+        rng=None,
+    ):
+        r"""A layer with a random pattern and random weights.
+
+        Parameters
+        ----------
+        n_in, n_out : int
+            Layer size.
+        density : float in (0, 1], default=1.0
+            Fraction of the ``n_out * n_in`` entries stored; 1.0 stores them all
+            (the starting point of training, where masks do the sparsifying).
+        granularity, activation
+            As in the class.
+        init : {"uniform", "kaiming"}, default="uniform"
+            Weight distribution: PyTorch's ``nn.Linear`` default
+            :math:`U(\pm 1/\sqrt{f})`, or He's normal :math:`N(0, 2/f)`, with
+            :math:`f` the effective fan-in. The bias is always
+            :math:`U(\pm 1/\sqrt{n_{in}})`.
+        fan_in_scale : float in (0, 1], default=1.0
+            Expected fraction of the inputs that a unit sees, so that
+            :math:`f = n_{in} \times` ``fan_in_scale``: with masks at density
+            :math:`d`, ``d`` keeps the scale of the activations as if dense.
+        dtype : {numpy.float32, numpy.float64}
+        rng : None, int or numpy.random.Generator
+            Draws, in order: the pattern (if ``density < 1``), the weights, the bias.
+
+        Returns
+        -------
+        SparseLinear
+        """
+        rng = check_rng(rng)
+        density = check_density(density)
+        if density == 1.0:
+            indptr, indices = csr.full_pattern((n_out, n_in))
+        else:
+            indptr, indices = csr.random_pattern((n_out, n_in), density, rng=rng)
+        _check_fan_in_scale(fan_in_scale)
+        weight = _init_weight(indices.shape[0], n_in * fan_in_scale, init, dtype, rng)
+        bias = _init_uniform(n_out, n_in, dtype, rng)
+        return cls(
+            indptr, indices, weight, bias, n_in, granularity=granularity, activation=activation
+        )
+
+    @property
+    def granularity(self):
+        """Name of the unit map's granularity."""
+        return self.units.granularity
+
+    @property
+    def n_in(self):
+        """Number of input features."""
+        return self.shape[1]
+
+    @property
+    def n_out(self):
+        """Number of output features."""
+        return self.shape[0]
+
+    @property
+    def nnz(self):
+        """Number of stored weights."""
+        return int(self.indices.shape[0])
+
+    @property
+    def n_units(self):
+        """Number of prunable units (mask bits)."""
+        return self.units.n_units
+
+    @property
+    def dtype(self):
+        """Floating-point type of the parameters."""
+        return self.weight.dtype
+
+    def params(self):
+        """The parameter arrays, by name (the same objects, not copies)."""
+        return {"weight": self.weight, "bias": self.bias}
+
+    def live_outputs(self, mask, live):
+        """Outputs that may be nonzero: the kept neurons (neuron granularity), else all."""
+        return None if mask is None else self.units.live_outputs(mask)
+
+    def n_active(self, mask=None, live=None, mode=TRAIN):
+        """Stored entries kept by ``mask`` whose input is live (every one, straight-through)."""
+        if mode.straight_through:
+            return self.nnz
+        keep = np.ones(self.nnz, dtype=bool)
+        entry_mask, row_mask = self.units.masks(mask)
+        if entry_mask is not None:
+            keep &= entry_mask
+        if row_mask is not None:
+            keep &= row_mask[self._rows()]
+        if live is not None:
+            keep &= live[self.indices]
+        return int(keep.sum())
+
+    def to_dense(self, mask=None):
+        """The dense ``(n_out, n_in)`` weight with the mask applied."""
+        entry_mask, row_mask = self.units.masks(self._check_mask(mask))
+        return csr.to_dense(
+            self.indptr,
+            self.indices,
+            self.weight,
+            self.shape,
+            entry_mask=entry_mask,
+            row_mask=row_mask,
+        )
+
+    def _forward(self, x, mask=None, live=None, mode=TRAIN):
+        if mode.straight_through:
+            if mask is None:
+                mask = np.ones(self.units.n_units, dtype=bool)
+            return self.units.straight_through_forward(self, x, mask)
+        entry_mask, row_mask = self.units.masks(mask)
+        active = csr._select_active(
+            self.indptr, self.indices, self.weight, self.shape, entry_mask, row_mask, live
+        )
+        out = csr._masked_matmul(active, x, self.bias, self.activation == "relu")
+        return out, SparseLinearCache(x, out, active)
+
+    def _backward(self, dout, cache, need_dx=True):
+        if cache.mask is not None:
+            return self.units.straight_through_backward(self, dout, cache, need_dx)
+        dx, dweight, dbias = csr._masked_matmul_backward(
+            cache.active, cache.x, dout, cache.out, self.activation == "relu", need_dx
+        )
+        return dx, {"weight": dweight, "bias": dbias}
+
+    def _everything(self, data):
+        # The active pattern of every stored entry, with values ``data``.
+        everything = np.arange(self.nnz, dtype=csr.INDEX_DTYPE)
+        return csr.ActivePattern(
+            self.indptr, self.indices, data, everything, self.shape, self.nnz, None
+        )
+
+    def stored_pattern(self):
+        """Dense boolean ``(n_out, n_in)`` map of the stored weights."""
+        pattern = np.zeros(self.shape, dtype=bool)
+        pattern[self._rows(), self.indices] = True
+        return pattern
+
+    def _rows(self):
+        return np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
+
+    def dense(self, name, values, fill=0):
+        """Per-entry ``(..., nnz)`` weight values as dense ``(..., n_out, n_in)``."""
+        values = np.asarray(values)
+        if name != "weight":
+            return values.copy()
+        out = np.full(values.shape[:-1] + self.shape, fill, dtype=values.dtype)
+        out[..., self._rows(), self.indices] = values
+        return out
+
+    def compact(self, kept_entries):
+        """A new layer without the stored entries where ``kept_entries["weight"]`` is False.
+
+        Arrays aligned with the old stored entries (scores, optimizer state) are
+        compacted with ``array[keep]``.
+        """
+        keep = kept_entries["weight"]
+        indptr, indices = csr.compact_pattern(self.indptr, self.indices, keep)
+        return SparseLinear(
+            indptr,
+            indices,
+            self.weight[keep],
+            self.bias.copy(),
+            self.shape[1],
+            granularity=self.granularity,
+            activation=self.activation,
+        )
+
+    def config(self):
+        """JSON-ready settings that, with :meth:`arrays`, rebuild the layer."""
+        return {
+            "shape": list(self.shape),
+            "granularity": self.granularity,
+            "activation": self.activation,
+        }
+
+    def arrays(self):
+        """The CSR pattern and the parameters."""
+        return {"indptr": self.indptr, "indices": self.indices, **self.params()}
+
+    @classmethod
+    def from_config(cls, config, arrays):
+        """Rebuild the layer from :meth:`config` and :meth:`arrays`."""
+        return cls(
+            arrays["indptr"],
+            arrays["indices"],
+            arrays["weight"],
+            arrays["bias"],
+            config["shape"][1],
+            granularity=config["granularity"],
+            activation=config["activation"],
+        )
+
+    def __repr__(self):
+        return (
+            f"SparseLinear(n_in={self.shape[1]}, n_out={self.shape[0]}, nnz={self.nnz}, "
+            f"granularity={self.granularity!r}, activation={self.activation!r}, "
+            f"dtype={self.dtype})"
+        )
+
+
+class LinearCache(NamedTuple):
+    """What :meth:`Linear.backward` needs from the forward pass."""
+
+    x: np.ndarray
+    out: np.ndarray
+
+
+class Linear(Layer):
+    """A dense linear layer, ``out = act(W @ x + b)`` (the classifier by default).
+
+    Parameters
+    ----------
+    weight : ndarray of shape (n_out, n_in)
+    bias : ndarray of shape (n_out,)
+    activation : {None, "relu"}, default=None
+
+    Examples
+    --------
+    >>> layer = Linear.random(3, 2, rng=0, dtype=np.float64)
+    >>> out, cache = layer.forward(np.ones((3, 5)))
+    >>> dx, grads = layer.backward(np.ones_like(out), cache)
+    >>> dx.shape, grads["weight"].shape
+    ((3, 5), (2, 3))
+    """
+
+    def __init__(self, weight, bias, *, activation=None):
+        self.weight = check_array(weight, "weight", ndim=2, finite=True)
+        self.bias = check_array(bias, "bias", ndim=1, shape=(self.weight.shape[0],), finite=True)
+        check_same_dtype(("weight", self.weight), ("bias", self.bias))
+        self.shape = self.weight.shape
+        self.activation = check_choice(activation, "activation", (None, "relu"))
+
+    @classmethod
+    def random(
+        cls,
+        n_in,
+        n_out,
+        *,
+        activation=None,
+        init="uniform",
+        fan_in_scale=1.0,
+        dtype=np.float32,
+        rng=None,
+    ):
+        """A layer with random weights, then bias (see :meth:`SparseLinear.random`)."""
+        rng = check_rng(rng)
+        _check_fan_in_scale(fan_in_scale)
+        weight = _init_weight((n_out, n_in), n_in * fan_in_scale, init, dtype, rng)
+        bias = _init_uniform(n_out, n_in, dtype, rng)
+        return cls(weight, bias, activation=activation)
+
+    @property
+    def n_in(self):
+        """Number of input features."""
+        return self.shape[1]
+
+    @property
+    def n_out(self):
+        """Number of output features."""
+        return self.shape[0]
+
+    @property
+    def dtype(self):
+        """Floating-point type of the parameters."""
+        return self.weight.dtype
+
+    def params(self):
+        """The parameter arrays, by name (the same objects, not copies)."""
+        return {"weight": self.weight, "bias": self.bias}
+
+    def _forward(self, x, mask=None, live=None, mode=TRAIN):
+        out = self.weight @ x
+        out += self.bias[:, None]
+        if self.activation == "relu":
+            np.maximum(out, 0, out=out)
+        return out, LinearCache(x, out)
+
+    def _backward(self, dout, cache, need_dx=True):
+        if self.activation == "relu":
+            dout = dout * (cache.out > 0)
+        dweight = dout @ cache.x.T
+        dbias = dout.sum(axis=1)
+        dx = self.weight.T @ dout if need_dx else None
+        return dx, {"weight": dweight, "bias": dbias}
+
+    def stored_pattern(self):
+        """Dense boolean ``(n_out, n_in)`` map of the stored weights."""
+        return np.ones(self.shape, dtype=bool)
+
+    def n_active(self, mask=None, live=None, mode=TRAIN):
+        """Every weight (the dense product skips nothing)."""
+        return int(self.weight.size)
+
+    def config(self):
+        """JSON-ready settings that, with :meth:`arrays`, rebuild the layer."""
+        return {"shape": list(self.shape), "activation": self.activation}
+
+    @classmethod
+    def from_config(cls, config, arrays):
+        """Rebuild the layer from :meth:`config` and :meth:`arrays`."""
+        weight = arrays["weight"]
+        if list(weight.shape) != list(config["shape"]):
+            raise ValueError(f"weight must have shape {config['shape']}, got {weight.shape}")
+        return cls(weight, arrays["bias"], activation=config["activation"])
+
+    def __repr__(self):
+        return (
+            f"Linear(n_in={self.shape[1]}, n_out={self.shape[0]}, "
+            f"activation={self.activation!r}, dtype={self.dtype})"
+        )

@@ -1,0 +1,89 @@
+"""Command-line flags derived from the option table (private module).
+
+``cpusparse train`` and ``cpusparse trace`` add their training flags with
+:func:`add_options`: the flag, its type, its allowed values and its help text come
+from :func:`cpusparse.training.config.options`; only the default may be the front
+end's own. ``--help`` shows every default once (argparse's
+``ArgumentDefaultsHelpFormatter``), so no help text spells a default out.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from ..training.config import Bool, Choice, Int, Real, options
+
+__all__ = ["add_options", "layer_sizes", "HelpFormatter"]
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows ``(default: ...)`` once per flag, and nothing for flags without a default."""
+
+    def _get_help_string(self, action):
+        if action.default in (None, argparse.SUPPRESS) or action.option_strings == []:
+            return action.help
+        if "(default:" in (action.help or ""):
+            return action.help
+        if isinstance(action, argparse._StoreTrueAction) and action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def layer_sizes(text):
+    """Parse a comma-separated list of positive ints (an argparse ``type``)."""
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        sizes = []
+    if not sizes or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"must be positive ints such as 300,100, got {text!r}")
+    return sizes
+
+
+def _none_or(kind):
+    def parse(text):
+        if text.lower() == "none":
+            return None
+        try:
+            return kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"must be {'an int' if kind is int else 'a number'} or none, got {text!r}"
+            ) from None
+
+    parse.__name__ = kind.__name__
+    return parse
+
+
+def add_options(group, names, defaults=None, *, dest=None):
+    """Add one flag per option-table row in ``names`` to an argparse group.
+
+    Parameters
+    ----------
+    group : argparse parser or argument group
+    names : iterable of str
+        Rows of :func:`~cpusparse.training.config.options` to expose.
+    defaults : dict, optional
+        The front end's own defaults by option name; the table's otherwise.
+    dest : dict, optional
+        The attribute name of each flag's value by option name (the option name
+        otherwise), e.g. the classifier's parameter name.
+    """
+    table = {option.name: option for option in options()}
+    defaults = defaults or {}
+    dest = dest or {}
+    for name in names:
+        option = table[name]
+        default = defaults.get(name, option.default)
+        kwargs = {"default": default, "help": option.help, "dest": dest.get(name, name)}
+        constraint = option.constraint
+        if isinstance(constraint, Choice):
+            kwargs["choices"] = constraint.values
+        elif isinstance(constraint, Bool):
+            kwargs["action"] = argparse.BooleanOptionalAction
+        elif isinstance(constraint, Int):
+            kwargs["type"] = int
+        elif isinstance(constraint, Real):
+            kwargs["type"] = _none_or(float) if constraint.none else float
+            kwargs["metavar"] = "X"
+        group.add_argument(option.flag, **kwargs)

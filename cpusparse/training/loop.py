@@ -1,0 +1,157 @@
+"""The training loop: epochs of sparse training or fine-tuning, evaluation, fixed masks."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .._validation import check_choice
+from ..engine.layers.base import EVAL
+from ..engine.losses import softmax_cross_entropy
+from ..method.masks import sample_masks
+from .state import split_masks
+from .step import finetune_step, train_step
+
+__all__ = ["fixed_mask", "evaluate", "EpochStats", "iterate_batches", "run_epoch"]
+
+
+def fixed_mask(state, method="topk", *, x=None, y=None, n_candidates=10, rng=None):
+    """A deterministic mask within the budget, for fine-tuning and inference.
+
+    Parameters
+    ----------
+    state : TrainState
+    method : {"topk", "best-of-n"}, default="topk"
+        ``"topk"``: the ``floor(budget)`` units with the largest scores (ties by
+        position), excluding scores of 0. ``"best-of-n"`` (the authors' code): the
+        sampled mask, among ``n_candidates`` draws from ``rng``, with the best
+        accuracy on ``(x, y)``; it may exceed the budget by sampling noise.
+    x, y : ndarray, optional
+        Feature-major data for ``"best-of-n"``.
+    n_candidates : int, default=10
+    rng : None, int or numpy.random.Generator
+
+    Returns
+    -------
+    masks : list of ndarray of bool
+        One per prunable layer.
+    """
+    check_choice(method, "method", ("topk", "best-of-n"))
+    score = state.score
+    if method == "topk":
+        k = min(int(math.floor(state.budget + 1e-9)), score.shape[0])
+        order = np.argsort(-score.astype(np.float64), kind="stable")[:k]
+        flat = np.zeros(score.shape[0], dtype=bool)
+        flat[order] = True
+        flat &= score > 0
+        return split_masks(state, flat)
+    if x is None or y is None:
+        raise ValueError("x and y are required for method='best-of-n'")
+    candidates = sample_masks(score, n_candidates, rng=rng)
+    accs = [evaluate(state.network, x, y, split_masks(state, m))[1] for m in candidates]
+    return split_masks(state, candidates[int(np.argmax(accs))].copy())
+
+
+def evaluate(network, x, y, masks, *, batch_size=1024):
+    """Mean loss and accuracy of the masked network on feature-major data."""
+    n = x.shape[1]
+    total_loss = 0.0
+    correct = 0
+    for start in range(0, n, batch_size):
+        xb = np.ascontiguousarray(x[:, start : start + batch_size])
+        yb = y[start : start + batch_size]
+        logits, _ = network._forward(xb, masks, None, EVAL)
+        loss, _ = softmax_cross_entropy(logits, yb)
+        total_loss += loss * yb.shape[0]
+        correct += int((logits.argmax(axis=0) == yb).sum())
+    return total_loss / n, correct / n
+
+
+class EpochStats(NamedTuple):
+    """Averages over the steps of one epoch.
+
+    Attributes
+    ----------
+    loss : float
+        Mean training loss (over steps, and over the K passes of each step).
+    realised_density : float
+        Mean fraction of the initial units kept by the sampled masks.
+    grad_variance : float
+        Mean over units of the variance, across the epoch's steps, of the score
+        gradient (NaN in fine-tuning). It measures the estimator's noise (plus
+        the drift of the scores during the epoch): compare estimators with it.
+    n_steps : int
+    """
+
+    loss: float
+    realised_density: float
+    grad_variance: float
+    n_steps: int
+
+
+def iterate_batches(n, batch_size, rng):
+    """Index arrays of the mini-batches of one epoch, in the order drawn from ``rng``.
+
+    One ``rng.permutation(n)`` per epoch; the last batch may be smaller.
+    """
+    order = rng.permutation(n)
+    return [order[i : i + batch_size] for i in range(0, n, batch_size)]
+
+
+def run_epoch(state, x, y, config, *, batch_size, masks=None, on_step=None):
+    """One pass over the data: sparse training, or fine-tuning on fixed ``masks``.
+
+    Parameters
+    ----------
+    state : TrainState
+        Updated in place.
+    x : ndarray of shape (n_in, n_samples)
+        The whole training set, feature-major.
+    y : ndarray of int, shape (n_samples,)
+    config : TrainConfig
+    batch_size : int
+    masks : list of ndarray of bool, optional
+        Fixed masks: fine-tune the weights only (:func:`finetune_step`).
+    on_step : callable, optional
+        Called after every step with ``(state, loss)``, e.g. to advance a
+        progress bar.
+
+    Returns
+    -------
+    EpochStats
+    """
+    losses, densities = [], []
+    g_sum = g_sq = None
+    g_count = 0
+    for idx in iterate_batches(y.shape[0], batch_size, state.data_rng):
+        xb = np.ascontiguousarray(x[:, idx])
+        yb = y[idx]
+        if masks is None:
+            info = train_step(state, xb, yb, config)
+            loss = float(info.losses.mean())
+            densities.append(info.realised_density)
+            g = info.dscore.astype(np.float64)
+            if g_sum is None:
+                g_sum, g_sq = np.zeros_like(g), np.zeros_like(g)
+            g_sum += g
+            g_sq += g * g
+            g_count += 1
+            if info.kept is not None:  # dead units have gradient 0 from now on
+                g_sum, g_sq = g_sum[info.kept], g_sq[info.kept]
+        else:
+            loss = finetune_step(state, xb, yb, masks, config)
+        losses.append(loss)
+        if on_step is not None:
+            on_step(state, loss)
+    if g_count > 1:
+        mean = g_sum / g_count
+        variance = float(np.mean(g_sq / g_count - mean * mean))
+    else:
+        variance = float("nan")
+    if masks is None:
+        realised = float(np.mean(densities))
+    else:
+        realised = sum(int(m.sum()) for m in masks) / state.n_units_initial
+    return EpochStats(float(np.mean(losses)), realised, variance, len(losses))

@@ -1,0 +1,277 @@
+r"""The training step of completely sparse training (Algorithm 1 of the paper).
+
+:func:`train_step` is the method of Zhou et al. (2021) as code, one block per line of
+the algorithm; everything fast lives behind it (the masked products of
+:mod:`cpusparse.engine`, the estimators and the projection of
+:mod:`cpusparse.method`). The problem solved is
+
+.. math::
+
+    \min_{w,\ s}\ \mathbb{E}_{m \sim p(m \mid s)}\, L(w \odot m)
+    \quad \text{s.t.} \quad s \in [0, 1]^n,\ \ \textstyle\sum_i s_i \le k,
+
+with one global budget :math:`k = \text{density} \times n` over the prunable units
+of all sparse layers. :func:`finetune_step` trains the weights on a fixed mask.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import numpy as np
+
+from ..engine.layers.base import STRAIGHT_THROUGH, TRAIN
+from ..engine.losses import softmax_cross_entropy
+from ..method.estimators import get_score_estimator
+from ..method.masks import sample_masks
+from ..method.projection import project_scores
+from .compaction import maybe_compact
+from .optim import clip_grad_norm
+from .state import NonFiniteError, split_masks
+
+__all__ = ["StepResult", "StepRecord", "train_step", "finetune_step"]
+
+
+@dataclasses.dataclass
+class StepRecord:
+    """Every intermediate of one :func:`train_step`, for golden traces.
+
+    Arrays over units are flat (aligned with ``state.score`` before the step);
+    gradient lists are aligned with :meth:`~cpusparse.training.state.TrainState.param_list`.
+
+    Attributes
+    ----------
+    score : ndarray of shape (n,)
+        The keep probabilities before the step.
+    uniforms, masks : ndarray of shape (K, n)
+        The uniforms drawn and the masks ``uniforms < score``.
+    losses : ndarray of shape (K,)
+        The loss of each mask pass (float64).
+    weight_grads_per_pass : list of list of ndarray
+        The weight gradients of each pass that ran a backward (K lists, or one with
+        ``weight_grad="first"``): one per mask *pass*, not per data sample.
+    weight_grads : list of ndarray
+        Their mean, before clipping.
+    grad_norm : float
+        Global norm of ``weight_grads`` (before clipping).
+    dscore : ndarray of shape (n,)
+        The score gradient.
+    lr, score_lr : float
+        The learning rates of this step.
+    score_before_projection : ndarray of shape (n,)
+        The scores after the optimizer step.
+    threshold : float
+        The projection's threshold.
+    """
+
+    score: np.ndarray
+    uniforms: np.ndarray
+    masks: np.ndarray
+    losses: np.ndarray
+    weight_grads_per_pass: list
+    weight_grads: list
+    grad_norm: float
+    dscore: np.ndarray
+    lr: float
+    score_lr: float
+    score_before_projection: np.ndarray
+    threshold: float
+
+
+class StepResult(NamedTuple):
+    """What one step measured (for history and logging).
+
+    Attributes
+    ----------
+    losses : ndarray of shape (K,)
+    realised_density : float
+        Fraction of the initial units kept by the step's masks, averaged over K.
+    dscore : ndarray of shape (n,)
+    kept : ndarray of bool or None
+        Units kept by a compaction after the step (None: no compaction).
+    record : StepRecord or None
+        Only with ``record=True``.
+    """
+
+    losses: np.ndarray
+    realised_density: float
+    dscore: np.ndarray
+    kept: np.ndarray | None = None
+    record: StepRecord | None = None
+
+
+def _check_finite(state, losses):
+    if not np.all(np.isfinite(losses)):
+        raise NonFiniteError(
+            f"non-finite loss {losses.tolist()} at step {state.step}; lower the learning "
+            "rate or enable clip_norm"
+        )
+
+
+def _mask_passes(state, x, y, masks, n_backward, mode, keep_passes):
+    """K forward passes on one batch, the first ``n_backward`` with a backward pass.
+
+    Returns the losses, the summed weight gradients, the flat mask gradients of each
+    straight-through pass, and (with ``keep_passes``) copies of each pass's weight
+    gradients.
+    """
+    net = state.network
+    losses = np.empty(masks.shape[0])
+    total = None
+    mask_grads, per_pass = [], []
+    for k in range(masks.shape[0]):
+        logits, caches = net._forward(x, split_masks(state, masks[k]), None, mode)
+        losses[k], dlogits = softmax_cross_entropy(logits, y)
+        if k >= n_backward:
+            continue
+        _, grads = net._backward(dlogits, caches)
+        if mode.straight_through:
+            mask_keys = [key for key in grads if key.endswith(".mask")]
+            mask_grads.append(np.concatenate([grads.pop(key) for key in mask_keys]))
+        flat = list(grads.values())
+        if keep_passes:
+            per_pass.append([g.copy() for g in flat])
+        if total is None:
+            total = flat  # fresh arrays (the backward contract): summed in place
+        else:
+            for t, g in zip(total, flat, strict=True):
+                t += g
+    return losses, total, mask_grads, per_pass
+
+
+def train_step(state, x, y, config, *, record=False):
+    r"""One step of sparse training (Algorithm 1 of the paper) on one mini-batch.
+
+    Parameters
+    ----------
+    state : TrainState
+        Updated in place: weights, scores, optimizer states, step, ``mask_rng``.
+    x : ndarray of shape (n_in, n_batch)
+        Feature-major mini-batch, the network's dtype.
+    y : ndarray of int, shape (n_batch,)
+    config : TrainConfig
+    record : bool, default=False
+        Also return every intermediate result (:class:`StepRecord`), for golden traces.
+
+    Returns
+    -------
+    StepResult
+
+    Notes
+    -----
+    1. Draw :math:`K` masks :math:`m_k \sim \text{Bernoulli}(s)` over all prunable
+       units at once (one ``(K, n)`` draw of uniforms from ``mask_rng``).
+    2. Run :math:`K` sparse forward passes on the same batch: losses :math:`L_k`.
+    3. Weight gradient: the sparse backward of each pass (only active entries),
+       averaged over the passes (or the first pass only).
+    4. Score gradient from the forward passes only, for VR-PGE
+
+       .. math::
+
+           \hat g = \frac{1}{K-1} \sum_k \Big(L_k - \frac{1}{K}\sum_j L_j\Big)
+           \nabla_s \log p(m_k \mid s).
+
+    5. Optionally clip the weight gradients' global norm; one optimizer step for
+       the weights and one for the scores.
+    6. Project the scores onto :math:`\{0 \le s \le 1, \sum s \le k\}`.
+
+    Then, every ``compact_every`` steps, units that can never be sampled again are
+    dropped from storage (:func:`~cpusparse.training.compaction.maybe_compact`).
+
+    The straight-through estimator replaces steps 2-4 by passes that compute every
+    stored entry (a dense forward and backward through the mask) and uses
+    :math:`\partial L / \partial m` as the score gradient.
+
+    References
+    ----------
+    .. [1] X. Zhou, W. Zhang, Z. Chen, S. Diao, T. Zhang, "Efficient Neural Network
+       Training via Forward and Backward Propagation Sparsification", NeurIPS 2021.
+    """
+    estimator = get_score_estimator(config.score_estimator)
+    K = config.n_masks
+    score_before = state.score.copy() if record else None
+
+    # 1. K independent masks from the keep probabilities s.
+    masks, uniforms = sample_masks(state.score, K, rng=state.mask_rng, return_uniforms=True)
+
+    # 2.-3. K forward passes on the same batch; sparse backward for the weights.
+    mode = STRAIGHT_THROUGH if estimator.mask_gradient else TRAIN
+    n_backward = K if config.weight_grad == "mean" or estimator.mask_gradient else 1
+    losses, weight_grads, mask_grads, per_pass = _mask_passes(
+        state, x, y, masks, n_backward, mode, record
+    )
+    _check_finite(state, losses)
+    if n_backward > 1:
+        for g in weight_grads:
+            g /= g.dtype.type(n_backward)
+
+    # 4. Score gradient (VR-PGE by default): from the K losses and masks alone.
+    if estimator.mask_gradient:
+        dscore = (np.sum(mask_grads, axis=0) / len(mask_grads)).astype(state.score.dtype)
+    else:
+        dscore = estimator.grad(losses, masks, state.score)
+
+    # 5. Clip, then one step of each optimizer.
+    clipped, grad_norm = clip_grad_norm(weight_grads, config.clip_norm)
+    weight_opt, score_opt, (lr_w, lr_s) = config.optimizers
+    lr, score_lr = lr_w(state.step), lr_s(state.step)
+    weight_opt.step(state.param_list(), clipped, state.weight_state, lr=lr)
+    score_opt.step([state.score], [dscore], state.score_state, lr=score_lr)
+    before_projection = state.score.copy() if record else None
+
+    # 6. Project s back onto the budget set.
+    projected, threshold = project_scores(
+        state.score,
+        state.budget,
+        method=config.projection,
+        tol=config.projection_tol,
+        max_iter=config.projection_max_iter,
+    )
+    state.score[:] = projected
+    state.step += 1
+
+    kept = maybe_compact(state, config)
+    realised = float(masks.sum()) / (K * state.n_units_initial)
+    step_record = None
+    if record:
+        step_record = StepRecord(
+            score=score_before,
+            uniforms=uniforms,
+            masks=masks,
+            losses=losses.copy(),
+            weight_grads_per_pass=per_pass,
+            weight_grads=[g.copy() for g in weight_grads],
+            grad_norm=grad_norm,
+            dscore=dscore.copy(),
+            lr=lr,
+            score_lr=score_lr,
+            score_before_projection=before_projection,
+            threshold=threshold,
+        )
+    return StepResult(losses, realised, dscore, kept, step_record)
+
+
+def finetune_step(state, x, y, masks, config):
+    """One weight step on a fixed mask (no score update); returns the loss.
+
+    Parameters
+    ----------
+    state : TrainState
+    x : ndarray of shape (n_in, n_batch)
+    y : ndarray of int, shape (n_batch,)
+    masks : list of ndarray of bool
+        One fixed mask per prunable layer (e.g. from
+        :func:`~cpusparse.training.loop.fixed_mask`).
+    config : TrainConfig
+    """
+    net = state.network
+    logits, caches = net._forward(x, masks)
+    loss, dlogits = softmax_cross_entropy(logits, y)
+    _check_finite(state, np.array([loss]))
+    _, grads = net._backward(dlogits, caches)
+    flat, _ = clip_grad_norm(list(grads.values()), config.clip_norm)
+    weight_opt, _, (lr_w, _) = config.optimizers
+    weight_opt.step(state.param_list(), flat, state.weight_state, lr=lr_w(state.step))
+    state.step += 1
+    return loss
