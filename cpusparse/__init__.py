@@ -21,10 +21,9 @@ Where things live (lower packages never import higher ones):
   the offline data sets.
 """
 
-__version__ = "0.2.0.dev0"
-
 from . import engine, method, models, training
 from ._validation import check_rng
+from ._version import __version__
 from .engine import Layer, Linear, ReLU, Sequential, SparseLinear, softmax, softmax_cross_entropy
 from .method import (
     concat_scores,

@@ -92,6 +92,8 @@ def replay(trace):
     """Replay every step of ``trace`` (a dict of arrays); return the list of failures."""
     t = {k: torch.from_numpy(v) for k, v in trace.items() if v.dtype.kind != "U"}
     cfg = json.loads(str(trace["meta/config"]))
+    # Traces before cpusparse 0.2 name the estimator "estimator".
+    estimator = cfg.get("score_estimator", cfg.get("estimator"))
     layers = json.loads(str(trace["meta/layers"]))
     check = Checker(trace, *TOLERANCES[str(trace["meta/dtype"])])
     budget = float(trace["meta/budget"])
@@ -181,9 +183,9 @@ def replay(trace):
 
         # Score gradient from the stored losses and masks; one score step; projection.
         for i in prunable:
-            dscore = score_gradient(
-                losses_ref, layer[i]["masks"], layer[i]["score"], cfg["score_estimator"]
-            ).to(scores[i].dtype)
+            dscore = score_gradient(losses_ref, layer[i]["masks"], layer[i]["score"], estimator).to(
+                scores[i].dtype
+            )
             check(f"{pre}/layer{i}/dscore", dscore)
             scores[i].grad = dscore
         score_opt.param_groups[0]["lr"] = float(trace[f"{pre}/score_lr"])

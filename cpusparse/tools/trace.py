@@ -315,7 +315,7 @@ def make_trace(**options):
 
 
 def _versions():
-    from .. import __version__
+    from .._version import __version__
 
     try:
         import numba

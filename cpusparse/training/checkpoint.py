@@ -143,7 +143,7 @@ def save_checkpoint(path, state, config, *, epoch, phase, history, masks=None, e
 
 
 def _version():
-    from .. import __version__
+    from .._version import __version__
 
     return __version__
 

@@ -1,0 +1,270 @@
+"""The layer protocol: a layer kind defined here, outside the package, trains, checkpoints
+and traces with no change to any file of the package; golden traces written by the
+previous layout still verify bit for bit."""
+
+import json
+import pathlib
+
+import numpy as np
+import pytest
+from conftest import assert_grad_close, central_differences
+
+from cpusparse import Linear, ReLU, Sequential, SparseLinear
+from cpusparse.engine.layers.base import LAYER_TYPES, STRAIGHT_THROUGH, TRAIN, Layer, UnitMap
+from cpusparse.tools.trace import compare_traces, load_trace, make_trace, record_trace
+from cpusparse.training import (
+    TrainConfig,
+    init_state,
+    load_checkpoint,
+    restore_state,
+    run_epoch,
+    save_checkpoint,
+    spawn_streams,
+    train_step,
+)
+
+pytestmark = pytest.mark.usefixtures("one_numba_thread")
+
+DATA = pathlib.Path(__file__).parent / "data"
+
+
+# ---------------------------------------------------------------------------
+# A toy layer kind: a masked element-wise scale, out = (s * m) x, one unit per feature
+# ---------------------------------------------------------------------------
+
+
+class FeatureUnits(UnitMap):
+    """One mask bit per feature of a :class:`MaskedScale`."""
+
+    granularity = "feature"
+    zeroes_outputs = True
+    thins_fan_in = False
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    @property
+    def n_units(self):
+        return self.layer.scale.shape[0]
+
+    @property
+    def n_units_full(self):
+        return self.n_units
+
+    def stored_per_unit(self):
+        return np.ones(self.n_units, dtype=np.int64)
+
+    def compaction(self, dead):
+        # A dropped feature keeps its place (it fixes the next layer's input size).
+        return np.ones(dead.shape[0], dtype=bool), {"scale": np.ones(self.n_units, bool)}
+
+
+class MaskedScale(Layer):
+    """``out[j] = scale[j] * m[j] * x[j]``: a dropped feature is exactly 0."""
+
+    def __init__(self, scale):
+        self.scale = np.asarray(scale)
+        self.units = FeatureUnits(self)
+
+    @property
+    def n_in(self):
+        return self.scale.shape[0]
+
+    @property
+    def n_out(self):
+        return self.scale.shape[0]
+
+    def params(self):
+        return {"scale": self.scale}
+
+    def live_outputs(self, mask, live):
+        if mask is None:
+            return live
+        return mask if live is None else mask & live
+
+    def _forward(self, x, mask, live, mode):
+        m = np.ones(self.n_in, dtype=bool) if mask is None else mask
+        gain = self.scale * m
+        out = gain[:, None] * x
+        return out, (x, m, mode.straight_through)
+
+    def _backward(self, dout, cache, need_dx):
+        x, m, straight_through = cache
+        dgain = np.einsum("jb,jb->j", dout, x)
+        grads = {"scale": dgain * m}
+        if straight_through:
+            grads["mask"] = dgain * self.scale
+        return (self.scale * m)[:, None] * dout if need_dx else None, grads
+
+    def config(self):
+        return {}
+
+
+def toy_network(rng, dtype=np.float64):
+    return Sequential(
+        [
+            SparseLinear.random(8, 6, activation="relu", dtype=dtype, rng=rng),
+            MaskedScale(np.ones(6, dtype=dtype)),
+            ReLU(),
+            Linear.random(6, 3, dtype=dtype, rng=rng),
+        ]
+    )
+
+
+def toy_data(seed=0, n=48):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, 8))
+    y = np.argmax(x[:, :3], axis=1)
+    return x, y
+
+
+def toy_state(config, seed=0):
+    init, data, masks = spawn_streams(seed)
+    return init_state(toy_network(init), config, data_rng=data, mask_rng=masks)
+
+
+def test_a_layer_kind_defined_outside_the_package_is_registered():
+    assert LAYER_TYPES["MaskedScale"] is MaskedScale
+    net = toy_network(0)
+    assert net.n_units() == [48, 6] and net.n_masks == 2
+    assert [type(layer) for layer in net.prunable_layers()] == [SparseLinear, MaskedScale]
+
+
+def test_the_toy_layer_gradients_by_finite_differences():
+    rng = np.random.default_rng(1)
+    net = toy_network(rng)
+    net.layers[1].scale[:] = rng.uniform(0.5, 1.5, 6)
+    x, y = toy_data(1, n=5)
+    x = np.ascontiguousarray(x.T)
+    masks = [rng.random(48) < 0.7, np.array([True, False, True, True, False, True])]
+    loss, grads, _ = net.loss_and_grads(x, y, masks)
+
+    def f():
+        return net.loss_and_grads(x, y, masks)[0]
+
+    for name, arr in net.params().items():
+        assert_grad_close(grads[name], central_differences(f, arr), name)
+    assert np.all(grads["1.scale"][~masks[1]] == 0) and np.any(grads["1.scale"] != 0)
+    # A dropped feature is known zero downstream: the container tells the next layer.
+    front = Sequential(net.layers[:3])
+    out, _, live = front._run(x, masks, None, TRAIN)
+    np.testing.assert_array_equal(live, masks[1])
+    assert np.all(out[~masks[1]] == 0)
+
+
+@pytest.mark.parametrize("score_estimator", ["vrpge", "straight-through"])
+def test_the_toy_layer_trains(score_estimator):
+    config = TrainConfig(
+        density=0.5, score_estimator=score_estimator, lr=0.05, score_lr=0.05, compact_every=0
+    )
+    state = toy_state(config)
+    x, y = toy_data()
+    x = np.ascontiguousarray(x.T)
+    scale0 = state.network.layers[1].scale.copy()
+    losses = [run_epoch(state, x, y, config, batch_size=8).loss for _ in range(15)]
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert not np.array_equal(state.network.layers[1].scale, scale0)
+    toy_scores = state.score[state.offsets[1] : state.offsets[2]]
+    assert np.any(toy_scores != 0.5)  # the toy layer's keep probabilities learn too
+    assert state.score.sum() <= state.budget * (1 + 1e-9)
+
+
+def test_the_toy_layer_straight_through_pass_gives_the_mask_gradient():
+    net = toy_network(2)
+    x, y = toy_data(2, n=4)
+    x = np.ascontiguousarray(x.T)
+    masks = [np.ones(48, bool), np.ones(6, bool)]
+    logits, caches = net._forward(x, masks, None, STRAIGHT_THROUGH)
+    from cpusparse.engine.losses import softmax_cross_entropy
+
+    _, dlogits = softmax_cross_entropy(logits, y)
+    _, grads = net._backward(dlogits, caches)
+    # dL/dm_j at m = 1 equals dL/dscale_j * scale_j / m_j (here scale = 1).
+    np.testing.assert_allclose(grads["1.mask"], grads["1.scale"], rtol=1e-12)
+
+
+def test_the_toy_layer_checkpoints_and_resumes_bit_identically(tmp_path):
+    config = TrainConfig(density=0.5, lr=0.05, score_lr=0.05)
+    x, y = toy_data()
+    x = np.ascontiguousarray(x.T)
+    straight = toy_state(config)
+    for _ in range(3):
+        run_epoch(straight, x, y, config, batch_size=8)
+    resumed = toy_state(config)
+    run_epoch(resumed, x, y, config, batch_size=8)
+    path = tmp_path / "toy.npz"
+    save_checkpoint(path, resumed, config, epoch=1, phase="sparse", history=[])
+    ckpt = load_checkpoint(path)
+    assert [rec["type"] for rec in ckpt["layers"]] == [
+        "SparseLinear",
+        "MaskedScale",
+        "ReLU",
+        "Linear",
+    ]
+    resumed, config2 = restore_state(ckpt)
+    assert isinstance(resumed.network.layers[1], MaskedScale) and config2 == config
+    for _ in range(2):
+        run_epoch(resumed, x, y, config2, batch_size=8)
+    pairs = zip(straight.network.params().items(), resumed.network.params().values(), strict=True)
+    for (name, a), b in pairs:
+        np.testing.assert_array_equal(a, b, err_msg=name)
+    np.testing.assert_array_equal(straight.score, resumed.score)
+
+
+def test_the_toy_layer_traces():
+    config = TrainConfig(density=0.5, n_masks=3, lr=0.05, score_lr=0.05, compact_every=0)
+    x, y = toy_data()
+    trace = record_trace(toy_state(config), config, x, y, steps=2, batch_size=8)
+    again = record_trace(toy_state(config), config, x, y, steps=2, batch_size=8)
+    assert compare_traces(trace, again, rtol=0, atol=0).ok
+    layers = json.loads(str(trace["meta/layers"]))
+    assert layers[1]["type"] == "MaskedScale" and layers[1]["granularity"] == "feature"
+    for s in range(2):
+        pre = f"step{s}/layer1"
+        assert trace[f"{pre}/masks"].shape == (3, 6)
+        np.testing.assert_array_equal(
+            trace[f"{pre}/masks"], trace[f"{pre}/uniforms"] < trace[f"{pre}/score"]
+        )
+        np.testing.assert_allclose(
+            trace[f"{pre}/scale_grad_mean"], trace[f"{pre}/scale_grad_per_sample"].mean(axis=0)
+        )
+        assert not np.array_equal(trace[f"{pre}/scale_updated"], trace[f"{pre}/scale"])
+        assert f"{pre}/pattern" not in trace  # the toy layer stores no weight matrix
+    with pytest.raises(ValueError, match="compact_every must be 0"):
+        record_trace(toy_state(TrainConfig(density=0.5)), TrainConfig(density=0.5), x, y,
+                     steps=1, batch_size=8)  # fmt: skip
+
+
+def test_train_step_record_matches_the_state_it_leaves():
+    config = TrainConfig(density=0.5, compact_every=0)
+    state = toy_state(config)
+    x, y = toy_data(n=8)
+    result = train_step(state, np.ascontiguousarray(x.T), y, config, record=True)
+    record = result.record
+    np.testing.assert_array_equal(record.dscore, result.dscore)
+    np.testing.assert_array_equal(
+        state.score, np.clip(record.score_before_projection - record.threshold, 0, 1)
+    )
+    assert train_step(state, np.ascontiguousarray(x.T), y, config).record is None
+
+
+# ---------------------------------------------------------------------------
+# Golden traces written before the restructuring (format version 1) still verify
+# ---------------------------------------------------------------------------
+
+RENAMED = {"n_samples": "n_masks", "estimator": "score_estimator", "init_density": "stored_density"}
+GOLDEN = sorted(DATA.glob("golden_v1_*.npz"))
+
+
+def test_there_are_golden_traces():
+    assert len(GOLDEN) >= 4
+
+
+@pytest.mark.parametrize("path", GOLDEN, ids=lambda p: p.stem)
+def test_golden_trace_verifies_bit_for_bit(path):
+    ref = load_trace(path)
+    options = json.loads(str(ref["meta/options"]))
+    trace = make_trace(**{RENAMED.get(k, k): v for k, v in options.items()})
+    report = compare_traces(ref, trace, rtol=0, atol=0)
+    assert report.ok, report.format()
+    assert list(trace) == list(ref)  # same arrays, in the same order
