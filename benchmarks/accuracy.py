@@ -1,4 +1,4 @@
-"""Test accuracy of sparse training against a dense MLP (issue 4).
+"""Test accuracy of sparse training against a dense MLP.
 
 Every row trains a ReLU MLP with hidden layers (300, 100) on an 80/20 stratified
 split (``train_test_split(..., stratify=y, random_state=seed)``) of digits and of
@@ -20,7 +20,7 @@ seeds), the final density of the prunable units and the fit time. Rows:
   what learning the mask adds.
 
 All cpusparse rows use the defaults of :class:`~cpusparse.SparseMLPClassifier`
-except ``density``, ``granularity`` and ``estimator`` (and the epochs, if given).
+except ``density``, ``granularity`` and ``score_estimator`` (and the epochs, if given).
 The density of a cpusparse row counts the prunable units (both hidden layers; the
 10-way classifier stays dense, as in the paper's code). Aims are gaps to the
 ``dense`` row's mean, in accuracy points.
@@ -55,7 +55,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cpusparse.bench import machine_info  # noqa: E402
+from cpusparse.tools.bench import machine_info  # noqa: E402
 
 HIDDEN = (300, 100)
 DATASETS = ("digits", "mnist5k")
@@ -68,7 +68,7 @@ ROWS = {
     "vrpge-w0.1": ("cpusparse VR-PGE, weight, density 0.1", "cpusparse",
                    {"density": 0.1}, {"digits": 1.0, "mnist5k": 1.0}),
     "reinforce-w0.1": ("cpusparse REINFORCE, weight, density 0.1", "cpusparse",
-                       {"density": 0.1, "estimator": "reinforce"}, None),
+                       {"density": 0.1, "score_estimator": "reinforce"}, None),
     "random-mask-w0.1": ("random fixed mask, weight, density 0.1", "random-mask",
                          {"density": 0.1}, None),
     "vrpge-w0.02": ("cpusparse VR-PGE, weight, density 0.02", "cpusparse",
@@ -81,7 +81,7 @@ ROWS = {
 def _split(dataset, seed):
     from sklearn.model_selection import train_test_split
 
-    from cpusparse.datasets import load_dataset
+    from cpusparse.tools.datasets import load_dataset
 
     ds = load_dataset(dataset)
     return train_test_split(ds.X, ds.y, test_size=0.2, stratify=ds.y, random_state=seed)
@@ -130,8 +130,8 @@ def _fit_random_mask(X_train, y_train, X_test, y_test, seed, params, epochs):
     units drawn without replacement from the mask stream) never changes.
     """
     from cpusparse import SparseMLPClassifier
-    from cpusparse.network import make_mlp
-    from cpusparse.train import (
+    from cpusparse.models import mlp
+    from cpusparse.training import (
         TrainConfig,
         evaluate,
         init_state,
@@ -162,13 +162,13 @@ def _fit_random_mask(X_train, y_train, X_test, y_test, seed, params, epochs):
         total_steps=n_epochs * n_batches,
     )
     init_rng, data_rng, mask_rng = spawn_streams(seed)
-    network = make_mlp(
+    network = mlp(
         x_train.shape[0],
         HIDDEN,
         n_classes,
         granularity=p["granularity"],
         init=p["init"],
-        init_density=p["density"],
+        density=p["density"],
         dtype=dtype,
         rng=init_rng,
     )
@@ -253,7 +253,7 @@ def markdown(summary, settings):
         "fraction of the prunable units (both hidden layers; the classifier is dense). "
         "cpusparse rows use the `SparseMLPClassifier` defaults "
         f"({settings['cpusparse_defaults']}) except the stated density, granularity and "
-        "estimator. Fit seconds: one Numba/BLAS thread per fit, "
+        "score estimator. Fit seconds: one Numba/BLAS thread per fit, "
         f"{settings['jobs']} fit(s) at a time on a shared machine, so indicative only.",
         "",
     ]
@@ -363,7 +363,7 @@ def main(argv=None):
                 report(run)
 
     summary = summarise(runs, args.rows, args.datasets)
-    tuned = ("learning_rate_init", "score_learning_rate", "batch_size", "n_samples", "init")
+    tuned = ("learning_rate_init", "score_learning_rate", "batch_size", "n_masks", "init")
     settings = {
         "seeds": seeds,
         "datasets": args.datasets,

@@ -1,10 +1,10 @@
-"""Benchmark one sparse layer step against dense NumPy/BLAS (issue 2).
+"""Benchmark one sparse layer step against dense NumPy/BLAS.
 
 A layer step is the forward product, the input gradient and the weight gradient:
 
 - sparse: ``select_active`` from an entry mask, ``masked_matmul`` and
   ``masked_matmul_backward(need_dx=True)`` (the private, unvalidated entry points
-  that :class:`cpusparse.layers.SparseLinear` calls);
+  that :class:`cpusparse.engine.layers.SparseLinear` calls);
 - dense: ``W @ x``, ``W.T @ dout`` and ``dout @ x.T`` with BLAS (feature-major
   activations, as in cpusparse), i.e. the three GEMMs of a dense layer and nothing
   else.
@@ -30,38 +30,38 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from cpusparse.bench import interleaved_times, machine_info  # noqa: E402
+from cpusparse.tools.bench import interleaved_times, machine_info  # noqa: E402
 
 DENSITIES = (0.5, 0.2, 0.1, 0.05, 0.01)
 
 
 def _setup(n_out, n_in, n_batch, density, mask_keep, dtype, rng):
-    from cpusparse import sparse
+    from cpusparse.engine import csr
 
     stored = min(1.0, density / mask_keep)
-    indptr, indices = sparse.random_pattern((n_out, n_in), stored, rng=rng)
+    indptr, indices = csr.random_pattern((n_out, n_in), stored, rng=rng)
     data = rng.standard_normal(indices.shape[0]).astype(dtype)
     if mask_keep >= 1.0:
         entry_mask = np.ones(indices.shape[0], dtype=bool)
     else:
         entry_mask = rng.random(indices.shape[0]) < mask_keep
-    weight = sparse.to_dense(indptr, indices, data, (n_out, n_in), entry_mask=entry_mask)
+    weight = csr.to_dense(indptr, indices, data, (n_out, n_in), entry_mask=entry_mask)
     bias = rng.standard_normal(n_out).astype(dtype)
     x = rng.standard_normal((n_in, n_batch)).astype(dtype)
     dout = rng.standard_normal((n_out, n_batch)).astype(dtype)
     return indptr, indices, data, entry_mask, weight, bias, x, dout
 
 
-def _step_funcs(sparse, indptr, indices, data, shape, entry_mask, weight, bias, x, dout, pieces):
+def _step_funcs(csr, indptr, indices, data, shape, entry_mask, weight, bias, x, dout, pieces):
     """The timed callables: the dense and sparse steps, and optionally the pieces."""
 
     def select():
-        return sparse._select_active(indptr, indices, data, shape, entry_mask, None, None)
+        return csr._select_active(indptr, indices, data, shape, entry_mask, None, None)
 
     def sparse_step():
         active = select()
-        sparse._masked_matmul(active, x, bias, False)
-        return sparse._masked_matmul_backward(active, x, dout, None, False, True)
+        csr._masked_matmul(active, x, bias, False)
+        return csr._masked_matmul_backward(active, x, dout, None, False, True)
 
     def dense_step():
         weight @ x
@@ -72,11 +72,9 @@ def _step_funcs(sparse, indptr, indices, data, shape, entry_mask, weight, bias, 
     if pieces:
         active = select()
         funcs["select_active"] = select
-        funcs["forward"] = lambda: sparse._masked_matmul(active, x, bias, False)
-        funcs["dweight"] = lambda: sparse._masked_matmul_backward(
-            active, x, dout, None, False, False
-        )
-        funcs["dweight+dx"] = lambda: sparse._masked_matmul_backward(
+        funcs["forward"] = lambda: csr._masked_matmul(active, x, bias, False)
+        funcs["dweight"] = lambda: csr._masked_matmul_backward(active, x, dout, None, False, False)
+        funcs["dweight+dx"] = lambda: csr._masked_matmul_backward(
             active, x, dout, None, False, True
         )
     return funcs
@@ -87,7 +85,7 @@ def run(args):
     import numba
     from threadpoolctl import threadpool_limits
 
-    from cpusparse import sparse
+    from cpusparse.engine import csr
 
     numba.set_num_threads(args.threads)
     dtype = np.dtype(args.dtype)
@@ -102,7 +100,7 @@ def run(args):
             )
 
             funcs = _step_funcs(
-                sparse,
+                csr,
                 indptr,
                 indices,
                 data,
