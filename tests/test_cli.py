@@ -124,3 +124,35 @@ def test_console_script():
     assert "--density" in result.stdout and "usage: cpusparse train" in result.stdout
     bad = subprocess.run([exe, "train", "--bogus"], capture_output=True, text=True, timeout=120)
     assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
+
+
+def _help_blocks(text):
+    """The help text of each flag: a line starting with '  --' and its continuation."""
+    blocks, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("  -"):
+            current = line.split()[0].rstrip(",")
+            blocks[current] = line
+        elif current and line.startswith("      "):
+            blocks[current] += " " + line.strip()
+        else:
+            current = None
+    return blocks
+
+
+@pytest.mark.parametrize("command", ["train", "trace"])
+def test_help_shows_every_default_once(command, capsys):
+    from cpusparse.training.config import options
+
+    assert main([command, "--help"]) == 0
+    blocks = _help_blocks(capsys.readouterr().out)
+    assert len(blocks) > 15
+    for flag, block in blocks.items():
+        assert block.count("(default:") <= 1, block
+    for option in options():
+        block = blocks.get(option.flag)
+        if block is None:  # not every option is a flag of every command
+            continue
+        assert option.help in " ".join(block.split()), block
+        if option.default is not None:
+            assert "(default:" in block, block

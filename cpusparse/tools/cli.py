@@ -69,7 +69,9 @@ def build_parser():
         formatter_class=HelpFormatter,
     )
     data = train.add_argument_group("data")
-    data.add_argument("--dataset", choices=DATASETS, default="digits")
+    data.add_argument(
+        "--dataset", choices=DATASETS, default="digits", help="offline data set to train on"
+    )
     data.add_argument(
         "--data-path", metavar="PATH", help="MNIST IDX directory or .npz (--dataset mnist only)"
     )
@@ -83,7 +85,10 @@ def build_parser():
         help="hidden layer widths, e.g. 300,100 or 300 100 (default: 300,100)",
     )
     model.add_argument(
-        "--granularity", choices=tuple(GRANULARITIES), default=defaults["granularity"]
+        "--granularity",
+        choices=tuple(GRANULARITIES),
+        default=defaults["granularity"],
+        help="what one mask bit keeps",
     )
     model.add_argument(
         "--init", choices=INITS, default=defaults["init"], help="weight initialisation"
@@ -106,7 +111,9 @@ def build_parser():
         default=defaults["finetune_iter"],
         help="epochs on the fixed mask (0 skips)",
     )
-    run.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+    run.add_argument(
+        "--batch-size", type=int, default=defaults["batch_size"], help="mini-batch size"
+    )
     run.add_argument("--seed", type=int, default=0, help="seed of every random stream")
     run.add_argument(
         "--threads", type=int, default=1, help="Numba threads (results do not depend on it)"

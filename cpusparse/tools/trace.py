@@ -819,7 +819,12 @@ def build_trace_parser():
     model.add_argument("--n-in", type=int, help="input size (with --hidden, --n-classes)")
     model.add_argument("--hidden", type=layer_sizes, metavar="N[,N...]", help="hidden widths")
     model.add_argument("--n-classes", type=int, help="number of classes")
-    model.add_argument("--granularity", choices=tuple(GRANULARITIES), default=d["granularity"])
+    model.add_argument(
+        "--granularity",
+        choices=tuple(GRANULARITIES),
+        default=d["granularity"],
+        help="what one mask bit keeps",
+    )
     model.add_argument(
         "--stored-density",
         type=float,
@@ -829,15 +834,19 @@ def build_trace_parser():
     model.add_argument(
         "--sparse-classifier", action="store_true", help="make the classifier sparse too"
     )
-    model.add_argument("--dtype", choices=("float32", "float64"), default=d["dtype"])
+    model.add_argument(
+        "--dtype", choices=("float32", "float64"), default=d["dtype"], help="floating type"
+    )
     train = parser.add_argument_group("training (the options of TrainConfig)")
     add_options(train, _train_defaults(), TRAIN_DEFAULTS)
     run = parser.add_argument_group("data and run")
-    run.add_argument("--dataset", choices=DATASETS, default=d["dataset"])
+    run.add_argument(
+        "--dataset", choices=DATASETS, default=d["dataset"], help="synthetic or real inputs"
+    )
     run.add_argument("--n-data", type=int, default=d["n_data"], help="synthetic data size")
     run.add_argument("--seed", type=int, default=d["seed"], help="seed of every stream")
     run.add_argument("--steps", type=int, default=d["steps"], help="training steps recorded")
-    run.add_argument("--batch-size", type=int, default=d["batch_size"])
+    run.add_argument("--batch-size", type=int, default=d["batch_size"], help="mini-batch size")
     return parser
 
 
