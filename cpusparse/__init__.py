@@ -21,6 +21,10 @@ Where things live (lower packages never import higher ones):
   the offline data sets.
 """
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
 from . import engine, method, models, training
 from ._validation import check_rng
 from ._version import __version__
@@ -53,8 +57,11 @@ from .training import (
     train_step,
 )
 
+if TYPE_CHECKING:
+    from .sklearn import SparseMLPClassifier
 
-def __getattr__(name):
+
+def __getattr__(name: str) -> type[SparseMLPClassifier]:
     # SparseMLPClassifier imports scikit-learn (about 0.9 s): load it on first use
     # so that ``import cpusparse`` stays fast for the engine and the command line.
     if name == "SparseMLPClassifier":

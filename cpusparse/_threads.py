@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 
 import numba
 
 
 @contextlib.contextmanager
-def numba_threads(n_jobs):
+def numba_threads(n_jobs: int | None) -> Iterator[int]:
     """Run the enclosed kernels on ``n_jobs`` threads (None: 1), then restore.
 
     Results do not depend on the number of threads (every reduction has a fixed
@@ -16,7 +17,10 @@ def numba_threads(n_jobs):
     workers busy-wait, which slows everything down many times over when the
     machine's cores are already busy.
     """
-    n = 1 if n_jobs is None else min(int(n_jobs), numba.config.NUMBA_NUM_THREADS)
+    # numba.config sets NUMBA_NUM_THREADS from the environment at import time, in a
+    # way type checkers cannot see: read it from the module's namespace.
+    max_threads: int = vars(numba.config)["NUMBA_NUM_THREADS"]
+    n = 1 if n_jobs is None else min(int(n_jobs), max_threads)
     previous = numba.get_num_threads()
     numba.set_num_threads(n)
     try:

@@ -6,13 +6,20 @@ Every message names the argument, the requirement and what was received.
 from __future__ import annotations
 
 import numbers
+from collections.abc import Collection, Sequence
+from typing import TypeVar
 
 import numpy as np
+import numpy.typing as npt
+
+from ._typing import RNGLike
+
+_T = TypeVar("_T")
 
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
 
 
-def check_rng(rng=None):
+def check_rng(rng: RNGLike = None) -> np.random.Generator:
     """Turn ``rng`` into a :class:`numpy.random.Generator`.
 
     Unlike scikit-learn's ``check_random_state``, it accepts no legacy
@@ -68,7 +75,15 @@ def check_rng(rng=None):
     )
 
 
-def check_array(x, name, *, ndim=None, shape=None, finite=False, float_only=True):
+def check_array(
+    x: npt.ArrayLike,
+    name: str,
+    *,
+    ndim: int | None = None,
+    shape: Sequence[int] | None = None,
+    finite: bool = False,
+    float_only: bool = True,
+) -> np.ndarray:
     """Return ``x`` as an ndarray after checking its dimensions, shape and values."""
     if not isinstance(x, np.ndarray):
         x = np.asarray(x)
@@ -86,7 +101,7 @@ def check_array(x, name, *, ndim=None, shape=None, finite=False, float_only=True
     return x
 
 
-def check_same_dtype(*named):
+def check_same_dtype(*named: tuple[str, np.ndarray]) -> None:
     """Raise TypeError unless every ``(name, array)`` pair has the same dtype."""
     (first_name, first), *rest = named
     for name, arr in rest:
@@ -97,7 +112,7 @@ def check_same_dtype(*named):
             )
 
 
-def check_density(density, name="density"):
+def check_density(density: float, name: str = "density") -> float:
     """Return ``density`` as a float after checking it is in (0, 1]."""
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise TypeError(f"{name} must be a real number in (0, 1], got {density!r}")
@@ -106,7 +121,7 @@ def check_density(density, name="density"):
     return float(density)
 
 
-def check_choice(value, name, choices):
+def check_choice(value: _T, name: str, choices: Collection[object]) -> _T:
     """Raise ValueError unless ``value`` is one of ``choices``."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")

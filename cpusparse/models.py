@@ -3,35 +3,48 @@
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterable
+from typing import TypedDict
 
 import numpy as np
+import numpy.typing as npt
 
+from ._typing import RNGLike
 from ._validation import check_density, check_rng
 from .engine.containers import Sequential
+from .engine.layers.base import Layer
 from .engine.layers.linear import GRANULARITIES, Linear, SparseLinear
 
 __all__ = ["mlp"]
 
 
-def _check_size(value, name):
+class _InitOptions(TypedDict):
+    # The keywords that every layer of mlp() is initialised with.
+    init: str
+    fan_in_scale: float
+    dtype: npt.DTypeLike
+    rng: np.random.Generator
+
+
+def _check_size(value: int, name: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
     return int(value)
 
 
 def mlp(
-    n_in,
-    hidden_layer_sizes,
-    n_out,
+    n_in: int,
+    hidden_layer_sizes: Iterable[int],
+    n_out: int,
     *,
-    granularity="weight",
-    sparse_classifier=False,
-    stored_density=1.0,
-    init="uniform",
-    density=1.0,
-    dtype=np.float32,
-    rng=None,
-):
+    granularity: str = "weight",
+    sparse_classifier: bool = False,
+    stored_density: float = 1.0,
+    init: str = "uniform",
+    density: float = 1.0,
+    dtype: npt.DTypeLike = np.float32,
+    rng: RNGLike = None,
+) -> Sequential:
     """A ReLU MLP with sparse hidden layers and a dense classifier.
 
     Parameters
@@ -93,7 +106,7 @@ def mlp(
     ]
     density = check_density(density, "density")
     units = GRANULARITIES[granularity]
-    layers = []
+    layers: list[Layer] = []
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-2], sizes[1:-1], strict=True)):
         masked_inputs = units.thins_fan_in or (i > 0 and units.zeroes_outputs)
         layers.append(
@@ -112,7 +125,9 @@ def mlp(
     # The classifier's inputs are masked units when a bit keeps a neuron; with a
     # sparse classifier its own weights are masked.
     masked_inputs = (units.zeroes_outputs and len(sizes) > 2) or sparse_classifier
-    common = dict(init=init, fan_in_scale=density if masked_inputs else 1.0, dtype=dtype, rng=rng)
+    common: _InitOptions = dict(
+        init=init, fan_in_scale=density if masked_inputs else 1.0, dtype=dtype, rng=rng
+    )
     if sparse_classifier:
         layers.append(SparseLinear.random(sizes[-2], sizes[-1], density=stored_density, **common))
     else:

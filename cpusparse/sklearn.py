@@ -17,9 +17,12 @@ import numbers
 import os
 import sys
 import time
+from collections.abc import Sequence
 from numbers import Integral, Real
+from typing import TYPE_CHECKING, Any, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder
@@ -28,6 +31,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._threads import numba_threads
+from ._typing import BoolArray, FloatArray
 from .engine.layers.base import EVAL
 from .engine.layers.linear import GRANULARITIES, INITS
 from .engine.losses import softmax
@@ -37,6 +41,13 @@ from .training.checkpoint import load_checkpoint, restore_state, save_checkpoint
 from .training.config import TrainConfig
 from .training.loop import evaluate, fixed_mask, run_epoch
 from .training.state import check_parameters_finite, expected_density, init_state, spawn_streams
+
+if TYPE_CHECKING:
+    from tqdm.auto import tqdm
+
+    from .training.checkpoint import Checkpoint
+    from .training.loop import EpochStats
+    from .training.state import TrainState
 
 __all__ = ["SparseMLPClassifier"]
 
@@ -66,7 +77,9 @@ _TRAIN_OPTIONS = {
 }
 
 
-def _sklearn_constraint(constraint):
+def _sklearn_constraint(
+    constraint: _config.Choice | _config.Real | _config.Int | _config.Bool,
+) -> list[object]:
     """The scikit-learn parameter constraints of one option-table constraint."""
     if isinstance(constraint, _config.Choice):
         return [StrOptions(set(constraint.values))]
@@ -79,14 +92,15 @@ def _sklearn_constraint(constraint):
     return out + [None] if constraint.none else out
 
 
-def _table_constraints():
+def _table_constraints() -> dict[str, list[object]]:
     table = {option.name: option for option in _config.options()}
     return {
         param: _sklearn_constraint(table[name].constraint) for param, name in _TRAIN_OPTIONS.items()
     }
 
 
-def _check_hidden(hidden):
+def _check_hidden(hidden: Any) -> tuple[int, ...]:
+    # ``hidden`` is the unvalidated parameter, checked by trying to iterate it.
     if isinstance(hidden, numbers.Integral) and not isinstance(hidden, bool):
         hidden = (hidden,)
     try:
@@ -104,12 +118,24 @@ def _check_hidden(hidden):
     return tuple(int(h) for h in sizes)
 
 
-def _json_value(value):
+def _json_value(value: object) -> object:
     if isinstance(value, tuple):
         return [_json_value(v) for v in value]
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+class LayerDensity(TypedDict):
+    """One record of :meth:`SparseMLPClassifier.layer_densities` (see there)."""
+
+    layer: int
+    type: str
+    shape: tuple[int, int]
+    prunable: bool
+    n_units: int
+    active: int
+    density: float
 
 
 class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
@@ -268,32 +294,32 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
 
     def __init__(
         self,
-        hidden_layer_sizes=(300, 100),
-        density=0.1,
-        granularity="weight",
-        n_masks=2,
-        score_estimator="vrpge",
-        projection="exact",
-        max_iter=30,
-        finetune_iter=10,
-        fixed_mask="topk",
-        batch_size=64,
-        learning_rate_init=0.01,
-        score_learning_rate=0.1,
-        optimizer="adam",
-        score_optimizer="adam",
-        clip_norm=None,
-        sparse_classifier=False,
-        weight_grad="mean",
-        init="kaiming",
-        dtype="float32",
-        n_jobs=None,
-        random_state=None,
-        verbose=False,
-        validation_fraction=0.0,
-        checkpoint=None,
-        resume=False,
-    ):
+        hidden_layer_sizes: int | Sequence[int] = (300, 100),
+        density: float = 0.1,
+        granularity: str = "weight",
+        n_masks: int = 2,
+        score_estimator: str = "vrpge",
+        projection: str = "exact",
+        max_iter: int = 30,
+        finetune_iter: int = 10,
+        fixed_mask: str = "topk",
+        batch_size: int = 64,
+        learning_rate_init: float = 0.01,
+        score_learning_rate: float = 0.1,
+        optimizer: str = "adam",
+        score_optimizer: str = "adam",
+        clip_norm: float | None = None,
+        sparse_classifier: bool = False,
+        weight_grad: str = "mean",
+        init: str = "kaiming",
+        dtype: str | type[np.floating] = "float32",
+        n_jobs: int | None = None,
+        random_state: int | np.random.RandomState | np.random.Generator | None = None,
+        verbose: bool = False,
+        validation_fraction: float = 0.0,
+        checkpoint: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+    ) -> None:
         self.hidden_layer_sizes = hidden_layer_sizes
         self.density = density
         self.granularity = granularity
@@ -322,7 +348,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------ validation
 
-    _parameter_constraints: dict = {
+    _parameter_constraints: dict[str, list[object]] = {
         **_table_constraints(),
         "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
         "granularity": [StrOptions(set(GRANULARITIES))],
@@ -346,7 +372,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         "resume": ["boolean"],
     }
 
-    def _check_params(self):
+    def _check_params(self) -> tuple[tuple[int, ...], np.dtype]:
         """Validate the parameters; return the hidden sizes and the dtype."""
         self._validate_params()
         hidden = _check_hidden(self.hidden_layer_sizes)
@@ -363,11 +389,14 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
                 )
         return hidden, np.dtype(self.dtype)
 
-    def _entropy(self):
+    def _entropy(self) -> int:
         """The seed of all random streams, as an int."""
         rs = self.random_state
         if rs is None:
-            return int(np.random.SeedSequence().entropy)
+            entropy = np.random.SeedSequence().entropy
+            if not (isinstance(entropy, int)):
+                raise RuntimeError("internal error: fresh entropy from the operating system")
+            return int(entropy)
         if isinstance(rs, numbers.Integral) and not isinstance(rs, bool):
             if rs < 0:
                 raise ValueError(f"random_state must be None or an int >= 0, got {rs}")
@@ -380,7 +409,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             f"random_state must be None, an int, a RandomState or a Generator, got {rs!r}"
         )
 
-    def _run_params(self):
+    def _run_params(self) -> dict[str, object]:
         """The parameters that determine the result, JSON-ready (saved in checkpoints)."""
         return {
             k: _json_value(v if k != "dtype" else np.dtype(v).name)
@@ -390,7 +419,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------------ fit
 
-    def fit(self, X, y):
+    def fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> SparseMLPClassifier:
         """Train the sparse network on ``(X, y)``.
 
         Parameters
@@ -425,7 +454,8 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         X = np.ascontiguousarray(X, dtype=dtype)
 
         ckpt = None
-        if self.resume and os.path.exists(self.checkpoint):
+        # _check_params made sure that resume comes with a checkpoint path.
+        if self.resume and self.checkpoint is not None and os.path.exists(self.checkpoint):
             ckpt = load_checkpoint(self.checkpoint)
             entropy = self._check_resumable(ckpt, X, y_enc, classes)
         else:
@@ -437,6 +467,8 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             train_idx, val_idx = np.arange(y_enc.shape[0]), None
         x_train = np.ascontiguousarray(X[train_idx].T)
         y_train = y_enc[train_idx]
+        x_val: FloatArray | None
+        y_val: npt.NDArray[np.int64] | None
         if val_idx is not None:
             x_val, y_val = np.ascontiguousarray(X[val_idx].T), y_enc[val_idx]
         else:
@@ -474,6 +506,8 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             state = init_state(network, config, data_rng=data_rng, mask_rng=mask_rng)
             phase, epoch, history, masks = "sparse", 0, [], None
         else:
+            if not (self.checkpoint is not None):
+                raise RuntimeError("internal error: ckpt was read from it")
             state, saved_config = restore_state(ckpt)
             if saved_config != config:
                 raise ValueError(
@@ -498,7 +532,9 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             self._train(state, config, data, (phase, epoch, history, masks), extra)
         return self
 
-    def _split(self, y_enc, entropy):
+    def _split(
+        self, y_enc: npt.NDArray[np.int64], entropy: int
+    ) -> tuple[npt.NDArray[np.int_], npt.NDArray[np.int_]]:
         # The fourth child of the seed: independent of the three training streams.
         split_rng = np.random.default_rng(np.random.SeedSequence(entropy).spawn(4)[3])
         seed = int(split_rng.integers(np.iinfo(np.int32).max))
@@ -515,8 +551,16 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
                 f"split of {y_enc.shape[0]} samples: {exc}"
             ) from exc
 
-    def _check_resumable(self, ckpt, X, y_enc, classes):
+    def _check_resumable(
+        self,
+        ckpt: Checkpoint,
+        X: FloatArray,
+        y_enc: npt.NDArray[np.int64],
+        classes: np.ndarray,
+    ) -> int:
         """Check that ``ckpt`` was written by this fit; return its seed."""
+        if not (self.checkpoint is not None):
+            raise RuntimeError("internal error: ckpt was read from it")
         extra = ckpt["extra"]
         where = f"checkpoint {os.fspath(self.checkpoint)!r}"
         try:
@@ -535,7 +579,16 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             raise ValueError(f"{where} was written for other training data")
         return entropy
 
-    def _train(self, state, config, data, progress, extra):
+    def _train(
+        self,
+        state: TrainState,
+        config: TrainConfig,
+        data: tuple[
+            FloatArray, npt.NDArray[np.int64], FloatArray | None, npt.NDArray[np.int64] | None
+        ],
+        progress: tuple[str, int, list[dict[str, Any]], list[BoolArray] | None],
+        extra: dict[str, Any],
+    ) -> None:
         """Run the remaining epochs of both phases; set the fitted attributes."""
         x_train, y_train, x_val, y_val = data
         phase, epoch, history, masks = progress
@@ -549,20 +602,22 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             y_progress = y_train[:_PROGRESS_EVAL_SAMPLES]
         running = []
 
-        def on_step(_state, loss):
+        def on_step(_state: TrainState, loss: float) -> None:
             running.append(loss)
             if bar is not None:
                 bar.update(1)
                 if len(running) % 5 == 0:
                     bar.set_postfix(loss=f"{np.mean(running[-n_batches:]):.4f}", refresh=False)
 
-        def end_of_epoch(stats, t0, epoch_masks):
+        def end_of_epoch(stats: EpochStats, t0: float, epoch_masks: list[BoolArray] | None) -> None:
             check_parameters_finite(state)
             record = {"phase": phase, "epoch": epoch, "loss": stats.loss}
             eval_masks = epoch_masks
             if eval_masks is None and (x_val is not None or bar is not None):
                 eval_masks = fixed_mask(state)  # what the network would be now
             if x_val is not None:
+                if not (y_val is not None and eval_masks is not None):
+                    raise RuntimeError("internal error: set with x_val")
                 record["val_accuracy"] = evaluate(state.network, x_val, y_val, eval_masks)[1]
             record["expected_density"] = expected_density(state)
             record["realised_density"] = stats.realised_density
@@ -584,6 +639,13 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
                 if x_val is not None:
                     acc = record["val_accuracy"]
                 else:
+                    # Set when verbose without validation data, as is eval_masks with a bar.
+                    if not (x_progress is not None and y_progress is not None):
+                        raise RuntimeError(
+                            "internal error: x_progress is not None and y_progress is not None"
+                        )
+                    if not (eval_masks is not None):
+                        raise RuntimeError("internal error: eval_masks is not None")
                     acc = evaluate(state.network, x_progress, y_progress, eval_masks)[1]
                 density = (
                     record["expected_density"] if phase == "sparse" else stats.realised_density
@@ -623,6 +685,9 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             if bar is not None:
                 bar.close()
 
+        # Fixed after the sparse phase, or read with a checkpoint of the fine-tuning phase.
+        if not (masks is not None):
+            raise RuntimeError("internal error: masks is not None")
         self.network_ = state.network
         self.masks_ = masks
         self.keep_prob_ = state.score.copy()
@@ -632,7 +697,14 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         self.history_ = history
         self.loss_curve_ = [record["loss"] for record in history]
 
-    def _final_masks(self, state, x_train, y_train, x_val, y_val):
+    def _final_masks(
+        self,
+        state: TrainState,
+        x_train: FloatArray,
+        y_train: npt.NDArray[np.int64],
+        x_val: FloatArray | None,
+        y_val: npt.NDArray[np.int64] | None,
+    ) -> list[BoolArray]:
         """The fixed masks after sparse training, within the budget."""
         if self.fixed_mask == "topk":
             return fixed_mask(state, "topk")
@@ -651,7 +723,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
 
     # -------------------------------------------------------------------- predict
 
-    def predict_proba(self, X):
+    def predict_proba(self, X: npt.ArrayLike) -> FloatArray:
         """Class probabilities of the network with the fixed masks.
 
         Parameters
@@ -664,14 +736,14 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             Softmax of the logits, computed in float64; columns follow ``classes_``.
         """
         check_is_fitted(self, "network_")
-        X = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        checked: np.ndarray = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
         net = self.network_
-        x = np.ascontiguousarray(X.T, dtype=net.dtype)
+        x = np.ascontiguousarray(checked.T, dtype=net.dtype)
         with numba_threads(self.n_jobs):
             logits, _ = net.forward(x, self.masks_, mode=EVAL)
         return softmax(logits.astype(np.float64)).T
 
-    def predict(self, X):
+    def predict(self, X: npt.ArrayLike) -> np.ndarray:
         """Predicted class labels with the fixed masks.
 
         Parameters
@@ -685,7 +757,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         proba = self.predict_proba(X)
         return self.classes_[np.argmax(proba, axis=1)]
 
-    def layer_densities(self):
+    def layer_densities(self) -> list[LayerDensity]:
         """Per-layer report of the fixed masks.
 
         Returns
@@ -700,11 +772,16 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         check_is_fitted(self, "network_")
         net = self.network_
         masks = dict(zip(net.prunable, self.masks_, strict=True))
-        report = []
+        report: list[LayerDensity] = []
         for i, layer in enumerate(net.layers):
             if not layer.params():
                 continue
+            n_out, n_in = layer.n_out, layer.n_in
+            if not (n_out is not None and n_in is not None):
+                raise RuntimeError("internal error: the layers of mlp() have sizes")
             if i in masks:
+                if not (layer.units is not None):
+                    raise RuntimeError("internal error: a prunable layer has a unit map")
                 n_units = layer.units.n_units_full
                 active = int(masks[i].sum())
             else:
@@ -714,7 +791,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
                 {
                     "layer": i,
                     "type": type(layer).__name__,
-                    "shape": (int(layer.n_out), int(layer.n_in)),
+                    "shape": (int(n_out), int(n_in)),
                     "prunable": i in masks,
                     "n_units": n_units,
                     "active": active,
@@ -724,7 +801,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         return report
 
 
-def _fingerprint(X, y_enc, classes):
+def _fingerprint(X: FloatArray, y_enc: npt.NDArray[np.int64], classes: np.ndarray) -> str:
     h = hashlib.sha256()
     h.update(repr((X.shape, X.dtype.str, classes.tolist())).encode())
     h.update(np.ascontiguousarray(X).tobytes())
@@ -732,7 +809,7 @@ def _fingerprint(X, y_enc, classes):
     return h.hexdigest()
 
 
-def _progress_bar(verbose, total, initial):
+def _progress_bar(verbose: bool, total: int, initial: int) -> tqdm | None:
     if not verbose:
         return None
     from tqdm.auto import tqdm

@@ -3,7 +3,7 @@
 The layers of the package, lowest first (a module may import its own layer and the
 ones below it, never one above):
 
-0. ``cpusparse._validation``, ``_io``, ``_threads``, ``_version``
+0. ``cpusparse._validation``, ``_io``, ``_threads``, ``_typing``, ``_version``
 1. ``cpusparse.engine`` (kernels < csr < layers < containers; losses)
 2. ``cpusparse.method``
 3. ``cpusparse.models``
@@ -27,6 +27,7 @@ LEVELS = [
     ("cpusparse._validation", 0),
     ("cpusparse._io", 0),
     ("cpusparse._threads", 0),
+    ("cpusparse._typing", 0),
     ("cpusparse._version", 0),
     ("cpusparse.engine.kernels", 1.0),
     ("cpusparse.engine.csr", 1.1),

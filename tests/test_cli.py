@@ -147,7 +147,7 @@ def test_help_shows_every_default_once(command, capsys):
     assert main([command, "--help"]) == 0
     blocks = _help_blocks(capsys.readouterr().out)
     assert len(blocks) > 15
-    for flag, block in blocks.items():
+    for block in blocks.values():
         assert block.count("(default:") <= 1, block
     for option in options():
         block = blocks.get(option.flag)

@@ -241,3 +241,17 @@ def test_sequential_backward_rejects_dout_of_wrong_shape():
     net, caches, dout = _sparse_classifier_net()
     with pytest.raises(ValueError, match="dout"):
         net.backward(np.ascontiguousarray(dout[:, :5]), caches)
+
+
+def test_sequential_forward_validates_live():
+    # live reached the kernels unchecked: a short one was read out of bounds.
+    net = mlp(4, (3,), 2, rng=0, dtype=np.float64)
+    x = np.ones((4, 5))
+    with pytest.raises(ValueError, match="live"):
+        net.forward(x, [None], live=np.array([True, True]))
+    with pytest.raises(TypeError, match="live"):
+        net.forward(x, [None], live=np.ones(4))
+    live = [True, False, True, True]
+    got, _ = net.forward(x, [None], live=live)
+    want, _ = net.forward(np.where(np.array(live)[:, None], x, 0.0), [None])
+    np.testing.assert_array_equal(got, want)

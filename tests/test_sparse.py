@@ -410,3 +410,15 @@ def test_to_dense_rejects_non_bool_masks(name):
     n = indices.shape[0] if name == "entry_mask" else shape[0]
     with pytest.raises(TypeError, match=name):
         sparse.to_dense(indptr, indices, data, shape, **{name: np.full(n, 0.5)})
+
+
+def test_masked_matmul_backward_ignores_out_without_relu():
+    # Without ReLU the forward output is not needed; it used to reach the kernel
+    # unchecked (a list failed inside Numba).
+    indptr, indices = sparse.full_pattern((2, 3))
+    active = sparse.select_active(indptr, indices, np.arange(6.0), (2, 3))
+    x, dout = np.ones((3, 4)), np.ones((2, 4))
+    want = sparse.masked_matmul_backward(active, x, dout)
+    got = sparse.masked_matmul_backward(active, x, dout, out=[[1.0] * 4] * 2)
+    for g, w in zip(got, want, strict=True):
+        np.testing.assert_array_equal(g, w)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator, Sequence
+from typing import Any
+
 import numpy as np
+import numpy.typing as npt
 
 from .. import _validation
-from .layers.base import LAYER_TYPES, TRAIN, Layer
+from .._typing import BoolArray, FloatArray
+from .layers.base import LAYER_TYPES, TRAIN, Layer, Mode, UnitMap, _check_live
 from .losses import softmax_cross_entropy
 
 __all__ = ["Sequential"]
@@ -43,7 +48,7 @@ class Sequential(Layer):
     ['0.weight', '0.bias', '1.weight', '1.bias']
     """
 
-    def __init__(self, layers):
+    def __init__(self, layers: Layer | Iterable[Layer]) -> None:
         layers = list(layers) if not isinstance(layers, Layer) else [layers]
         if not layers:
             raise ValueError("layers must be a nonempty list of layers, got []")
@@ -69,53 +74,54 @@ class Sequential(Layer):
     # ------------------------------------------------------------------ structure
 
     @property
-    def n_in(self):
+    def n_in(self) -> int | None:
         """Number of input features."""
         return next((layer.n_in for layer in self.layers if layer.n_in is not None), None)
 
     @property
-    def n_out(self):
+    def n_out(self) -> int | None:
         """Number of output features."""
         sizes = [layer.n_out for layer in self.layers if layer.n_out is not None]
         return sizes[-1] if sizes else None
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype | None:
         """Floating-point type of the parameters."""
         return next((layer.dtype for layer in self.layers if layer.dtype is not None), None)
 
     @property
-    def n_masks(self):
+    def n_masks(self) -> int:
         """Number of prunable layers inside, nested containers included."""
         return sum(layer.n_masks for layer in self.layers)
 
     @property
-    def prunable(self):
+    def prunable(self) -> list[int]:
         """Positions in :attr:`layers` of the layers that take masks."""
         return [i for i, layer in enumerate(self.layers) if layer.n_masks]
 
-    def _slots(self):
-        # (container, position) of every prunable leaf, depth-first: the mask order.
+    def _slots(self) -> Iterator[tuple[Sequential, int, UnitMap]]:
+        # (container, position, unit map) of every prunable leaf, depth-first: the mask
+        # order.
         for i, layer in enumerate(self.layers):
             if isinstance(layer, Sequential):
                 yield from layer._slots()
             elif layer.units is not None:
-                yield self, i
+                yield self, i, layer.units
 
-    def prunable_layers(self):
+    def prunable_layers(self) -> list[Layer]:
         """The prunable (leaf) layers in mask order, nested containers included."""
-        return [container.layers[i] for container, i in self._slots()]
+        return [container.layers[i] for container, i, _ in self._slots()]
 
-    def replace_prunable(self, p, layer):
+    def replace_prunable(self, p: int, layer: Layer) -> None:
         """Put ``layer`` in place of the ``p``-th prunable layer (e.g. after compaction)."""
-        container, i = list(self._slots())[p]
+        container, i, _ = list(self._slots())[p]
         container.layers[i] = layer
 
-    def n_units(self):
+    def n_units(self) -> list[int]:
         """Number of mask bits of each prunable layer, in mask order."""
-        return [layer.units.n_units for layer in self.prunable_layers()]
+        return [units.n_units for _, _, units in self._slots()]
 
-    def params(self):
+    def params(self) -> dict[str, FloatArray]:
         """Every parameter array by ``"<position>.<name>"`` (the arrays themselves)."""
         return {
             f"{i}.{name}": arr
@@ -123,7 +129,7 @@ class Sequential(Layer):
             for name, arr in layer.params().items()
         }
 
-    def buffers(self):
+    def buffers(self) -> dict[str, np.ndarray]:
         """Every buffer array by ``"<position>.<name>"``."""
         return {
             f"{i}.{name}": arr
@@ -133,7 +139,7 @@ class Sequential(Layer):
 
     # ------------------------------------------------------------------ passes
 
-    def _check_masks(self, masks):
+    def _check_masks(self, masks: Sequence[npt.ArrayLike | None] | None) -> list[BoolArray | None]:
         if masks is None:
             return [None] * self.n_masks
         if isinstance(masks, np.ndarray) or len(masks) != self.n_masks:
@@ -143,11 +149,18 @@ class Sequential(Layer):
                 f"got {got}"
             )
         return [
-            None if m is None else layer.units.check_mask(m)
-            for layer, m in zip(self.prunable_layers(), masks, strict=True)
+            None if m is None else units.check_mask(m)
+            for (_, _, units), m in zip(self._slots(), masks, strict=True)
         ]
 
-    def forward(self, x, masks=None, *, live=None, mode=TRAIN):
+    def forward(
+        self,
+        x: npt.ArrayLike,
+        masks: Sequence[npt.ArrayLike | None] | None = None,
+        *,
+        live: npt.ArrayLike | None = None,
+        mode: Mode = TRAIN,
+    ) -> tuple[FloatArray, list[object]]:
         """Forward pass with one mask per prunable layer.
 
         Parameters
@@ -168,13 +181,25 @@ class Sequential(Layer):
             One cache per layer, for :meth:`backward`.
         """
         x = self._check_input(x)
-        return self._forward(x, self._check_masks(masks), live, mode)
+        return self._forward(x, self._check_masks(masks), _check_live(live, self.n_in), mode)
 
-    def _forward(self, x, masks, live=None, mode=TRAIN):
+    def _forward(
+        self,
+        x: FloatArray,
+        masks: Sequence[BoolArray | None],
+        live: BoolArray | None = None,
+        mode: Mode = TRAIN,
+    ) -> tuple[FloatArray, list[object]]:
         out, caches, _ = self._run(x, masks, live, mode)
         return out, caches
 
-    def _run(self, x, masks, live, mode):
+    def _run(
+        self,
+        x: FloatArray,
+        masks: Sequence[BoolArray | None],
+        live: BoolArray | None,
+        mode: Mode,
+    ) -> tuple[FloatArray, list[object], BoolArray | None]:
         caches = []
         pos = 0
         for layer in self.layers:
@@ -184,7 +209,9 @@ class Sequential(Layer):
             caches.append(cache)
         return x, caches, live
 
-    def backward(self, dout, caches, *, need_dx=False):
+    def backward(
+        self, dout: npt.ArrayLike, caches: Sequence[Any], *, need_dx: bool = False
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
         """Backward pass through every layer.
 
         Returns
@@ -213,18 +240,30 @@ class Sequential(Layer):
             )
         return self._backward(np.ascontiguousarray(dout), caches, need_dx)
 
-    def _backward(self, dout, caches, need_dx=False):
-        per_layer = [None] * len(self.layers)
+    def _backward(
+        self, dout: FloatArray, caches: Sequence[Any], need_dx: bool = False
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        per_layer: list[dict[str, FloatArray]] = [{}] * len(self.layers)  # all replaced
+        grad: FloatArray | None = dout
         for i in range(len(self.layers) - 1, -1, -1):
-            dout, per_layer[i] = self.layers[i]._backward(dout, caches[i], need_dx or i > 0)
+            if not (grad is not None):
+                raise RuntimeError(
+                    "internal error: every layer but the first passes its input gradient"
+                )
+            grad, per_layer[i] = self.layers[i]._backward(grad, caches[i], need_dx or i > 0)
         grads = {
             f"{i}.{name}": g
             for i, layer_grads in enumerate(per_layer)
             for name, g in layer_grads.items()
         }
-        return dout, grads
+        return grad, grads
 
-    def loss_and_grads(self, x, y, masks=None):
+    def loss_and_grads(
+        self,
+        x: npt.ArrayLike,
+        y: npt.ArrayLike,
+        masks: Sequence[npt.ArrayLike | None] | None = None,
+    ) -> tuple[float, dict[str, FloatArray], FloatArray]:
         """Softmax cross-entropy of one masked pass and the gradients of all parameters.
 
         Returns
@@ -241,13 +280,13 @@ class Sequential(Layer):
 
     # ------------------------------------------------------------------ storage
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         """``{"layers": [{"type": name, **layer.config()}, ...]}``."""
         return {
             "layers": [{"type": type(layer).__name__, **layer.config()} for layer in self.layers]
         }
 
-    def arrays(self):
+    def arrays(self) -> dict[str, np.ndarray]:
         """Every layer's arrays by ``"<position>.<name>"``."""
         return {
             f"{i}.{name}": arr
@@ -256,7 +295,7 @@ class Sequential(Layer):
         }
 
     @classmethod
-    def from_config(cls, config, arrays):
+    def from_config(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> Sequential:
         """Rebuild the container and its layers (any registered layer type)."""
         layers = []
         for i, record in enumerate(config["layers"]):
@@ -271,6 +310,6 @@ class Sequential(Layer):
             layers.append(LAYER_TYPES[kind].from_config(record, own))
         return cls(layers)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         inner = ",\n  ".join(repr(layer) for layer in self.layers)
         return f"Sequential([\n  {inner},\n])"

@@ -22,10 +22,13 @@ sample, so that a feature's values over the batch are contiguous.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import NamedTuple, overload
 
 import numpy as np
+import numpy.typing as npt
 
+from .._typing import BoolArray, FloatArray, IndexArray, RNGLike
 from .._validation import check_array, check_rng, check_same_dtype
 from .kernels import csr as _kernels
 
@@ -67,13 +70,13 @@ class ActivePattern(NamedTuple):
         Rows kept (neuron granularity); dropped rows output 0.
     """
 
-    indptr: np.ndarray
-    indices: np.ndarray
-    data: np.ndarray
-    pos: np.ndarray
+    indptr: IndexArray
+    indices: IndexArray
+    data: FloatArray
+    pos: IndexArray
     shape: tuple[int, int]
     nnz: int
-    row_mask: np.ndarray | None
+    row_mask: BoolArray | None
 
     @property
     def n_active(self) -> int:
@@ -81,7 +84,9 @@ class ActivePattern(NamedTuple):
         return int(self.indices.shape[0])
 
 
-def check_pattern(indptr, indices, shape):
+def check_pattern(
+    indptr: npt.ArrayLike, indices: npt.ArrayLike, shape: Sequence[int]
+) -> tuple[IndexArray, IndexArray]:
     """Validate a canonical CSR pattern and return it with int64 indices.
 
     Parameters
@@ -152,7 +157,7 @@ def check_pattern(indptr, indices, shape):
     return np.ascontiguousarray(indptr), indices
 
 
-def full_pattern(shape):
+def full_pattern(shape: tuple[int, int]) -> tuple[IndexArray, IndexArray]:
     """The pattern that stores every entry of a dense ``(n_out, n_in)`` matrix.
 
     Examples
@@ -166,7 +171,7 @@ def full_pattern(shape):
     return indptr, indices
 
 
-def pattern_from_dense(mask):
+def pattern_from_dense(mask: npt.ArrayLike) -> tuple[IndexArray, IndexArray]:
     """The CSR pattern of the True entries of a 2-D boolean array.
 
     Examples
@@ -185,7 +190,9 @@ def pattern_from_dense(mask):
     return indptr, indices
 
 
-def random_pattern(shape, density, *, rng=None):
+def random_pattern(
+    shape: tuple[int, int], density: float, *, rng: RNGLike = None
+) -> tuple[IndexArray, IndexArray]:
     """A uniformly random pattern with ``round(density * n_out * n_in)`` entries.
 
     Parameters
@@ -215,7 +222,15 @@ def random_pattern(shape, density, *, rng=None):
     return pattern_from_dense(mask.reshape(n_out, n_in))
 
 
-def to_dense(indptr, indices, data, shape, *, entry_mask=None, row_mask=None):
+def to_dense(
+    indptr: npt.ArrayLike,
+    indices: npt.ArrayLike,
+    data: npt.ArrayLike,
+    shape: tuple[int, int],
+    *,
+    entry_mask: npt.ArrayLike | None = None,
+    row_mask: npt.ArrayLike | None = None,
+) -> FloatArray:
     """The dense ``(n_out, n_in)`` matrix of a (masked) CSR pattern.
 
     Examples
@@ -240,14 +255,14 @@ def to_dense(indptr, indices, data, shape, *, entry_mask=None, row_mask=None):
     return dense
 
 
-def _empty_bool():
+def _empty_bool() -> BoolArray:
     return np.ones(1, dtype=bool)
 
 
 _ALIGN = 64  # bytes: one cache line, one AVX-512 vector
 
 
-def _empty_aligned(shape, dtype):
+def _empty_aligned(shape: tuple[int, ...], dtype: npt.DTypeLike) -> np.ndarray:
     """An uninitialised C-contiguous array whose data starts on a 64-byte boundary.
 
     The kernels load 64-byte vectors along rows of activations; with the batch a
@@ -261,7 +276,15 @@ def _empty_aligned(shape, dtype):
     return buf[offset : offset + nbytes].view(dtype).reshape(shape)
 
 
-def _select_active(indptr, indices, data, shape, entry_mask, row_mask, col_mask):
+def _select_active(
+    indptr: IndexArray,
+    indices: IndexArray,
+    data: FloatArray,
+    shape: tuple[int, int],
+    entry_mask: BoolArray | None,
+    row_mask: BoolArray | None,
+    col_mask: BoolArray | None,
+) -> ActivePattern:
     # Unvalidated: the caller checked lengths and dtypes.
     nnz = indices.shape[0]
     a_indptr = np.empty(shape[0] + 1, dtype=INDEX_DTYPE)
@@ -285,11 +308,25 @@ def _select_active(indptr, indices, data, shape, entry_mask, row_mask, col_mask)
         a_pos,
     )
     return ActivePattern(
-        a_indptr, a_indices[:count], a_data[:count], a_pos[:count], tuple(shape), nnz, row_mask
+        a_indptr,
+        a_indices[:count],
+        a_data[:count],
+        a_pos[:count],
+        (shape[0], shape[1]),
+        nnz,
+        row_mask,
     )
 
 
-def _check_mask(mask, length, name):
+@overload
+def _check_mask(mask: None, length: int, name: str) -> None: ...
+
+
+@overload
+def _check_mask(mask: npt.ArrayLike, length: int, name: str) -> BoolArray: ...
+
+
+def _check_mask(mask: npt.ArrayLike | None, length: int, name: str) -> BoolArray | None:
     if mask is None:
         return None
     mask = np.asarray(mask)
@@ -300,7 +337,16 @@ def _check_mask(mask, length, name):
     return np.ascontiguousarray(mask)
 
 
-def select_active(indptr, indices, data, shape, *, entry_mask=None, row_mask=None, col_mask=None):
+def select_active(
+    indptr: npt.ArrayLike,
+    indices: npt.ArrayLike,
+    data: npt.ArrayLike,
+    shape: tuple[int, int],
+    *,
+    entry_mask: npt.ArrayLike | None = None,
+    row_mask: npt.ArrayLike | None = None,
+    col_mask: npt.ArrayLike | None = None,
+) -> ActivePattern:
     """Compact the entries of a CSR pattern that a mask keeps.
 
     One pass over the stored entries of the kept rows; the products that follow
@@ -346,7 +392,9 @@ def select_active(indptr, indices, data, shape, *, entry_mask=None, row_mask=Non
     )
 
 
-def _masked_matmul(active, x, bias, relu):
+def _masked_matmul(
+    active: ActivePattern, x: FloatArray, bias: FloatArray, relu: bool
+) -> FloatArray:
     out = _empty_aligned((active.shape[0], x.shape[1]), x.dtype)
     row_mask = active.row_mask
     _kernels.spmm_forward(
@@ -363,7 +411,9 @@ def _masked_matmul(active, x, bias, relu):
     return out
 
 
-def _check_activations(x, n_rows, name, dtype=None):
+def _check_activations(
+    x: npt.ArrayLike, n_rows: int | None, name: str, dtype: npt.DTypeLike | None = None
+) -> FloatArray:
     x = check_array(x, name, ndim=2, finite=True)
     if x.shape[0] != n_rows:
         raise ValueError(
@@ -375,7 +425,13 @@ def _check_activations(x, n_rows, name, dtype=None):
     return np.ascontiguousarray(x)
 
 
-def masked_matmul(active, x, bias=None, *, relu=False):
+def masked_matmul(
+    active: ActivePattern,
+    x: npt.ArrayLike,
+    bias: npt.ArrayLike | None = None,
+    *,
+    relu: bool = False,
+) -> FloatArray:
     """``act(W_active @ x + bias)`` where ``act`` is the identity or ReLU.
 
     Parameters
@@ -413,7 +469,14 @@ def masked_matmul(active, x, bias=None, *, relu=False):
     return _masked_matmul(active, x, bias, bool(relu))
 
 
-def _masked_matmul_backward(active, x, dout, out, relu, need_dx):
+def _masked_matmul_backward(
+    active: ActivePattern,
+    x: FloatArray,
+    dout: FloatArray,
+    out: FloatArray | None,
+    relu: bool,
+    need_dx: bool,
+) -> tuple[FloatArray | None, FloatArray, FloatArray]:
     n_out, n_in = active.shape
     row_mask = active.row_mask
     if relu or row_mask is not None:
@@ -451,7 +514,15 @@ def _masked_matmul_backward(active, x, dout, out, relu, need_dx):
     return dx, dweight, dbias
 
 
-def masked_matmul_backward(active, x, dout, out=None, *, relu=False, need_dx=True):
+def masked_matmul_backward(
+    active: ActivePattern,
+    x: npt.ArrayLike,
+    dout: npt.ArrayLike,
+    out: npt.ArrayLike | None = None,
+    *,
+    relu: bool = False,
+    need_dx: bool = True,
+) -> tuple[FloatArray | None, FloatArray, FloatArray]:
     r"""Gradients of :func:`masked_matmul` at the active entries only.
 
     Parameters
@@ -511,14 +582,17 @@ def masked_matmul_backward(active, x, dout, out=None, *, relu=False, need_dx=Tru
         raise ValueError(
             f"dout must have n_batch = {x.shape[1]} columns like x, got {dout.shape[1]}"
         )
+    checked_out = None  # without ReLU the kernel never reads the output
     if relu:
         if out is None:
             raise ValueError("out is required when relu is True")
-        out = _check_activations(out, n_out, "out", active.data.dtype)
-    return _masked_matmul_backward(active, x, dout, out, bool(relu), bool(need_dx))
+        checked_out = _check_activations(out, n_out, "out", active.data.dtype)
+    return _masked_matmul_backward(active, x, dout, checked_out, bool(relu), bool(need_dx))
 
 
-def compact_pattern(indptr, indices, keep):
+def compact_pattern(
+    indptr: npt.ArrayLike, indices: npt.ArrayLike, keep: npt.ArrayLike
+) -> tuple[IndexArray, IndexArray]:
     """Drop the stored entries where ``keep`` is False.
 
     Parameters

@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import numpy as np
+import numpy.typing as npt
 
+from .._typing import FloatArray
 from .._validation import check_array
 
 __all__ = ["softmax", "softmax_cross_entropy"]
 
 
-def softmax(logits):
+def softmax(logits: FloatArray) -> FloatArray:
     """Column-wise softmax of ``logits`` of shape (n_classes, n_batch).
 
     Examples
@@ -24,7 +26,7 @@ def softmax(logits):
     return z
 
 
-def softmax_cross_entropy(logits, y):
+def softmax_cross_entropy(logits: npt.ArrayLike, y: npt.ArrayLike) -> tuple[float, FloatArray]:
     r"""Mean softmax cross-entropy and its gradient with respect to the logits.
 
     Parameters

@@ -25,7 +25,9 @@ from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
+from .._typing import BoolArray, FloatArray
 from .masks import _check_masks, _check_scaling, _check_score, _out_dtype, _score_function64
 
 __all__ = [
@@ -37,7 +39,7 @@ __all__ = [
 ]
 
 
-def _check_losses(losses, n_masks):
+def _check_losses(losses: npt.ArrayLike, n_masks: int) -> npt.NDArray[np.float64]:
     losses = np.asarray(losses)
     if losses.dtype.kind not in "fiu":
         raise TypeError(f"losses must be a real array, got dtype {losses.dtype}")
@@ -52,7 +54,14 @@ def _check_losses(losses, n_masks):
     return losses
 
 
-def _estimator_inputs(losses, masks, score, scaling, *, min_masks):
+def _estimator_inputs(
+    losses: npt.ArrayLike,
+    masks: npt.ArrayLike,
+    score: npt.ArrayLike,
+    scaling: str,
+    *,
+    min_masks: int,
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], np.dtype]:
     _check_scaling(scaling)
     score = _check_score(score)
     masks = _check_masks(masks, score.shape[0], allow_1d=False)
@@ -67,7 +76,9 @@ def _estimator_inputs(losses, masks, score, scaling, *, min_masks):
     return losses, grad_log_p, _out_dtype(score)
 
 
-def reinforce_grad(losses, masks, score, *, scaling="exact"):
+def reinforce_grad(
+    losses: npt.ArrayLike, masks: npt.ArrayLike, score: npt.ArrayLike, *, scaling: str = "exact"
+) -> FloatArray:
     r"""REINFORCE estimate of :math:`\nabla_s \mathbb{E}_{m \sim p(m|s)} L(m)`.
 
     Parameters
@@ -124,7 +135,9 @@ def reinforce_grad(losses, masks, score, *, scaling="exact"):
     return dscore.astype(dtype, copy=False)
 
 
-def vrpge_grad(losses, masks, score, *, scaling="exact"):
+def vrpge_grad(
+    losses: npt.ArrayLike, masks: npt.ArrayLike, score: npt.ArrayLike, *, scaling: str = "exact"
+) -> FloatArray:
     r"""Variance-reduced policy-gradient estimate (VR-PGE) of :math:`\nabla_s \mathbb{E}[L]`.
 
     Parameters
@@ -244,12 +257,12 @@ class ScoreEstimator(NamedTuple):
     """
 
     name: str
-    grad: Callable | None
+    grad: Callable[[npt.NDArray[np.float64], BoolArray, FloatArray], FloatArray] | None
     mask_gradient: bool
     description: str
 
 
-def _sqrt_vrpge(losses, masks, score):
+def _sqrt_vrpge(losses: npt.NDArray[np.float64], masks: BoolArray, score: FloatArray) -> FloatArray:
     return vrpge_grad(losses, masks, score, scaling="sqrt")
 
 
@@ -272,7 +285,7 @@ SCORE_ESTIMATORS = {
 """The score-gradient estimators by name, in the order documented."""
 
 
-def get_score_estimator(name):
+def get_score_estimator(name: str) -> ScoreEstimator:
     """The :class:`ScoreEstimator` registered as ``name``.
 
     Raises

@@ -12,26 +12,30 @@ import numbers
 from collections.abc import Callable
 
 import numpy as np
+import numpy.typing as npt
 
+from .._typing import BoolArray
 from .masks import _check_score
 
 __all__ = ["exact_expectation", "exact_grad"]
 
 
-def _check_max_units(max_units):
+def _check_max_units(max_units: int) -> None:
     if not isinstance(max_units, numbers.Integral) or isinstance(max_units, bool | np.bool_):
         raise TypeError(f"max_units must be an int, got {type(max_units).__name__}")
     if max_units < 0:
         raise ValueError(f"max_units must be >= 0, got {max_units}")
 
 
-def _all_masks(n):
+def _all_masks(n: int) -> BoolArray:
     """All 2**n masks; row ``idx`` has ``m_j`` = bit ``n - 1 - j`` of ``idx``."""
     shifts = np.arange(n - 1, -1, -1)
     return ((np.arange(2**n)[:, None] >> shifts) & 1).astype(bool)
 
 
-def _loss_table(loss_fn, score, max_units):
+def _loss_table(
+    loss_fn: Callable[[BoolArray], float], score: npt.ArrayLike, max_units: int
+) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64]]:
     """Validate, enumerate and return losses as an array of shape (2,) * n."""
     if not callable(loss_fn):
         raise TypeError(f"loss_fn must be callable, got {type(loss_fn).__name__}")
@@ -46,8 +50,7 @@ def _loss_table(loss_fn, score, max_units):
     masks = _all_masks(n)
     table = np.empty(masks.shape[0], dtype=np.float64)
     for idx in range(masks.shape[0]):
-        value = loss_fn(masks[idx].copy())
-        value = np.asarray(value)
+        value = np.asarray(loss_fn(masks[idx].copy()))
         if value.shape != () or value.dtype.kind not in "fiub" or not np.isfinite(value):
             raise ValueError(
                 f"loss_fn must return a finite real scalar, got {value!r} for mask {masks[idx]}"
@@ -56,13 +59,13 @@ def _loss_table(loss_fn, score, max_units):
     return table.reshape((2,) * n), score
 
 
-def _contract_last(table, s_j):
+def _contract_last(table: npt.NDArray[np.float64], s_j: float) -> npt.NDArray[np.float64]:
     """Average the last axis (m_j in {0, 1}) with weights (1 - s_j, s_j)."""
     return table[..., 0] * (1.0 - s_j) + table[..., 1] * s_j
 
 
 def exact_expectation(
-    loss_fn: Callable[[np.ndarray], float], score, *, max_units: int = 20
+    loss_fn: Callable[[BoolArray], float], score: npt.ArrayLike, *, max_units: int = 20
 ) -> float:
     r"""Exact :math:`\mathbb{E}_{m \sim p(m|s)} L(m)` by enumerating all :math:`2^n` masks.
 
@@ -110,7 +113,9 @@ def exact_expectation(
     return float(table)
 
 
-def exact_grad(loss_fn: Callable[[np.ndarray], float], score, *, max_units: int = 20) -> np.ndarray:
+def exact_grad(
+    loss_fn: Callable[[BoolArray], float], score: npt.ArrayLike, *, max_units: int = 20
+) -> npt.NDArray[np.float64]:
     r"""Exact :math:`\nabla_s \mathbb{E}_{m \sim p(m|s)} L(m)` by enumerating all masks.
 
     Parameters

@@ -19,9 +19,12 @@ References
 from __future__ import annotations
 
 import numbers
+from typing import Literal, overload
 
 import numpy as np
+import numpy.typing as npt
 
+from .._typing import BoolArray, FloatArray, RNGLike
 from .._validation import check_rng
 
 __all__ = ["sample_masks", "score_function", "SCALINGS"]
@@ -30,7 +33,7 @@ SCALINGS = ("exact", "sqrt")
 """Scalings of the score function: the paper's ``s(1-s)``, the authors' ``sqrt(s(1-s))``."""
 
 
-def _check_score(score):
+def _check_score(score: npt.ArrayLike) -> np.ndarray:
     """Return ``score`` as a validated 1-D real array (dtype unchanged)."""
     score = np.asarray(score)
     if score.dtype.kind not in "fiu":
@@ -46,17 +49,17 @@ def _check_score(score):
     return score
 
 
-def _out_dtype(score):
+def _out_dtype(score: np.ndarray) -> np.dtype:
     """Output dtype rule: float32 stays float32, everything else is float64."""
     return np.dtype(np.float32) if score.dtype == np.float32 else np.dtype(np.float64)
 
 
-def _check_scaling(scaling):
+def _check_scaling(scaling: str) -> None:
     if scaling not in SCALINGS:
         raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}")
 
 
-def _check_masks(masks, n, *, allow_1d):
+def _check_masks(masks: npt.ArrayLike, n: int, *, allow_1d: bool) -> BoolArray:
     masks = np.asarray(masks)
     if masks.dtype != np.bool_:
         raise TypeError(f"masks must be a bool array, got dtype {masks.dtype}")
@@ -69,7 +72,9 @@ def _check_masks(masks, n, *, allow_1d):
     return masks
 
 
-def _score_function64(masks, score64, scaling):
+def _score_function64(
+    masks: BoolArray, score64: npt.NDArray[np.float64], scaling: str
+) -> npt.NDArray[np.float64]:
     """Score function in float64; no validation. NOTE: score64 is float64, masks bool."""
     interior = (score64 > 0) & (score64 < 1)
     var = score64 * (1.0 - score64)
@@ -80,7 +85,31 @@ def _score_function64(masks, score64, scaling):
     return out
 
 
-def sample_masks(score, n_masks, *, rng=None, return_uniforms=False):
+@overload
+def sample_masks(
+    score: npt.ArrayLike,
+    n_masks: int,
+    *,
+    rng: RNGLike = None,
+    return_uniforms: Literal[False] = False,
+) -> BoolArray: ...
+
+
+@overload
+def sample_masks(
+    score: npt.ArrayLike, n_masks: int, *, rng: RNGLike = None, return_uniforms: Literal[True]
+) -> tuple[BoolArray, npt.NDArray[np.float64]]: ...
+
+
+@overload
+def sample_masks(
+    score: npt.ArrayLike, n_masks: int, *, rng: RNGLike = None, return_uniforms: bool
+) -> BoolArray | tuple[BoolArray, npt.NDArray[np.float64]]: ...
+
+
+def sample_masks(
+    score: npt.ArrayLike, n_masks: int, *, rng: RNGLike = None, return_uniforms: bool = False
+) -> BoolArray | tuple[BoolArray, npt.NDArray[np.float64]]:
     r"""Draw ``n_masks`` independent Bernoulli masks with keep probabilities ``score``.
 
     Parameters
@@ -151,7 +180,9 @@ def sample_masks(score, n_masks, *, rng=None, return_uniforms=False):
     return masks
 
 
-def score_function(masks, score, *, scaling="exact"):
+def score_function(
+    masks: npt.ArrayLike, score: npt.ArrayLike, *, scaling: str = "exact"
+) -> FloatArray:
     r"""Gradient of the Bernoulli log-likelihood :math:`\nabla_s \log p(m \mid s)`.
 
     Parameters

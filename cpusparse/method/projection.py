@@ -22,8 +22,12 @@ References
 from __future__ import annotations
 
 import numbers
+from collections.abc import Iterable, Sequence
 
 import numpy as np
+import numpy.typing as npt
+
+from .._typing import FloatArray, IndexArray
 
 __all__ = ["project_scores", "concat_scores", "split_scores"]
 
@@ -31,26 +35,26 @@ METHODS = ("exact", "bisection")
 """Solvers of :func:`project_scores`."""
 
 
-def _check_real_array(x, name):
+def _check_real_array(x: npt.ArrayLike, name: str) -> np.ndarray:
     x = np.asarray(x)
     if x.dtype.kind not in "fiu":
         raise TypeError(f"{name} must be a real floating or integer array, got dtype {x.dtype}")
     return x
 
 
-def _check_positive_finite(value, name):
+def _check_positive_finite(value: float, name: str) -> None:
     if not isinstance(value, numbers.Real) or isinstance(value, bool | np.bool_):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
     if not np.isfinite(value) or value <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
 
 
-def _clipped_sum(s, v):
+def _clipped_sum(s: npt.NDArray[np.float64], v: float) -> float:
     """Sum of clip(s - v, 0, 1) in float64. NOTE: s is float64, v a float."""
     return float(np.clip(s - v, 0.0, 1.0).sum())
 
 
-def _threshold_exact(s, budget):
+def _threshold_exact(s: npt.NDArray[np.float64], budget: float) -> float:
     """Smallest v >= 0 with sum(clip(s - v, 0, 1)) == budget.
 
     NOTE: s is 1-D float64 and sum(clip(s, 0, 1)) > budget >= 0 (so max(s) > 0).
@@ -88,7 +92,9 @@ def _threshold_exact(s, budget):
     return min(max(v, left), right)
 
 
-def _threshold_bisection(s, budget, tol, max_iter):
+def _threshold_bisection(
+    s: npt.NDArray[np.float64], budget: float, tol: float, max_iter: int
+) -> float:
     """Run the authors' bisection. NOTE: same preconditions as ``_threshold_exact``."""
     lo, hi = 0.0, float(s.max())
     mid = 0.5 * (lo + hi)
@@ -104,7 +110,14 @@ def _threshold_bisection(s, budget, tol, max_iter):
     return mid
 
 
-def project_scores(score, budget, *, method="exact", tol=1e-3, max_iter=20):
+def project_scores(
+    score: npt.ArrayLike,
+    budget: float,
+    *,
+    method: str = "exact",
+    tol: float = 1e-3,
+    max_iter: int = 20,
+) -> tuple[FloatArray, float]:
     r"""Euclidean projection of ``score`` onto :math:`\{s : 0 \le s \le 1, \sum s \le k\}`.
 
     Parameters
@@ -237,7 +250,7 @@ def project_scores(score, budget, *, method="exact", tol=1e-3, max_iter=20):
     return projected.astype(out_dtype, copy=False), float(threshold)
 
 
-def concat_scores(scores):
+def concat_scores(scores: Iterable[npt.ArrayLike]) -> tuple[FloatArray, IndexArray]:
     r"""Flatten and concatenate per-layer scores so that one budget spans all layers.
 
     Parameters
@@ -282,20 +295,26 @@ def concat_scores(scores):
     """
     if isinstance(scores, np.ndarray):
         raise TypeError("scores must be a sequence of arrays (one per layer), got an ndarray")
-    scores = [np.asarray(a) for a in scores]
-    if not scores:
+    arrays = [np.asarray(a) for a in scores]
+    if not arrays:
         raise ValueError("scores must hold at least one layer, got an empty sequence")
-    dtypes = {a.dtype for a in scores}
+    dtypes = {a.dtype for a in arrays}
     if len(dtypes) != 1 or next(iter(dtypes)).kind != "f":
         names = sorted(str(d) for d in dtypes)
         raise TypeError(f"scores must all have the same floating dtype, got dtypes {names}")
-    sizes = np.array([a.size for a in scores], dtype=np.int64)
+    sizes = np.array([a.size for a in arrays], dtype=np.int64)
     offsets = np.concatenate(([0], np.cumsum(sizes))).astype(np.int64)
-    flat = np.concatenate([a.ravel() for a in scores])
+    flat = np.concatenate([a.ravel() for a in arrays])
     return flat, offsets
 
 
-def split_scores(flat, offsets, *, shapes=None, copy=True):
+def split_scores(
+    flat: npt.ArrayLike,
+    offsets: npt.ArrayLike,
+    *,
+    shapes: Iterable[int | Sequence[int]] | None = None,
+    copy: bool = True,
+) -> list[np.ndarray]:
     """Split a flat score vector back into per-layer arrays (inverse of :func:`concat_scores`).
 
     Parameters

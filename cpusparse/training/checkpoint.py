@@ -46,8 +46,11 @@ import dataclasses
 import json
 import os
 import zipfile
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, TypedDict
 
 import numpy as np
+import numpy.typing as npt
 
 from .._io import atomic_write
 from ..engine.containers import Sequential
@@ -72,7 +75,32 @@ class CheckpointError(ValueError):
     """A checkpoint file is corrupt, incomplete or of another format version."""
 
 
-def _optimizer_record(prefix, opt_state, arrays):
+class Checkpoint(TypedDict):
+    """What :func:`load_checkpoint` returns (see there); JSON values are arbitrary."""
+
+    format_version: int
+    cpusparse_version: str
+    epoch: int
+    phase: str
+    step: int
+    budget: float
+    n_units_initial: int
+    layers: list[dict[str, Any]]
+    score: np.ndarray
+    offsets: np.ndarray
+    weight_state: list[dict[str, np.ndarray]]
+    score_state: list[dict[str, np.ndarray]]
+    masks: list[np.ndarray] | None
+    data_rng: dict[str, Any]
+    mask_rng: dict[str, Any]
+    config: dict[str, Any]
+    history: list[dict[str, Any]]
+    extra: dict[str, Any]
+
+
+def _optimizer_record(
+    prefix: str, opt_state: Sequence[dict[str, np.ndarray]], arrays: dict[str, np.ndarray]
+) -> list[list[str]]:
     keys = []
     for j, entry in enumerate(opt_state):
         keys.append(list(entry))  # insertion order, as the optimizer created it
@@ -81,7 +109,17 @@ def _optimizer_record(prefix, opt_state, arrays):
     return keys
 
 
-def save_checkpoint(path, state, config, *, epoch, phase, history, masks=None, extra=None):
+def save_checkpoint(
+    path: str | os.PathLike[str],
+    state: TrainState,
+    config: TrainConfig,
+    *,
+    epoch: int,
+    phase: str,
+    history: Iterable[dict[str, Any]],
+    masks: Sequence[npt.ArrayLike] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> None:
     """Write the training state to ``path`` atomically.
 
     Parameters
@@ -139,16 +177,18 @@ def save_checkpoint(path, state, config, *, epoch, phase, history, masks=None, e
         "extra": {} if extra is None else dict(extra),
     }
     arrays["meta"] = np.array(json.dumps(meta, allow_nan=True))
-    atomic_write(path, lambda f: np.savez(f, **arrays))
+    # allow_pickle=True is numpy's default, spelled out so that no array name can be
+    # taken for it (nothing stored is an object array; files are read without pickles).
+    atomic_write(path, lambda f: np.savez(f, allow_pickle=True, **arrays))
 
 
-def _version():
+def _version() -> str:
     from .._version import __version__
 
     return __version__
 
 
-def load_checkpoint(path):
+def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
     """Read a checkpoint written by :func:`save_checkpoint`.
 
     Parameters
@@ -201,14 +241,14 @@ def load_checkpoint(path):
         raise CheckpointError(f"{path!r} is an incomplete checkpoint: missing {exc}") from exc
 
 
-def _unpack(meta, arrays):
+def _unpack(meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> Checkpoint:
     layers = []
     for i, record in enumerate(meta["layers"]):
         prefix = f"layer{i}."
         own = {k[len(prefix) :]: v for k, v in arrays.items() if k.startswith(prefix)}
         layers.append({**record, "arrays": own})
 
-    def optimizer(prefix, keys):
+    def optimizer(prefix: str, keys: list[list[str]]) -> list[dict[str, np.ndarray]]:
         return [{key: arrays[f"{prefix}{j}.{key}"] for key in ks} for j, ks in enumerate(keys)]
 
     n_masks = meta["n_masks"]
@@ -234,13 +274,13 @@ def _unpack(meta, arrays):
     }
 
 
-def _generator(bit_state):
+def _generator(bit_state: dict[str, Any]) -> np.random.Generator:
     bit_generator = getattr(np.random, bit_state["bit_generator"])()
     bit_generator.state = bit_state
     return np.random.Generator(bit_generator)
 
 
-def restore_state(ckpt):
+def restore_state(ckpt: Checkpoint) -> tuple[TrainState, TrainConfig]:
     """Rebuild the training state and configuration from :func:`load_checkpoint`'s dict.
 
     Parameters

@@ -10,15 +10,22 @@ module only decides when, and keeps the scores and optimizer states aligned.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
+from .._typing import BoolArray
 from ..method.estimators import get_score_estimator
 from .optim import compact_state
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
+    from .state import TrainState
 
 __all__ = ["dead_units", "droppable_fraction", "compact", "maybe_compact"]
 
 
-def dead_units(state, config):
+def dead_units(state: TrainState, config: TrainConfig) -> BoolArray:
     """Units that can never be sampled again, over the flat score vector.
 
     A unit is dead when its score is exactly 0 *and* the score optimizer cannot
@@ -44,23 +51,25 @@ def dead_units(state, config):
     return dead
 
 
-def _per_layer(state, flat):
+def _per_layer(state: TrainState, flat: BoolArray) -> list[BoolArray]:
     o = state.offsets
     return [flat[o[p] : o[p + 1]] for p in range(len(o) - 1)]
 
 
-def droppable_fraction(state, dead):
+def droppable_fraction(state: TrainState, dead: BoolArray) -> float:
     """Fraction of the stored weights of prunable layers that :func:`compact` would drop."""
     layers = state.network.prunable_layers()
     dropped = stored = 0
     for layer, layer_dead in zip(layers, _per_layer(state, dead), strict=True):
+        if not (layer.units is not None):
+            raise RuntimeError("internal error: a prunable layer has a unit map")
         per_unit = layer.units.stored_per_unit()
         stored += int(per_unit.sum())
         dropped += int(per_unit[layer_dead].sum())
     return dropped / stored if stored else 0.0
 
 
-def compact(state, dead):
+def compact(state: TrainState, dead: BoolArray) -> BoolArray:
     """Drop the stored weights of dead units (see :func:`dead_units`).
 
     Scores, the layers' stored patterns and the optimizer states of their
@@ -88,6 +97,8 @@ def compact(state, dead):
     for p, (layer, layer_dead) in enumerate(
         zip(net.prunable_layers(), _per_layer(state, dead), strict=True)
     ):
+        if not (layer.units is not None):
+            raise RuntimeError("internal error: a prunable layer has a unit map")
         keep_units, kept_entries = layer.units.compaction(layer_dead)
         kept_units.append(keep_units)
         if all(keep.all() for keep in kept_entries.values()):
@@ -106,7 +117,7 @@ def compact(state, dead):
     return kept
 
 
-def maybe_compact(state, config):
+def maybe_compact(state: TrainState, config: TrainConfig) -> BoolArray | None:
     """Compact after a step when it is time and enough is dead; return ``kept`` or None.
 
     Every ``config.compact_every`` steps (0: never), if at least

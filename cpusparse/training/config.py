@@ -19,7 +19,8 @@ import dataclasses
 import functools
 import math
 import numbers
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from ..method.estimators import SCORE_ESTIMATORS
 from ..method.projection import METHODS as PROJECTIONS
@@ -42,6 +43,8 @@ OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 WEIGHT_GRADS = ("mean", "first")
 
+_T = TypeVar("_T")
+
 
 # ---------------------------------------------------------------------------
 # Constraints
@@ -52,15 +55,15 @@ WEIGHT_GRADS = ("mean", "first")
 class Choice:
     """One of a fixed set of strings."""
 
-    values: tuple
+    values: tuple[str, ...]
 
-    def check(self, value, name):
+    def check(self, value: object, name: str) -> str:
         """Return ``value`` if allowed, else raise ``ValueError`` naming ``name``."""
         if not isinstance(value, str) or value not in self.values:
             raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
         return value
 
-    def describe(self):
+    def describe(self) -> str:
         """What is allowed, in words."""
         return "one of " + ", ".join(map(repr, self.values))
 
@@ -78,7 +81,7 @@ class Real:
     closed: str = "both"
     none: bool = False
 
-    def check(self, value, name):
+    def check(self, value: object, name: str) -> float | None:
         """Return ``value`` as a float if allowed, else raise naming ``name``."""
         if value is None and self.none:
             return None
@@ -95,7 +98,7 @@ class Real:
             raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
         return value
 
-    def describe(self):
+    def describe(self) -> str:
         """What is allowed, in words: "a finite number in (0, 1]" and the like."""
         if self.low is None and self.high is None:
             text = "a finite number"
@@ -121,15 +124,15 @@ class Int:
     low: int = 0
     high: int | None = None
 
-    def check(self, value, name):
+    def check(self, value: object, name: str) -> int:
         """Return ``value`` as an int if allowed, else raise naming ``name``."""
         if isinstance(value, bool) or not isinstance(value, numbers.Integral):
             raise TypeError(f"{name} must be {self.describe()}, got {value!r}")
-        if value < self.low or (self.high is not None and value > self.high):
+        if value < self.low or (self.high is not None and int(value) > self.high):
             raise ValueError(f"{name} must be {self.describe()}, got {value!r}")
         return int(value)
 
-    def describe(self):
+    def describe(self) -> str:
         """What is allowed, in words."""
         if self.high is None:
             return f"an int >= {self.low}"
@@ -140,13 +143,13 @@ class Int:
 class Bool:
     """True or False."""
 
-    def check(self, value, name):
+    def check(self, value: object, name: str) -> bool:
         """Return ``value`` if it is a bool, else raise naming ``name``."""
         if not isinstance(value, bool):
             raise TypeError(f"{name} must be True or False, got {value!r}")
         return value
 
-    def describe(self):
+    def describe(self) -> str:
         """What is allowed, in words."""
         return "True or False"
 
@@ -171,12 +174,12 @@ class Option:
     help: str
 
     @property
-    def flag(self):
+    def flag(self) -> str:
         """The command-line flag, ``--score-lr`` for ``score_lr``."""
         return "--" + self.name.replace("_", "-")
 
 
-def _option(default, constraint, help):
+def _option(default: _T, constraint: Choice | Real | Int | Bool, help: str) -> _T:
     return dataclasses.field(default=default, metadata={"constraint": constraint, "help": help})
 
 
@@ -271,14 +274,18 @@ class TrainConfig:
         0.25, Real(0.0, 1.0), "compact when this fraction of stored weights is dead"
     )
 
-    def __post_init__(self):
+    def __post_init__(self) -> None:
         for option in options():
             value = option.constraint.check(getattr(self, option.name), option.name)
             object.__setattr__(self, option.name, value)
 
     @functools.cached_property
-    def optimizers(self):
+    def optimizers(
+        self,
+    ) -> tuple[SGD | Adam, SGD | Adam, tuple[Callable[[int], float], Callable[[int], float]]]:
         """The weight and score optimizers and their learning-rate schedules."""
+        weights: SGD | Adam
+        scores: SGD | Adam
         if self.optimizer == "sgd":
             weights = SGD(
                 self.lr,
@@ -303,14 +310,14 @@ class TrainConfig:
 
 
 @functools.cache
-def _options():
+def _options() -> tuple[Option, ...]:
     return tuple(
         Option(f.name, f.default, f.metadata["constraint"], f.metadata["help"])
         for f in dataclasses.fields(TrainConfig)
     )
 
 
-def options():
+def options() -> tuple[Option, ...]:
     """The rows of the option table, in :class:`TrainConfig`'s field order.
 
     Returns

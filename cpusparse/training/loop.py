@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
+from .._typing import BoolArray, FloatArray, RNGLike
 from .._validation import check_choice
 from ..engine.layers.base import EVAL
 from ..engine.losses import softmax_cross_entropy
@@ -14,10 +17,23 @@ from ..method.masks import sample_masks
 from .state import split_masks
 from .step import finetune_step, train_step
 
+if TYPE_CHECKING:
+    from ..engine.containers import Sequential
+    from .config import TrainConfig
+    from .state import TrainState
+
 __all__ = ["fixed_mask", "evaluate", "EpochStats", "iterate_batches", "run_epoch"]
 
 
-def fixed_mask(state, method="topk", *, x=None, y=None, n_candidates=10, rng=None):
+def fixed_mask(
+    state: TrainState,
+    method: str = "topk",
+    *,
+    x: FloatArray | None = None,
+    y: npt.NDArray[np.integer] | None = None,
+    n_candidates: int = 10,
+    rng: RNGLike = None,
+) -> list[BoolArray]:
     """A deterministic mask within the budget, for fine-tuning and inference.
 
     Parameters
@@ -54,7 +70,14 @@ def fixed_mask(state, method="topk", *, x=None, y=None, n_candidates=10, rng=Non
     return split_masks(state, candidates[int(np.argmax(accs))].copy())
 
 
-def evaluate(network, x, y, masks, *, batch_size=1024):
+def evaluate(
+    network: Sequential,
+    x: FloatArray,
+    y: npt.NDArray[np.integer],
+    masks: Sequence[BoolArray | None],
+    *,
+    batch_size: int = 1024,
+) -> tuple[float, float]:
     """Mean loss and accuracy of the masked network on feature-major data."""
     n = x.shape[1]
     total_loss = 0.0
@@ -91,7 +114,9 @@ class EpochStats(NamedTuple):
     n_steps: int
 
 
-def iterate_batches(n, batch_size, rng):
+def iterate_batches(
+    n: int, batch_size: int, rng: np.random.Generator
+) -> list[npt.NDArray[np.int64]]:
     """Index arrays of the mini-batches of one epoch, in the order drawn from ``rng``.
 
     One ``rng.permutation(n)`` per epoch; the last batch may be smaller.
@@ -100,7 +125,16 @@ def iterate_batches(n, batch_size, rng):
     return [order[i : i + batch_size] for i in range(0, n, batch_size)]
 
 
-def run_epoch(state, x, y, config, *, batch_size, masks=None, on_step=None):
+def run_epoch(
+    state: TrainState,
+    x: FloatArray,
+    y: npt.NDArray[np.integer],
+    config: TrainConfig,
+    *,
+    batch_size: int,
+    masks: Sequence[BoolArray] | None = None,
+    on_step: Callable[[TrainState, float], object] | None = None,
+) -> EpochStats:
     """One pass over the data: sparse training, or fine-tuning on fixed ``masks``.
 
     Parameters
@@ -123,7 +157,8 @@ def run_epoch(state, x, y, config, *, batch_size, masks=None, on_step=None):
     EpochStats
     """
     losses, densities = [], []
-    g_sum = g_sq = None
+    g_sum: npt.NDArray[np.float64] | None = None
+    g_sq: npt.NDArray[np.float64] | None = None
     g_count = 0
     for idx in iterate_batches(y.shape[0], batch_size, state.data_rng):
         xb = np.ascontiguousarray(x[:, idx])
@@ -133,7 +168,7 @@ def run_epoch(state, x, y, config, *, batch_size, masks=None, on_step=None):
             loss = float(info.losses.mean())
             densities.append(info.realised_density)
             g = info.dscore.astype(np.float64)
-            if g_sum is None:
+            if g_sum is None or g_sq is None:  # both, at the first step
                 g_sum, g_sq = np.zeros_like(g), np.zeros_like(g)
             g_sum += g
             g_sq += g * g
@@ -146,6 +181,8 @@ def run_epoch(state, x, y, config, *, batch_size, masks=None, on_step=None):
         if on_step is not None:
             on_step(state, loss)
     if g_count > 1:
+        if not (g_sum is not None and g_sq is not None):
+            raise RuntimeError("internal error: set at the first step")
         mean = g_sum / g_count
         variance = float(np.mean(g_sq / g_count - mean * mean))
     else:

@@ -16,8 +16,12 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Callable, Sequence
 
 import numpy as np
+import numpy.typing as npt
+
+from .._typing import FloatArray
 
 __all__ = [
     "SGD",
@@ -29,7 +33,15 @@ __all__ = [
 ]
 
 
-def _check_scalar(value, name, *, low=None, high=None, low_open=False, high_open=False):
+def _check_scalar(
+    value: float,
+    name: str,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    high_open: bool = False,
+) -> float:
     """Return `value` as a float after checking it is a real number in the given interval."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
@@ -45,7 +57,7 @@ def _check_scalar(value, name, *, low=None, high=None, low_open=False, high_open
     return value
 
 
-def _check_params(params, name="params"):
+def _check_params(params: Sequence[FloatArray], name: str = "params") -> list[FloatArray]:
     """Check `params` is a list/tuple of floating ndarrays and return it as a list."""
     if isinstance(params, np.ndarray) or not isinstance(params, (list, tuple)):
         raise TypeError(f"{name} must be a list or tuple of ndarrays, got {type(params).__name__}")
@@ -57,7 +69,12 @@ def _check_params(params, name="params"):
     return list(params)
 
 
-def _check_step_args(params, grads, state, expected_keys):
+def _check_step_args(
+    params: Sequence[FloatArray],
+    grads: Sequence[FloatArray],
+    state: Sequence[dict[str, np.ndarray]],
+    expected_keys: dict[str, str],
+) -> tuple[list[FloatArray], list[FloatArray]]:
     """Validate the arguments of an optimizer step."""
     params = _check_params(params)
     grads = _check_params(grads, "grads")
@@ -164,7 +181,14 @@ class SGD:
     array([ 3.4, -6.8])
     """
 
-    def __init__(self, lr=0.1, *, momentum=0.0, nesterov=False, weight_decay=0.0):
+    def __init__(
+        self,
+        lr: float = 0.1,
+        *,
+        momentum: float = 0.0,
+        nesterov: bool = False,
+        weight_decay: float = 0.0,
+    ) -> None:
         self.lr = _check_scalar(lr, "lr", low=0.0)
         self.momentum = _check_scalar(momentum, "momentum", low=0.0, high=1.0, high_open=True)
         if not isinstance(nesterov, (bool, np.bool_)):
@@ -174,16 +198,16 @@ class SGD:
         self.nesterov = bool(nesterov)
         self.weight_decay = _check_scalar(weight_decay, "weight_decay", low=0.0)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"SGD(lr={self.lr!r}, momentum={self.momentum!r}, nesterov={self.nesterov!r}, "
             f"weight_decay={self.weight_decay!r})"
         )
 
-    def _state_keys(self):
+    def _state_keys(self) -> dict[str, str]:
         return {"momentum_buffer": "array"} if self.momentum > 0.0 else {}
 
-    def init_state(self, params):
+    def init_state(self, params: Sequence[FloatArray]) -> list[dict[str, np.ndarray]]:
         """Create the zero state for `params`.
 
         Parameters
@@ -202,7 +226,14 @@ class SGD:
             return [{} for _ in params]
         return [{"momentum_buffer": np.zeros_like(p)} for p in params]
 
-    def step(self, params, grads, state, *, lr=None):
+    def step(
+        self,
+        params: Sequence[FloatArray],
+        grads: Sequence[FloatArray],
+        state: Sequence[dict[str, np.ndarray]],
+        *,
+        lr: float | None = None,
+    ) -> None:
         """Update `params` and `state` in place with one SGD step.
 
         Parameters
@@ -285,7 +316,14 @@ class Adam:
     1
     """
 
-    def __init__(self, lr=1e-3, *, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
+    def __init__(
+        self,
+        lr: float = 1e-3,
+        *,
+        betas: Sequence[float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
         self.lr = _check_scalar(lr, "lr", low=0.0)
         if not isinstance(betas, (tuple, list)) or len(betas) != 2:
             raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
@@ -296,15 +334,15 @@ class Adam:
         self.eps = _check_scalar(eps, "eps", low=0.0)
         self.weight_decay = _check_scalar(weight_decay, "weight_decay", low=0.0)
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"Adam(lr={self.lr!r}, betas={self.betas!r}, eps={self.eps!r}, "
             f"weight_decay={self.weight_decay!r})"
         )
 
-    _STATE_KEYS = {"step": "step", "exp_avg": "array", "exp_avg_sq": "array"}
+    _STATE_KEYS: dict[str, str] = {"step": "step", "exp_avg": "array", "exp_avg_sq": "array"}
 
-    def init_state(self, params):
+    def init_state(self, params: Sequence[FloatArray]) -> list[dict[str, np.ndarray]]:
         """Create the zero state for `params`.
 
         Parameters
@@ -328,7 +366,14 @@ class Adam:
             for p in params
         ]
 
-    def step(self, params, grads, state, *, lr=None):
+    def step(
+        self,
+        params: Sequence[FloatArray],
+        grads: Sequence[FloatArray],
+        state: Sequence[dict[str, np.ndarray]],
+        *,
+        lr: float | None = None,
+    ) -> None:
         """Update `params` and `state` in place with one Adam step.
 
         Parameters
@@ -361,7 +406,7 @@ class Adam:
             p -= cast(step_size) * m / denom
 
 
-def compact_state(state_i, keep):
+def compact_state(state_i: dict[str, np.ndarray], keep: npt.ArrayLike) -> dict[str, np.ndarray]:
     """Subset the state of one parameter to the entries that are kept.
 
     Use it when a sparse pattern drops entries: apply to the state the same
@@ -424,7 +469,9 @@ def compact_state(state_i, keep):
     return out
 
 
-def clip_grad_norm(grads, max_norm):
+def clip_grad_norm(
+    grads: Sequence[FloatArray], max_norm: float | None
+) -> tuple[list[FloatArray], float]:
     r"""Scale gradients so that their global L2 norm is at most `max_norm`.
 
     Parameters
@@ -486,31 +533,31 @@ def clip_grad_norm(grads, max_norm):
 
 
 class _ConstantSchedule:
-    def __init__(self, lr):
+    def __init__(self, lr: float) -> None:
         self.lr = lr
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return f"constant_schedule({self.lr!r})"
 
-    def __call__(self, step):
+    def __call__(self, step: int) -> float:
         _check_step(step)
         return self.lr
 
 
 class _CosineSchedule:
-    def __init__(self, lr, total_steps, min_lr, warmup_steps):
+    def __init__(self, lr: float, total_steps: int, min_lr: float, warmup_steps: int) -> None:
         self.lr = lr
         self.total_steps = total_steps
         self.min_lr = min_lr
         self.warmup_steps = warmup_steps
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"cosine_schedule({self.lr!r}, {self.total_steps!r}, min_lr={self.min_lr!r}, "
             f"warmup_steps={self.warmup_steps!r})"
         )
 
-    def __call__(self, step):
+    def __call__(self, step: int) -> float:
         step = _check_step(step)
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
@@ -520,7 +567,7 @@ class _CosineSchedule:
         return self.min_lr + 0.5 * (self.lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def _check_step(step):
+def _check_step(step: int) -> int:
     if isinstance(step, (bool, np.bool_)) or not isinstance(step, numbers.Integral):
         raise TypeError(f"step must be an integer, got {type(step).__name__}")
     if step < 0:
@@ -528,7 +575,7 @@ def _check_step(step):
     return int(step)
 
 
-def _check_count(value, name, low):
+def _check_count(value: int, name: str, low: int) -> int:
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     if value < low:
@@ -536,7 +583,7 @@ def _check_count(value, name, low):
     return int(value)
 
 
-def constant_schedule(lr):
+def constant_schedule(lr: float) -> Callable[[int], float]:
     """Return the schedule ``step -> lr``.
 
     Parameters
@@ -558,7 +605,9 @@ def constant_schedule(lr):
     return _ConstantSchedule(_check_scalar(lr, "lr", low=0.0))
 
 
-def cosine_schedule(lr, total_steps, *, min_lr=0.0, warmup_steps=0):
+def cosine_schedule(
+    lr: float, total_steps: int, *, min_lr: float = 0.0, warmup_steps: int = 0
+) -> Callable[[int], float]:
     r"""Return a cosine-annealing schedule with optional linear warmup.
 
     Parameters

@@ -15,10 +15,16 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
+from typing import TYPE_CHECKING, cast
 
 import numpy as np
 
+from .._typing import BoolArray, FloatArray, IndexArray, RNGLike
 from ..method.projection import concat_scores, split_scores
+
+if TYPE_CHECKING:
+    from ..engine.containers import Sequential
+    from .config import TrainConfig
 
 __all__ = [
     "TrainState",
@@ -60,23 +66,23 @@ class TrainState:
         The data-order and mask streams.
     """
 
-    network: object
-    score: np.ndarray
-    offsets: np.ndarray
+    network: Sequential
+    score: FloatArray
+    offsets: IndexArray
     budget: float
     n_units_initial: int
-    weight_state: list
-    score_state: list
+    weight_state: list[dict[str, np.ndarray]]
+    score_state: list[dict[str, np.ndarray]]
     step: int
     data_rng: np.random.Generator
     mask_rng: np.random.Generator
 
-    def param_list(self):
+    def param_list(self) -> list[FloatArray]:
         """The parameter arrays in the network's order (layer by layer, weight then bias)."""
         return list(self.network.params().values())
 
 
-def spawn_streams(rng):
+def spawn_streams(rng: RNGLike) -> list[np.random.Generator]:
     """Three independent Generators (init, data order, masks) from one seed.
 
     ``rng`` is None, an int or a Generator; an int seed ``s`` gives
@@ -92,7 +98,8 @@ def spawn_streams(rng):
     True
     """
     if isinstance(rng, np.random.Generator):
-        seeds = rng.bit_generator.seed_seq.spawn(3)
+        # Typed as any ISeedSequence: a Generator of numpy's own holds a SeedSequence.
+        seeds = cast(np.random.SeedSequence, rng.bit_generator.seed_seq).spawn(3)
     elif rng is None or (isinstance(rng, numbers.Integral) and not isinstance(rng, bool)):
         if rng is not None and rng < 0:
             raise ValueError(f"rng must be None, an int seed >= 0 or a Generator, got {rng}")
@@ -104,7 +111,13 @@ def spawn_streams(rng):
     return [np.random.default_rng(s) for s in seeds]
 
 
-def init_state(network, config, *, data_rng, mask_rng):
+def init_state(
+    network: Sequential,
+    config: TrainConfig,
+    *,
+    data_rng: np.random.Generator,
+    mask_rng: np.random.Generator,
+) -> TrainState:
     """Initial training state: scores at the density, zero optimizer states.
 
     Parameters
@@ -142,17 +155,17 @@ def init_state(network, config, *, data_rng, mask_rng):
     return state
 
 
-def split_masks(state, mask):
+def split_masks(state: TrainState, mask: BoolArray) -> list[BoolArray]:
     """Per-layer views of one flat mask of shape (n_units_total,)."""
     return split_scores(mask, state.offsets, copy=False)
 
 
-def expected_density(state):
+def expected_density(state: TrainState) -> float:
     """``sum(s) / n``: the expected kept fraction of the initial units."""
     return float(state.score.sum(dtype=np.float64)) / state.n_units_initial
 
 
-def check_parameters_finite(state):
+def check_parameters_finite(state: TrainState) -> None:
     """Raise :class:`NonFiniteError` naming the first layer with a NaN or inf."""
     for i, layer in enumerate(state.network.layers):
         for name, arr in layer.params().items():

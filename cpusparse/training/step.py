@@ -17,18 +17,24 @@ of all sparse layers. :func:`finetune_step` trains the weights on a fixed mask.
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
-from ..engine.layers.base import STRAIGHT_THROUGH, TRAIN
+from .._typing import BoolArray, FloatArray
+from ..engine.layers.base import STRAIGHT_THROUGH, TRAIN, Mode
 from ..engine.losses import softmax_cross_entropy
 from ..method.estimators import get_score_estimator
 from ..method.masks import sample_masks
 from ..method.projection import project_scores
 from .compaction import maybe_compact
 from .optim import clip_grad_norm
-from .state import NonFiniteError, split_masks
+from .state import NonFiniteError, TrainState, split_masks
+
+if TYPE_CHECKING:
+    from .config import TrainConfig
 
 __all__ = ["StepResult", "StepRecord", "train_step", "finetune_step"]
 
@@ -65,17 +71,17 @@ class StepRecord:
         The projection's threshold.
     """
 
-    score: np.ndarray
-    uniforms: np.ndarray
-    masks: np.ndarray
-    losses: np.ndarray
-    weight_grads_per_pass: list
-    weight_grads: list
+    score: FloatArray
+    uniforms: npt.NDArray[np.float64]
+    masks: BoolArray
+    losses: npt.NDArray[np.float64]
+    weight_grads_per_pass: list[list[FloatArray]]
+    weight_grads: list[FloatArray]
     grad_norm: float
-    dscore: np.ndarray
+    dscore: FloatArray
     lr: float
     score_lr: float
-    score_before_projection: np.ndarray
+    score_before_projection: FloatArray
     threshold: float
 
 
@@ -94,14 +100,14 @@ class StepResult(NamedTuple):
         Only with ``record=True``.
     """
 
-    losses: np.ndarray
+    losses: npt.NDArray[np.float64]
     realised_density: float
-    dscore: np.ndarray
-    kept: np.ndarray | None = None
+    dscore: FloatArray
+    kept: BoolArray | None = None
     record: StepRecord | None = None
 
 
-def _check_finite(state, losses):
+def _check_finite(state: TrainState, losses: np.ndarray) -> None:
     if not np.all(np.isfinite(losses)):
         raise NonFiniteError(
             f"non-finite loss {losses.tolist()} at step {state.step}; lower the learning "
@@ -109,7 +115,15 @@ def _check_finite(state, losses):
         )
 
 
-def _mask_passes(state, x, y, masks, n_backward, mode, keep_passes):
+def _mask_passes(
+    state: TrainState,
+    x: FloatArray,
+    y: npt.NDArray[np.integer],
+    masks: BoolArray,
+    n_backward: int,
+    mode: Mode,
+    keep_passes: bool,
+) -> tuple[npt.NDArray[np.float64], list[FloatArray], list[FloatArray], list[list[FloatArray]]]:
     """K forward passes on one batch, the first ``n_backward`` with a backward pass.
 
     Returns the losses, the summed weight gradients, the flat mask gradients of each
@@ -137,10 +151,21 @@ def _mask_passes(state, x, y, masks, n_backward, mode, keep_passes):
         else:
             for t, g in zip(total, flat, strict=True):
                 t += g
+    if not (total is not None):
+        raise RuntimeError(
+            "internal error: the first pass always runs a backward (n_backward >= 1)"
+        )
     return losses, total, mask_grads, per_pass
 
 
-def train_step(state, x, y, config, *, record=False):
+def train_step(
+    state: TrainState,
+    x: FloatArray,
+    y: npt.NDArray[np.integer],
+    config: TrainConfig,
+    *,
+    record: bool = False,
+) -> StepResult:
     r"""One step of sparse training (Algorithm 1 of the paper) on one mini-batch.
 
     Parameters
@@ -210,6 +235,8 @@ def train_step(state, x, y, config, *, record=False):
     if estimator.mask_gradient:
         dscore = (np.sum(mask_grads, axis=0) / len(mask_grads)).astype(state.score.dtype)
     else:
+        if not (estimator.grad is not None):
+            raise RuntimeError("internal error: a score-function estimator has a grad")
         dscore = estimator.grad(losses, masks, state.score)
 
     # 5. Clip, then one step of each optimizer.
@@ -235,6 +262,8 @@ def train_step(state, x, y, config, *, record=False):
     realised = float(masks.sum()) / (K * state.n_units_initial)
     step_record = None
     if record:
+        if not (score_before is not None and before_projection is not None):
+            raise RuntimeError("internal error: copied above")
         step_record = StepRecord(
             score=score_before,
             uniforms=uniforms,
@@ -252,7 +281,13 @@ def train_step(state, x, y, config, *, record=False):
     return StepResult(losses, realised, dscore, kept, step_record)
 
 
-def finetune_step(state, x, y, masks, config):
+def finetune_step(
+    state: TrainState,
+    x: FloatArray,
+    y: npt.NDArray[np.integer],
+    masks: Sequence[BoolArray | None],
+    config: TrainConfig,
+) -> float:
     """One weight step on a fixed mask (no score update); returns the loss.
 
     Parameters

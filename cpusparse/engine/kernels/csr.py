@@ -259,7 +259,8 @@ def _sddmm_row(a_indices, a_pos, x, g, k, end, dweight):
         dweight[a_pos[k + 3]] = d3
         k += 4
     while k < end:
-        dweight[a_pos[k]] = _dot(g, x[a_indices[k]])
+        # numba's stub types an intrinsic's call with its typingctx parameter too.
+        dweight[a_pos[k]] = _dot(g, x[a_indices[k]])  # type: ignore[call-arg]
         k += 1
 
 

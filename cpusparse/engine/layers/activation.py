@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
+from ..._typing import BoolArray, FloatArray
 from ..._validation import check_array
-from .base import TRAIN, Layer
+from .base import TRAIN, Layer, Mode
 
 __all__ = ["ReLU", "ReLUCache"]
 
@@ -15,7 +17,7 @@ __all__ = ["ReLU", "ReLUCache"]
 class ReLUCache(NamedTuple):
     """What :meth:`ReLU.backward` needs from the forward pass."""
 
-    positive: np.ndarray
+    positive: BoolArray
 
 
 class ReLU(Layer):
@@ -30,26 +32,34 @@ class ReLU(Layer):
     (array([[0., 2.]]), array([[0., 5.]]))
     """
 
-    def live_outputs(self, mask, live):
+    def live_outputs(self, mask: BoolArray | None, live: BoolArray | None) -> BoolArray | None:
         """Output features that may be nonzero (see :meth:`Layer.live_outputs`)."""
         return live
 
-    def _check_input(self, x):
+    def _check_input(self, x: npt.ArrayLike) -> FloatArray:
         return check_array(x, "x", finite=True)
 
-    def _check_dout(self, dout, cache):
+    def _check_dout(self, dout: npt.ArrayLike, cache: ReLUCache) -> FloatArray:
         return check_array(dout, "dout", shape=cache.positive.shape)
 
-    def _forward(self, x, mask=None, live=None, mode=TRAIN):
+    def _forward(
+        self,
+        x: FloatArray,
+        mask: BoolArray | None = None,
+        live: BoolArray | None = None,
+        mode: Mode = TRAIN,
+    ) -> tuple[FloatArray, ReLUCache]:
         positive = x > 0
         return np.where(positive, x, x.dtype.type(0)), ReLUCache(positive)
 
-    def _backward(self, dout, cache, need_dx=True):
+    def _backward(
+        self, dout: FloatArray, cache: ReLUCache, need_dx: bool = True
+    ) -> tuple[FloatArray, dict[str, FloatArray]]:
         return np.where(cache.positive, dout, dout.dtype.type(0)), {}
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         """JSON-ready settings that, with :meth:`arrays`, rebuild the layer."""
         return {}
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return "ReLU()"

@@ -40,10 +40,13 @@ one input through two branches and adds them.
 from __future__ import annotations
 
 import abc
+from collections.abc import Sequence
 from typing import Any, ClassVar, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
+from ..._typing import BoolArray, FloatArray
 from ..csr import _check_activations
 
 __all__ = ["Mode", "TRAIN", "EVAL", "STRAIGHT_THROUGH", "Layer", "UnitMap", "LAYER_TYPES"]
@@ -111,11 +114,11 @@ class UnitMap(abc.ABC):
         """Number of units of the layer with every entry stored (for density reports)."""
 
     @abc.abstractmethod
-    def stored_per_unit(self) -> np.ndarray:
+    def stored_per_unit(self) -> npt.NDArray[np.integer]:
         """Number of stored weights each unit owns, shape ``(n_units,)``."""
 
     @abc.abstractmethod
-    def compaction(self, dead: np.ndarray) -> tuple[np.ndarray, dict[str, np.ndarray]]:
+    def compaction(self, dead: BoolArray) -> tuple[BoolArray, dict[str, BoolArray]]:
         """What compaction keeps when the units ``dead`` can never be sampled again.
 
         Parameters
@@ -132,11 +135,11 @@ class UnitMap(abc.ABC):
             optimizer state is compacted with it); see :meth:`Layer.compact`.
         """
 
-    def dense(self, values: np.ndarray, fill: Any = 0) -> np.ndarray:
+    def dense(self, values: npt.ArrayLike, fill: Any = 0) -> np.ndarray:
         """Per-unit values ``(..., n_units)`` in the layer's dense layout (for traces)."""
         return np.array(values, copy=True)
 
-    def check_mask(self, mask: Any) -> np.ndarray:
+    def check_mask(self, mask: npt.ArrayLike) -> BoolArray:
         """``mask`` as a contiguous boolean array of shape ``(n_units,)``, or an error."""
         mask = np.asarray(mask)
         if mask.dtype != np.bool_:
@@ -161,7 +164,7 @@ class Layer(abc.ABC):
     units: UnitMap | None = None
     """What the mask bits keep; None for a layer that takes no mask."""
 
-    def __init_subclass__(cls, **kwargs):
+    def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
         if not getattr(cls, "__abstractmethods__", None):
             LAYER_TYPES[cls.__name__] = cls
@@ -199,7 +202,7 @@ class Layer(abc.ABC):
         """Non-trainable state by name (e.g. running statistics); none by default."""
         return {}
 
-    def live_outputs(self, mask: np.ndarray | None, live: np.ndarray | None) -> np.ndarray | None:
+    def live_outputs(self, mask: BoolArray | None, live: BoolArray | None) -> BoolArray | None:
         """Output features that may be nonzero after a pass with ``mask``.
 
         Parameters
@@ -216,7 +219,9 @@ class Layer(abc.ABC):
         """
         return None
 
-    def n_active(self, mask=None, live=None, mode=TRAIN) -> int:
+    def n_active(
+        self, mask: BoolArray | None = None, live: BoolArray | None = None, mode: Mode = TRAIN
+    ) -> int:
         """Number of weights one pass multiplies with, per sample (its multiply-adds).
 
         The cost model of the benchmarks: a pass with mask ``mask`` on inputs of which
@@ -226,7 +231,14 @@ class Layer(abc.ABC):
 
     # ------------------------------------------------------------------ passes
 
-    def forward(self, x, mask=None, *, live=None, mode=TRAIN):
+    def forward(
+        self,
+        x: npt.ArrayLike,
+        mask: Any = None,
+        *,
+        live: npt.ArrayLike | None = None,
+        mode: Mode = TRAIN,
+    ) -> tuple[FloatArray, object]:
         """Forward pass (validated).
 
         Parameters
@@ -251,7 +263,9 @@ class Layer(abc.ABC):
         live = _check_live(live, self.n_in)
         return self._forward(x, mask, live, mode)
 
-    def backward(self, dout, cache, *, need_dx=True):
+    def backward(
+        self, dout: npt.ArrayLike, cache: Any, *, need_dx: bool = True
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
         """Backward pass (validated).
 
         Parameters
@@ -274,30 +288,40 @@ class Layer(abc.ABC):
         return self._backward(dout, cache, need_dx)
 
     @abc.abstractmethod
-    def _forward(self, x, mask, live, mode):
+    def _forward(
+        self, x: FloatArray, mask: Any, live: BoolArray | None, mode: Mode
+    ) -> tuple[FloatArray, object]:
         """Unvalidated forward pass; see :meth:`forward`."""
 
     @abc.abstractmethod
-    def _backward(self, dout, cache, need_dx):
+    def _backward(
+        self, dout: FloatArray, cache: Any, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
         """Unvalidated backward pass; see :meth:`backward`."""
 
-    def _run(self, x, masks, live, mode):
+    def _run(
+        self,
+        x: FloatArray,
+        masks: Sequence[BoolArray | None],
+        live: BoolArray | None,
+        mode: Mode,
+    ) -> tuple[FloatArray, object, BoolArray | None]:
         """One step of a container: ``(out, cache, live_out)`` with ``n_masks`` masks."""
         mask = masks[0] if masks else None
         out, cache = self._forward(x, mask, live, mode)
         return out, cache, (None if mode.straight_through else self.live_outputs(mask, live))
 
-    def _check_input(self, x):
+    def _check_input(self, x: npt.ArrayLike) -> FloatArray:
         return _check_activations(x, self.n_in, "x", self.dtype)
 
-    def _check_dout(self, dout, cache):
+    def _check_dout(self, dout: npt.ArrayLike, cache: Any) -> FloatArray:
         dout = _check_activations(dout, self.n_out, "dout", self.dtype)
         expected = getattr(cache, "out", None)
         if expected is not None and dout.shape != expected.shape:
             raise ValueError(f"dout must have shape {expected.shape}, got {dout.shape}")
         return dout
 
-    def _check_mask(self, mask):
+    def _check_mask(self, mask: npt.ArrayLike | None) -> BoolArray | None:
         if mask is None:
             return None
         if self.units is None:
@@ -310,7 +334,7 @@ class Layer(abc.ABC):
         """Dense boolean ``(n_out, n_in)`` map of the stored weights (None: no weight)."""
         return None
 
-    def dense(self, name: str, values: np.ndarray, fill: Any = 0) -> np.ndarray:
+    def dense(self, name: str, values: npt.ArrayLike, fill: Any = 0) -> np.ndarray:
         """Values aligned with parameter ``name`` in its dense layout (for traces).
 
         ``values`` has the parameter's shape, optionally with leading axes (one per
@@ -318,7 +342,7 @@ class Layer(abc.ABC):
         """
         return np.array(values, copy=True)
 
-    def compact(self, kept_entries: dict[str, np.ndarray]) -> Layer:
+    def compact(self, kept_entries: dict[str, BoolArray]) -> Layer:
         """A new layer without the entries that ``kept_entries`` drops.
 
         ``kept_entries`` comes from ``units.compaction``; layers without units are
@@ -327,7 +351,7 @@ class Layer(abc.ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot be compacted")
 
     @abc.abstractmethod
-    def config(self) -> dict:
+    def config(self) -> dict[str, Any]:
         """JSON-ready settings that, with :meth:`arrays`, rebuild the layer."""
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -335,12 +359,12 @@ class Layer(abc.ABC):
         return {**self.params(), **self.buffers()}
 
     @classmethod
-    def from_config(cls, config: dict, arrays: dict[str, np.ndarray]) -> Layer:
+    def from_config(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> Layer:
         """Rebuild a layer from :meth:`config` and :meth:`arrays`."""
         return cls(**arrays, **config)
 
 
-def _check_live(live, n):
+def _check_live(live: npt.ArrayLike | None, n: int | None) -> BoolArray | None:
     if live is None:
         return None
     live = np.asarray(live)

@@ -10,13 +10,16 @@ names to them.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from collections.abc import Sequence
+from typing import Any, NamedTuple
 
 import numpy as np
+import numpy.typing as npt
 
+from ..._typing import BoolArray, FloatArray, IndexArray, RNGLike
 from ..._validation import check_array, check_choice, check_density, check_rng, check_same_dtype
 from .. import csr
-from .base import TRAIN, Layer, UnitMap
+from .base import TRAIN, Layer, Mode, UnitMap
 
 __all__ = [
     "SparseLinear",
@@ -32,13 +35,21 @@ INITS = ("uniform", "kaiming")
 """Weight initialisations of :meth:`SparseLinear.random` and :meth:`Linear.random`."""
 
 
-def _init_uniform(shape, fan_in, dtype, rng):
+def _init_uniform(
+    shape: int | tuple[int, int], fan_in: float, dtype: npt.DTypeLike, rng: np.random.Generator
+) -> FloatArray:
     # PyTorch's nn.Linear default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)).
     bound = 1.0 / np.sqrt(fan_in) if fan_in > 0 else 0.0
     return rng.uniform(-bound, bound, size=shape).astype(dtype)
 
 
-def _init_weight(shape, fan_in, init, dtype, rng):
+def _init_weight(
+    shape: int | tuple[int, int],
+    fan_in: float,
+    init: str,
+    dtype: npt.DTypeLike,
+    rng: np.random.Generator,
+) -> FloatArray:
     # "uniform": PyTorch's nn.Linear default; "kaiming": He normal, std sqrt(2 / fan_in).
     check_choice(init, "init", INITS)
     if init == "uniform":
@@ -47,7 +58,7 @@ def _init_weight(shape, fan_in, init, dtype, rng):
     return rng.normal(0.0, std, size=shape).astype(dtype)
 
 
-def _check_fan_in_scale(fan_in_scale):
+def _check_fan_in_scale(fan_in_scale: float) -> None:
     if not 0 < fan_in_scale <= 1:
         raise ValueError(f"fan_in_scale must be in (0, 1], got {fan_in_scale}")
 
@@ -63,41 +74,43 @@ class WeightUnits(UnitMap):
     zeroes_outputs = False
     thins_fan_in = True
 
-    def __init__(self, layer):
+    def __init__(self, layer: SparseLinear) -> None:
         self.layer = layer
 
     @property
-    def n_units(self):
+    def n_units(self) -> int:
         """Number of mask bits."""
         return self.layer.nnz
 
     @property
-    def n_units_full(self):
+    def n_units_full(self) -> int:
         """Number of units of the layer with every entry stored."""
         return self.layer.shape[0] * self.layer.shape[1]
 
-    def stored_per_unit(self):
+    def stored_per_unit(self) -> IndexArray:
         """Number of stored weights each unit owns, shape ``(n_units,)``."""
         return np.ones(self.n_units, dtype=np.int64)
 
-    def compaction(self, dead):
+    def compaction(self, dead: BoolArray) -> tuple[BoolArray, dict[str, BoolArray]]:
         """Units and entries kept when ``dead`` units go (see :meth:`UnitMap.compaction`)."""
         keep = ~dead
         return keep, {"weight": keep}
 
-    def dense(self, values, fill=0):
+    def dense(self, values: npt.ArrayLike, fill: Any = 0) -> np.ndarray:
         """Per-unit values in the layer's dense layout (see :meth:`UnitMap.dense`)."""
         return self.layer.dense("weight", values, fill)
 
-    def masks(self, mask):
+    def masks(self, mask: BoolArray | None) -> tuple[BoolArray | None, BoolArray | None]:
         """``(entry_mask, row_mask)`` for :func:`cpusparse.engine.csr.select_active`."""
         return mask, None
 
-    def live_outputs(self, mask):
+    def live_outputs(self, mask: BoolArray) -> BoolArray | None:
         """Output features that may be nonzero (see :meth:`Layer.live_outputs`)."""
         return None
 
-    def straight_through_forward(self, layer, x, mask):
+    def straight_through_forward(
+        self, layer: SparseLinear, x: FloatArray, mask: BoolArray
+    ) -> tuple[FloatArray, SparseLinearCache]:
         """Forward pass over every stored entry, the mask applied multiplicatively."""
         # out = f((W * m) @ x + b) over every stored entry.
         data = layer.weight * mask
@@ -105,9 +118,13 @@ class WeightUnits(UnitMap):
         out = csr._masked_matmul(active, x, layer.bias, layer.activation == "relu")
         return out, SparseLinearCache(x, out, active, mask, None)
 
-    def straight_through_backward(self, layer, dout, cache, need_dx):
+    def straight_through_backward(
+        self, layer: SparseLinear, dout: FloatArray, cache: SparseLinearCache, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
         """Backward pass of :meth:`straight_through_forward`, with ``grads["mask"]``."""
         # dL/dW_eff by the chain rule at every stored entry; dL/dm = dL/dW_eff * W.
+        if not (cache.mask is not None):
+            raise RuntimeError("internal error: a straight-through cache holds its mask")
         relu = layer.activation == "relu"
         dx, deff, dbias = csr._masked_matmul_backward(
             cache.active, cache.x, dout, cache.out, relu, need_dx
@@ -126,39 +143,41 @@ class NeuronUnits(UnitMap):
     zeroes_outputs = True
     thins_fan_in = False
 
-    def __init__(self, layer):
+    def __init__(self, layer: SparseLinear) -> None:
         self.layer = layer
 
     @property
-    def n_units(self):
+    def n_units(self) -> int:
         """Number of mask bits."""
         return self.layer.shape[0]
 
     @property
-    def n_units_full(self):
+    def n_units_full(self) -> int:
         """Number of units of the layer with every entry stored."""
         return self.layer.shape[0]
 
-    def stored_per_unit(self):
+    def stored_per_unit(self) -> IndexArray:
         """Number of stored weights each unit owns, shape ``(n_units,)``."""
         return np.diff(self.layer.indptr)
 
-    def compaction(self, dead):
+    def compaction(self, dead: BoolArray) -> tuple[BoolArray, dict[str, BoolArray]]:
         """Units and entries kept when ``dead`` units go (see :meth:`UnitMap.compaction`)."""
         # The units stay (their number fixes the next layer's input size); the stored
         # weights of dead rows go.
         keep = np.repeat(~dead, np.diff(self.layer.indptr))
         return np.ones(dead.shape[0], dtype=bool), {"weight": keep}
 
-    def masks(self, mask):
+    def masks(self, mask: BoolArray | None) -> tuple[BoolArray | None, BoolArray | None]:
         """``(entry_mask, row_mask)`` for :func:`cpusparse.engine.csr.select_active`."""
         return None, mask
 
-    def live_outputs(self, mask):
+    def live_outputs(self, mask: BoolArray) -> BoolArray | None:
         """Output features that may be nonzero (see :meth:`Layer.live_outputs`)."""
         return mask
 
-    def straight_through_forward(self, layer, x, mask):
+    def straight_through_forward(
+        self, layer: SparseLinear, x: FloatArray, mask: BoolArray
+    ) -> tuple[FloatArray, SparseLinearCache]:
         """Forward pass over every stored entry, the mask applied multiplicatively."""
         # out = m * f(W @ x + b): the unmasked output is kept for dL/dm.
         active = layer._everything(layer.weight)
@@ -166,8 +185,15 @@ class NeuronUnits(UnitMap):
         out = unmasked * mask[:, None]
         return out, SparseLinearCache(x, out, active, mask, unmasked)
 
-    def straight_through_backward(self, layer, dout, cache, need_dx):
+    def straight_through_backward(
+        self, layer: SparseLinear, dout: FloatArray, cache: SparseLinearCache, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
         """Backward pass of :meth:`straight_through_forward`, with ``grads["mask"]``."""
+        # A straight-through cache holds the mask and the output before it.
+        if not (cache.mask is not None and cache.unmasked is not None):
+            raise RuntimeError(
+                "internal error: cache.mask is not None and cache.unmasked is not None"
+            )
         relu = layer.activation == "relu"
         dmask = np.einsum("ob,ob->o", dout, cache.unmasked)
         dunmasked = np.ascontiguousarray(dout * cache.mask[:, None])
@@ -177,7 +203,10 @@ class NeuronUnits(UnitMap):
         return dx, {"weight": dweight, "bias": dbias, "mask": dmask}
 
 
-GRANULARITIES = {"weight": WeightUnits, "neuron": NeuronUnits}
+GRANULARITIES: dict[str, type[WeightUnits] | type[NeuronUnits]] = {
+    "weight": WeightUnits,
+    "neuron": NeuronUnits,
+}
 """The unit maps of :class:`SparseLinear` by granularity name."""
 
 
@@ -188,11 +217,11 @@ class SparseLinearCache(NamedTuple):
     for neuron granularity, the output before the mask was applied.
     """
 
-    x: np.ndarray
-    out: np.ndarray
+    x: FloatArray
+    out: FloatArray
     active: csr.ActivePattern
-    mask: np.ndarray | None = None
-    unmasked: np.ndarray | None = None
+    mask: BoolArray | None = None
+    unmasked: FloatArray | None = None
 
 
 class SparseLinear(Layer):
@@ -234,9 +263,19 @@ class SparseLinear(Layer):
     ((6,), True)
     """
 
+    units: WeightUnits | NeuronUnits
+
     def __init__(
-        self, indptr, indices, weight, bias, n_in, *, granularity="weight", activation=None
-    ):
+        self,
+        indptr: npt.NDArray[np.integer] | Sequence[int],
+        indices: npt.ArrayLike,
+        weight: npt.ArrayLike,
+        bias: npt.ArrayLike,
+        n_in: int,
+        *,
+        granularity: str = "weight",
+        activation: str | None = None,
+    ) -> None:
         n_out = len(indptr) - 1
         self.indptr, self.indices = csr.check_pattern(indptr, indices, (n_out, n_in))
         self.weight = check_array(weight, "weight", ndim=1, shape=self.indices.shape, finite=True)
@@ -250,17 +289,17 @@ class SparseLinear(Layer):
     @classmethod
     def random(
         cls,
-        n_in,
-        n_out,
+        n_in: int,
+        n_out: int,
         *,
-        density=1.0,
-        granularity="weight",
-        activation=None,
-        init="uniform",
-        fan_in_scale=1.0,
-        dtype=np.float32,
-        rng=None,
-    ):
+        density: float = 1.0,
+        granularity: str = "weight",
+        activation: str | None = None,
+        init: str = "uniform",
+        fan_in_scale: float = 1.0,
+        dtype: npt.DTypeLike = np.float32,
+        rng: RNGLike = None,
+    ) -> SparseLinear:
         r"""A layer with a random pattern and random weights.
 
         Parameters
@@ -303,44 +342,46 @@ class SparseLinear(Layer):
         )
 
     @property
-    def granularity(self):
+    def granularity(self) -> str:
         """Name of the unit map's granularity."""
         return self.units.granularity
 
     @property
-    def n_in(self):
+    def n_in(self) -> int:
         """Number of input features."""
         return self.shape[1]
 
     @property
-    def n_out(self):
+    def n_out(self) -> int:
         """Number of output features."""
         return self.shape[0]
 
     @property
-    def nnz(self):
+    def nnz(self) -> int:
         """Number of stored weights."""
         return int(self.indices.shape[0])
 
     @property
-    def n_units(self):
+    def n_units(self) -> int:
         """Number of prunable units (mask bits)."""
         return self.units.n_units
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype:
         """Floating-point type of the parameters."""
         return self.weight.dtype
 
-    def params(self):
+    def params(self) -> dict[str, FloatArray]:
         """The parameter arrays, by name (the same objects, not copies)."""
         return {"weight": self.weight, "bias": self.bias}
 
-    def live_outputs(self, mask, live):
+    def live_outputs(self, mask: BoolArray | None, live: BoolArray | None) -> BoolArray | None:
         """Outputs that may be nonzero: the kept neurons (neuron granularity), else all."""
         return None if mask is None else self.units.live_outputs(mask)
 
-    def n_active(self, mask=None, live=None, mode=TRAIN):
+    def n_active(
+        self, mask: BoolArray | None = None, live: BoolArray | None = None, mode: Mode = TRAIN
+    ) -> int:
         """Stored entries kept by ``mask`` whose input is live (every one, straight-through)."""
         if mode.straight_through:
             return self.nnz
@@ -354,7 +395,7 @@ class SparseLinear(Layer):
             keep &= live[self.indices]
         return int(keep.sum())
 
-    def to_dense(self, mask=None):
+    def to_dense(self, mask: npt.ArrayLike | None = None) -> FloatArray:
         """The dense ``(n_out, n_in)`` weight with the mask applied."""
         entry_mask, row_mask = self.units.masks(self._check_mask(mask))
         return csr.to_dense(
@@ -366,7 +407,13 @@ class SparseLinear(Layer):
             row_mask=row_mask,
         )
 
-    def _forward(self, x, mask=None, live=None, mode=TRAIN):
+    def _forward(
+        self,
+        x: FloatArray,
+        mask: BoolArray | None = None,
+        live: BoolArray | None = None,
+        mode: Mode = TRAIN,
+    ) -> tuple[FloatArray, SparseLinearCache]:
         if mode.straight_through:
             if mask is None:
                 mask = np.ones(self.units.n_units, dtype=bool)
@@ -378,7 +425,9 @@ class SparseLinear(Layer):
         out = csr._masked_matmul(active, x, self.bias, self.activation == "relu")
         return out, SparseLinearCache(x, out, active)
 
-    def _backward(self, dout, cache, need_dx=True):
+    def _backward(
+        self, dout: FloatArray, cache: SparseLinearCache, need_dx: bool = True
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
         if cache.mask is not None:
             return self.units.straight_through_backward(self, dout, cache, need_dx)
         dx, dweight, dbias = csr._masked_matmul_backward(
@@ -386,23 +435,23 @@ class SparseLinear(Layer):
         )
         return dx, {"weight": dweight, "bias": dbias}
 
-    def _everything(self, data):
+    def _everything(self, data: FloatArray) -> csr.ActivePattern:
         # The active pattern of every stored entry, with values ``data``.
         everything = np.arange(self.nnz, dtype=csr.INDEX_DTYPE)
         return csr.ActivePattern(
             self.indptr, self.indices, data, everything, self.shape, self.nnz, None
         )
 
-    def stored_pattern(self):
+    def stored_pattern(self) -> BoolArray:
         """Dense boolean ``(n_out, n_in)`` map of the stored weights."""
         pattern = np.zeros(self.shape, dtype=bool)
         pattern[self._rows(), self.indices] = True
         return pattern
 
-    def _rows(self):
+    def _rows(self) -> npt.NDArray[np.int_]:
         return np.repeat(np.arange(self.shape[0]), np.diff(self.indptr))
 
-    def dense(self, name, values, fill=0):
+    def dense(self, name: str, values: npt.ArrayLike, fill: Any = 0) -> np.ndarray:
         """Per-entry ``(..., nnz)`` weight values as dense ``(..., n_out, n_in)``."""
         values = np.asarray(values)
         if name != "weight":
@@ -411,7 +460,7 @@ class SparseLinear(Layer):
         out[..., self._rows(), self.indices] = values
         return out
 
-    def compact(self, kept_entries):
+    def compact(self, kept_entries: dict[str, BoolArray]) -> SparseLinear:
         """A new layer without the stored entries where ``kept_entries["weight"]`` is False.
 
         Arrays aligned with the old stored entries (scores, optimizer state) are
@@ -429,7 +478,7 @@ class SparseLinear(Layer):
             activation=self.activation,
         )
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         """JSON-ready settings that, with :meth:`arrays`, rebuild the layer."""
         return {
             "shape": list(self.shape),
@@ -437,12 +486,12 @@ class SparseLinear(Layer):
             "activation": self.activation,
         }
 
-    def arrays(self):
+    def arrays(self) -> dict[str, np.ndarray]:
         """The CSR pattern and the parameters."""
         return {"indptr": self.indptr, "indices": self.indices, **self.params()}
 
     @classmethod
-    def from_config(cls, config, arrays):
+    def from_config(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> SparseLinear:
         """Rebuild the layer from :meth:`config` and :meth:`arrays`."""
         return cls(
             arrays["indptr"],
@@ -454,7 +503,7 @@ class SparseLinear(Layer):
             activation=config["activation"],
         )
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"SparseLinear(n_in={self.shape[1]}, n_out={self.shape[0]}, nnz={self.nnz}, "
             f"granularity={self.granularity!r}, activation={self.activation!r}, "
@@ -465,8 +514,8 @@ class SparseLinear(Layer):
 class LinearCache(NamedTuple):
     """What :meth:`Linear.backward` needs from the forward pass."""
 
-    x: np.ndarray
-    out: np.ndarray
+    x: FloatArray
+    out: FloatArray
 
 
 class Linear(Layer):
@@ -487,7 +536,9 @@ class Linear(Layer):
     ((3, 5), (2, 3))
     """
 
-    def __init__(self, weight, bias, *, activation=None):
+    def __init__(
+        self, weight: npt.ArrayLike, bias: npt.ArrayLike, *, activation: str | None = None
+    ) -> None:
         self.weight = check_array(weight, "weight", ndim=2, finite=True)
         self.bias = check_array(bias, "bias", ndim=1, shape=(self.weight.shape[0],), finite=True)
         check_same_dtype(("weight", self.weight), ("bias", self.bias))
@@ -497,15 +548,15 @@ class Linear(Layer):
     @classmethod
     def random(
         cls,
-        n_in,
-        n_out,
+        n_in: int,
+        n_out: int,
         *,
-        activation=None,
-        init="uniform",
-        fan_in_scale=1.0,
-        dtype=np.float32,
-        rng=None,
-    ):
+        activation: str | None = None,
+        init: str = "uniform",
+        fan_in_scale: float = 1.0,
+        dtype: npt.DTypeLike = np.float32,
+        rng: RNGLike = None,
+    ) -> Linear:
         """A layer with random weights, then bias (see :meth:`SparseLinear.random`)."""
         rng = check_rng(rng)
         _check_fan_in_scale(fan_in_scale)
@@ -514,32 +565,40 @@ class Linear(Layer):
         return cls(weight, bias, activation=activation)
 
     @property
-    def n_in(self):
+    def n_in(self) -> int:
         """Number of input features."""
         return self.shape[1]
 
     @property
-    def n_out(self):
+    def n_out(self) -> int:
         """Number of output features."""
         return self.shape[0]
 
     @property
-    def dtype(self):
+    def dtype(self) -> np.dtype:
         """Floating-point type of the parameters."""
         return self.weight.dtype
 
-    def params(self):
+    def params(self) -> dict[str, FloatArray]:
         """The parameter arrays, by name (the same objects, not copies)."""
         return {"weight": self.weight, "bias": self.bias}
 
-    def _forward(self, x, mask=None, live=None, mode=TRAIN):
+    def _forward(
+        self,
+        x: FloatArray,
+        mask: BoolArray | None = None,
+        live: BoolArray | None = None,
+        mode: Mode = TRAIN,
+    ) -> tuple[FloatArray, LinearCache]:
         out = self.weight @ x
         out += self.bias[:, None]
         if self.activation == "relu":
             np.maximum(out, 0, out=out)
         return out, LinearCache(x, out)
 
-    def _backward(self, dout, cache, need_dx=True):
+    def _backward(
+        self, dout: FloatArray, cache: LinearCache, need_dx: bool = True
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
         if self.activation == "relu":
             dout = dout * (cache.out > 0)
         dweight = dout @ cache.x.T
@@ -547,27 +606,29 @@ class Linear(Layer):
         dx = self.weight.T @ dout if need_dx else None
         return dx, {"weight": dweight, "bias": dbias}
 
-    def stored_pattern(self):
+    def stored_pattern(self) -> BoolArray:
         """Dense boolean ``(n_out, n_in)`` map of the stored weights."""
         return np.ones(self.shape, dtype=bool)
 
-    def n_active(self, mask=None, live=None, mode=TRAIN):
+    def n_active(
+        self, mask: BoolArray | None = None, live: BoolArray | None = None, mode: Mode = TRAIN
+    ) -> int:
         """Every weight (the dense product skips nothing)."""
         return int(self.weight.size)
 
-    def config(self):
+    def config(self) -> dict[str, Any]:
         """JSON-ready settings that, with :meth:`arrays`, rebuild the layer."""
         return {"shape": list(self.shape), "activation": self.activation}
 
     @classmethod
-    def from_config(cls, config, arrays):
+    def from_config(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> Linear:
         """Rebuild the layer from :meth:`config` and :meth:`arrays`."""
         weight = arrays["weight"]
         if list(weight.shape) != list(config["shape"]):
             raise ValueError(f"weight must have shape {config['shape']}, got {weight.shape}")
         return cls(weight, arrays["bias"], activation=config["activation"])
 
-    def __repr__(self):
+    def __repr__(self) -> str:
         return (
             f"Linear(n_in={self.shape[1]}, n_out={self.shape[0]}, "
             f"activation={self.activation!r}, dtype={self.dtype})"
