@@ -332,3 +332,58 @@ def test_concat_split_bad_inputs():
         split_scores(np.zeros((5, 1)), np.array([0, 5]))
     with pytest.raises(ValueError, match="shapes must give one shape per layer"):
         split_scores(flat, np.array([0, 2, 5]), shapes=[(2,), (2, 2)])
+
+
+# ---------------------------------------------------------------------------
+# The O(n) bracketing path against the sorting oracle
+# ---------------------------------------------------------------------------
+
+from cpusparse.method import projection as _projection  # noqa: E402
+
+
+def _both_thresholds(s, budget):
+    s = np.asarray(s, dtype=np.float64)
+    return _projection._threshold_exact(s, budget), _projection._threshold_sort(s, budget)
+
+
+@PROFILE
+@given(score_arrays, budgets)
+def test_bracketing_threshold_is_bit_identical_to_sorting(s, budget):
+    # Force the bracketing path on small arrays: ties, exact breakpoints, 0 and 1.
+    if not np.clip(s, 0, 1).sum() > budget:
+        return  # clipping alone is feasible: no threshold is searched
+    original = _projection._BRACKET_MIN_SIZE
+    _projection._BRACKET_MIN_SIZE = 0
+    try:
+        fast, sort = _both_thresholds(s, budget)
+    finally:
+        _projection._BRACKET_MIN_SIZE = original
+    assert fast == sort
+
+
+@pytest.mark.parametrize(
+    "kind", ["uniform", "ties", "zeros-and-ones", "adam-step", "all-equal", "narrow"]
+)
+def test_bracketing_threshold_on_large_arrays(kind):
+    rng = np.random.default_rng(7)
+    n = 50_000
+    s = {
+        "uniform": rng.uniform(-0.5, 1.5, n),
+        "ties": rng.integers(0, 9, n) / 8.0,
+        "zeros-and-ones": (rng.random(n) < 0.3).astype(np.float64),
+        "adam-step": 0.1 + 0.01 * np.sign(rng.standard_normal(n)) * (rng.random(n) < 0.9),
+        "all-equal": np.full(n, 0.37),
+        "narrow": 0.5 + 1e-12 * rng.standard_normal(n),
+    }[kind]
+    for budget in (0.0, 0.1 * n, 0.25 * n, np.clip(s, 0, 1).sum() * (1 - 1e-9)):
+        if not np.clip(s, 0, 1).sum() > budget:
+            continue
+        fast, sort = _both_thresholds(s, budget)
+        assert fast == sort, (kind, budget)
+        if kind != "ties":  # the bracket resolves (no fallback to the sort)
+            from cpusparse.engine.kernels import scores
+
+            _, _, undecided = scores.threshold_bracket(s, budget, np.empty(n, np.int64))
+            assert undecided == 0, (kind, budget)
+        p = np.clip(s - fast, 0.0, 1.0).sum()
+        assert abs(p - budget) <= 1e-9 * max(1.0, budget), (kind, budget, p)

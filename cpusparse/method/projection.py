@@ -28,6 +28,7 @@ import numpy as np
 import numpy.typing as npt
 
 from .._typing import FloatArray, IndexArray
+from ..engine.kernels import scores as _score_kernels
 
 __all__ = ["project_scores", "concat_scores", "split_scores"]
 
@@ -54,10 +55,37 @@ def _clipped_sum(s: npt.NDArray[np.float64], v: float) -> float:
     return float(np.clip(s - v, 0.0, 1.0).sum())
 
 
+# Below this size the sort is as fast as the bracketing pass and simplest.
+_BRACKET_MIN_SIZE = 4096
+
+
 def _threshold_exact(s: npt.NDArray[np.float64], budget: float) -> float:
-    """Smallest v >= 0 with sum(clip(s - v, 0, 1)) == budget.
+    """Smallest v >= 0 with sum(clip(s - v, 0, 1)) == budget, in O(n).
+
+    A Numba pass brackets the root between two adjacent breakpoints of
+    ``f(v) = sum clip(s - v, 0, 1)`` (:func:`~cpusparse.engine.kernels.scores.threshold_bracket`);
+    the bracket is confirmed with the same evaluations of ``f`` as the sorting method
+    and the segment solved by the same formula (:func:`_solve_segment`), so the result
+    is bit-identical to :func:`_threshold_sort`, which remains the fallback (ties that
+    cannot be separated, small arrays) and the tests' oracle.
 
     NOTE: s is 1-D float64 and sum(clip(s, 0, 1)) > budget >= 0 (so max(s) > 0).
+    """
+    if s.shape[0] >= _BRACKET_MIN_SIZE:
+        s_max = float(s.max())
+        work = np.empty(s.shape[0], dtype=np.int64)
+        lo, hi, undecided = _score_kernels.threshold_bracket(s, budget, work)
+        if undecided == 0:
+            left, right = _score_kernels.enclosing_breakpoints(s, lo, hi, s_max)
+            if _clipped_sum(s, left) > budget >= _clipped_sum(s, right):
+                return _solve_segment(s, budget, left, right)
+    return _threshold_sort(s, budget)
+
+
+def _threshold_sort(s: npt.NDArray[np.float64], budget: float) -> float:
+    """:func:`_threshold_exact` by sorting the breakpoints, in O(n log n).
+
+    NOTE: same preconditions as ``_threshold_exact``.
     """
     s_max = float(s.max())
     # Breakpoints of f(v) = sum_i clip(s_i - v, 0, 1) inside [0, max s], sorted.
@@ -75,7 +103,11 @@ def _threshold_exact(s: npt.NDArray[np.float64], budget: float) -> float:
             lo = mid
         else:
             hi = mid
-    left, right = float(cand[lo]), float(cand[hi])
+    return _solve_segment(s, budget, float(cand[lo]), float(cand[hi]))
+
+
+def _solve_segment(s: npt.NDArray[np.float64], budget: float, left: float, right: float) -> float:
+    """The root of f(v) = budget between adjacent breakpoints with f(left) > budget >= f(right)."""
     if budget == 0.0 or _clipped_sum(s, right) == budget:
         # f decreases strictly on (left, right), so a root at its end is the root; this
         # returns breakpoint solutions (ties, budget = 0) without rounding.

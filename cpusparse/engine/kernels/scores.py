@@ -1,0 +1,100 @@
+"""Numba kernels over the flat score vector (private module).
+
+Passes over one float64 array of keep probabilities, as long as the dense network at
+weight granularity: they must cost a few passes over memory, not a sort. Like every
+kernel, they validate nothing, allocate nothing and draw no random numbers.
+"""
+
+from numba import njit
+
+__all__: list[str] = []
+
+
+@njit(cache=True, nogil=True)
+def threshold_bracket(s, budget, work):
+    """Narrow the projection's threshold to an interval free of most breakpoints.
+
+    ``f(v) = sum_i clip(s_i - v, 0, 1)`` decreases, piecewise linearly, with
+    breakpoints at the ``s_i`` and ``s_i - 1``. Starting from ``[0, max s]``, bisect
+    ``v`` keeping ``f(lo) > budget >= f(hi)``; every unit whose term is constant or
+    linear on the current interval goes into running totals and leaves the work list,
+    so each bisection step only visits the units with a breakpoint inside
+    ``(lo, hi)``: about ``2n`` visits in all instead of one pass per step.
+
+    Returns ``(lo, hi, m)``: the interval and the number of undecided units left in
+    ``work[:m]`` (their indices): 0, unless ``lo`` and ``hi`` became adjacent floats
+    first (the root sits on a breakpoint shared by tied scores).
+    """
+    # NOTE: s float64 1-D, f(0) > budget >= 0 (so max s > 0); work int64 of len(s).
+    n = s.shape[0]
+    hi = 0.0
+    for i in range(n):
+        if s[i] > hi:
+            hi = s[i]
+    lo = 0.0
+    n_one = 0  # units at 1 on the whole interval
+    n_lin = 0  # units at s_i - v on the whole interval
+    lin_sum = 0.0
+    m = 0
+    for i in range(n):
+        x = s[i]
+        if x <= lo:
+            continue
+        if x - hi >= 1.0:
+            n_one += 1
+        elif x >= hi and x - lo <= 1.0:
+            n_lin += 1
+            lin_sum += x
+        else:
+            work[m] = i
+            m += 1
+    while m > 0:
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:
+            break
+        total = n_one + lin_sum - mid * n_lin
+        for j in range(m):
+            t = s[work[j]] - mid
+            if t >= 1.0:
+                total += 1.0
+            elif t > 0.0:
+                total += t
+        if total > budget:
+            lo = mid
+        else:
+            hi = mid
+        kept = 0
+        for j in range(m):
+            i = work[j]
+            x = s[i]
+            if x <= lo:
+                continue
+            if x - hi >= 1.0:
+                n_one += 1
+            elif x >= hi and x - lo <= 1.0:
+                n_lin += 1
+                lin_sum += x
+            else:
+                work[kept] = i
+                kept += 1
+        m = kept
+    return lo, hi, m
+
+
+@njit(cache=True, nogil=True)
+def enclosing_breakpoints(s, lo, hi, s_max):
+    """The largest breakpoint ``<= lo`` and the smallest ``>= hi`` of ``f``.
+
+    Breakpoints are ``0``, ``max s`` and every ``s_i`` and ``s_i - 1`` in ``[0, max s]``.
+    """
+    # NOTE: s float64 1-D; 0 <= lo <= hi <= s_max.
+    left = 0.0
+    right = s_max
+    for i in range(s.shape[0]):
+        for b in (s[i], s[i] - 1.0):
+            if 0.0 <= b <= s_max:
+                if left < b <= lo:
+                    left = b
+                if hi <= b < right:
+                    right = b
+    return left, right
