@@ -10,6 +10,7 @@ prunable units.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -19,7 +20,7 @@ import sys
 import time
 from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import TYPE_CHECKING, Any, TypedDict
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import numpy as np
 import numpy.typing as npt
@@ -46,7 +47,6 @@ if TYPE_CHECKING:
     from tqdm.auto import tqdm
 
     from .training.checkpoint import Checkpoint
-    from .training.loop import EpochStats
     from .training.state import TrainState
 
 __all__ = ["SparseMLPClassifier"]
@@ -73,6 +73,11 @@ _TRAIN_OPTIONS = {
     "optimizer": "optimizer",
     "score_optimizer": "score_optimizer",
     "clip_norm": "clip_norm",
+    "clip_scope": "clip_scope",
+    "momentum": "momentum",
+    "weight_decay": "weight_decay",
+    "projection_tol": "projection_tol",
+    "projection_max_iter": "projection_max_iter",
     "weight_grad": "weight_grad",
 }
 
@@ -190,8 +195,16 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         Initial learning rate of the scores.
     optimizer, score_optimizer : {"adam", "sgd"}, default="adam"
         Optimizers of the weights and of the scores.
+    momentum : float in [0, 1), default=0.9
+        Momentum of SGD on the weights (``optimizer="sgd"``).
+    weight_decay : float >= 0, default=0.0
+        L2 penalty on the weights and biases (never on the scores).
     clip_norm : float > 0 or None, default=None
-        Clip the global norm of the weight gradients.
+        Clip the global norm of the gradients named by ``clip_scope``.
+    clip_scope : {"weights", "weights+scores"}, default="weights"
+        Clip the weight gradients, or weights and scores in one norm (the authors').
+    projection_tol, projection_max_iter : float > 0, int >= 1, default=1e-3, 20
+        Stopping rule of ``projection="bisection"``.
     sparse_classifier : bool, default=False
         Make the output layer sparse (and prunable) too.
     weight_grad : {"mean", "first"}, default="mean"
@@ -309,6 +322,11 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         optimizer: str = "adam",
         score_optimizer: str = "adam",
         clip_norm: float | None = None,
+        clip_scope: str = "weights",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        projection_tol: float = 1e-3,
+        projection_max_iter: int = 20,
         sparse_classifier: bool = False,
         weight_grad: str = "mean",
         init: str = "kaiming",
@@ -335,6 +353,11 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         self.optimizer = optimizer
         self.score_optimizer = score_optimizer
         self.clip_norm = clip_norm
+        self.clip_scope = clip_scope
+        self.momentum = momentum
+        self.weight_decay = weight_decay
+        self.projection_tol = projection_tol
+        self.projection_max_iter = projection_max_iter
         self.sparse_classifier = sparse_classifier
         self.weight_grad = weight_grad
         self.init = init
@@ -440,56 +463,28 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             If a loss or a parameter becomes NaN or infinite; the message names
             the step (and the layer). The last checkpoint is left intact.
         """
-        hidden, dtype = self._check_params()
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
-        check_classification_targets(y)
-        encoder = LabelEncoder()
-        y_enc = encoder.fit_transform(y).astype(np.int64)
-        classes = encoder.classes_
-        if classes.shape[0] < 2:
-            raise ValueError(
-                f"{type(self).__name__} needs samples of at least 2 classes in the data, "
-                f"but the data contains only one class: {classes[0]!r}"
-            )
-        X = np.ascontiguousarray(X, dtype=dtype)
+        try:
+            self._fit(X, y)
+        except BaseException:
+            # A failed (re)fit leaves the classifier unfitted, never answering from the
+            # previous network with the new classes.
+            for name in _FITTED_ATTRIBUTES:
+                self.__dict__.pop(name, None)
+            raise
+        return self
 
+    def _fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> None:
+        """:meth:`fit`, which undoes a failed call."""
+        hidden, dtype = self._check_params()
+        X, y_enc, classes = self._check_data(X, y, dtype)
         ckpt = None
-        # _check_params made sure that resume comes with a checkpoint path.
         if self.resume and self.checkpoint is not None and os.path.exists(self.checkpoint):
             ckpt = load_checkpoint(self.checkpoint)
             entropy = self._check_resumable(ckpt, X, y_enc, classes)
         else:
             entropy = self._entropy()
-
-        if self.validation_fraction > 0:
-            train_idx, val_idx = self._split(y_enc, entropy)
-        else:
-            train_idx, val_idx = np.arange(y_enc.shape[0]), None
-        x_train = np.ascontiguousarray(X[train_idx].T)
-        y_train = y_enc[train_idx]
-        x_val: FloatArray | None
-        y_val: npt.NDArray[np.int64] | None
-        if val_idx is not None:
-            x_val, y_val = np.ascontiguousarray(X[val_idx].T), y_enc[val_idx]
-        else:
-            x_val = y_val = None
-
-        n_batches = -(-y_train.shape[0] // self.batch_size)
-        config = TrainConfig(
-            density=float(self.density),
-            n_masks=int(self.n_masks),
-            score_estimator=self.score_estimator,
-            projection=self.projection,
-            weight_grad=self.weight_grad,
-            clip_norm=None if self.clip_norm is None else float(self.clip_norm),
-            optimizer=self.optimizer,
-            lr=float(self.learning_rate_init),
-            score_optimizer=self.score_optimizer,
-            score_lr=float(self.score_learning_rate),
-            schedule="cosine",
-            total_steps=max(1, (self.max_iter + self.finetune_iter) * n_batches),
-        )
-
+        data = self._split_data(X, y_enc, entropy)
+        config = self._train_config(data.y_train.shape[0])
         if ckpt is None:
             init_rng, data_rng, mask_rng = spawn_streams(entropy)
             network = mlp(
@@ -503,34 +498,102 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
                 dtype=dtype,
                 rng=init_rng,
             )
-            state = init_state(network, config, data_rng=data_rng, mask_rng=mask_rng)
-            phase, epoch, history, masks = "sparse", 0, [], None
-        else:
-            if not (self.checkpoint is not None):
-                raise RuntimeError("internal error: ckpt was read from it")
-            state, saved_config = restore_state(ckpt)
-            if saved_config != config:
+            n_units = sum(network.n_units())
+            if math.floor(self.density * n_units + 1e-9) < 1:
                 raise ValueError(
-                    f"checkpoint {os.fspath(self.checkpoint)!r} was written with another "
-                    f"training configuration: {saved_config} != {config}"
+                    f"density={self.density:g} keeps no unit of the {n_units} prunable units "
+                    f"of this network (n_features = {X.shape[1]}, hidden_layer_sizes = "
+                    f"{hidden}, granularity={self.granularity!r}); the smallest density that "
+                    f"keeps one unit is {1 / n_units:.3g}"
                 )
-            phase, epoch, history, masks = (
-                ckpt["phase"],
-                ckpt["epoch"],
-                ckpt["history"],
-                ckpt["masks"],
-            )
-
+            state = init_state(network, config, data_rng=data_rng, mask_rng=mask_rng)
+            progress = _Progress("sparse", 0, [], None)
+        else:
+            state, progress = self._restore(ckpt, config)
         extra = {
             "params": self._run_params(),
             "entropy": entropy,
             "fingerprint": _fingerprint(X, y_enc, classes),
         }
-        self.classes_ = classes
-        data = (x_train, y_train, x_val, y_val)
         with numba_threads(self.n_jobs):
-            self._train(state, config, data, (phase, epoch, history, masks), extra)
-        return self
+            masks = self._train(state, config, data, progress, extra)
+        history = progress.history
+        self.classes_ = classes
+        self.network_ = state.network
+        self.masks_ = masks
+        self.keep_prob_ = state.score.copy()
+        self.n_active_ = int(sum(int(m.sum()) for m in masks))
+        self.density_ = self.n_active_ / state.n_units_initial
+        self.n_iter_ = len(history)
+        self.history_ = history
+        self.loss_curve_ = [record["loss"] for record in history]
+
+    def _check_data(
+        self, X: npt.ArrayLike, y: npt.ArrayLike, dtype: np.dtype
+    ) -> tuple[FloatArray, npt.NDArray[np.int64], np.ndarray]:
+        """Validated ``X`` in ``dtype``, the encoded labels and the classes."""
+        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        check_classification_targets(y)
+        encoder = LabelEncoder()
+        y_enc = encoder.fit_transform(y).astype(np.int64)
+        classes = encoder.classes_
+        if classes.shape[0] < 2:
+            raise ValueError(
+                f"{type(self).__name__} needs samples of at least 2 classes in the data, "
+                f"but the data contains only one class: {classes[0]!r}"
+            )
+        return np.ascontiguousarray(X, dtype=dtype), y_enc, classes
+
+    def _split_data(self, X: FloatArray, y_enc: npt.NDArray[np.int64], entropy: int) -> _Data:
+        """Feature-major training data, and validation data with ``validation_fraction``."""
+        if self.validation_fraction > 0:
+            train_idx, val_idx = self._split(y_enc, entropy)
+            x_val, y_val = np.ascontiguousarray(X[val_idx].T), y_enc[val_idx]
+            return _Data(np.ascontiguousarray(X[train_idx].T), y_enc[train_idx], x_val, y_val)
+        return _Data(np.ascontiguousarray(X.T), y_enc, None, None)
+
+    def _train_config(self, n_train: int) -> TrainConfig:
+        """The training step's options: a cosine schedule over both phases."""
+        n_batches = -(-n_train // self.batch_size)
+        return TrainConfig(
+            density=float(self.density),
+            n_masks=int(self.n_masks),
+            score_estimator=self.score_estimator,
+            projection=self.projection,
+            weight_grad=self.weight_grad,
+            clip_norm=None if self.clip_norm is None else float(self.clip_norm),
+            clip_scope=self.clip_scope,
+            momentum=float(self.momentum),
+            weight_decay=float(self.weight_decay),
+            projection_tol=float(self.projection_tol),
+            projection_max_iter=int(self.projection_max_iter),
+            optimizer=self.optimizer,
+            lr=float(self.learning_rate_init),
+            score_optimizer=self.score_optimizer,
+            score_lr=float(self.score_learning_rate),
+            schedule="cosine",
+            total_steps=max(1, (self.max_iter + self.finetune_iter) * n_batches),
+        )
+
+    def _restore(self, ckpt: Checkpoint, config: TrainConfig) -> tuple[TrainState, _Progress]:
+        """The state and progress of a checkpoint written by this fit."""
+        where = f"checkpoint {os.fspath(self.checkpoint or '')!r}"
+        state, saved_config = restore_state(ckpt)
+        if saved_config != config:
+            raise ValueError(
+                f"{where} was written with another training configuration: "
+                f"{saved_config} != {config}"
+            )
+        phase, epoch = ckpt["phase"], ckpt["epoch"]
+        last = self.max_iter if phase == "sparse" else self.finetune_iter
+        if not 0 <= epoch <= last:
+            raise ValueError(
+                f"{where} has epoch {epoch} of phase {phase!r}, expected an epoch in "
+                f"[0, {last}] (max_iter={self.max_iter}, finetune_iter={self.finetune_iter})"
+            )
+        if phase == "finetune" and ckpt["masks"] is None:
+            raise ValueError(f"{where} is in phase 'finetune' but holds no fixed masks")
+        return state, _Progress(phase, epoch, ckpt["history"], ckpt["masks"])
 
     def _split(
         self, y_enc: npt.NDArray[np.int64], entropy: int
@@ -583,132 +646,36 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         self,
         state: TrainState,
         config: TrainConfig,
-        data: tuple[
-            FloatArray, npt.NDArray[np.int64], FloatArray | None, npt.NDArray[np.int64] | None
-        ],
-        progress: tuple[str, int, list[dict[str, Any]], list[BoolArray] | None],
+        data: _Data,
+        progress: _Progress,
         extra: dict[str, Any],
-    ) -> None:
-        """Run the remaining epochs of both phases; set the fitted attributes."""
-        x_train, y_train, x_val, y_val = data
-        phase, epoch, history, masks = progress
-        n_batches = -(-y_train.shape[0] // self.batch_size)
-        done = epoch if phase == "sparse" else self.max_iter + epoch
-        total = (self.max_iter + self.finetune_iter) * n_batches
-        bar = _progress_bar(self.verbose, total, done * n_batches)
-        x_progress = y_progress = None
-        if self.verbose and x_val is None:
-            x_progress = np.ascontiguousarray(x_train[:, :_PROGRESS_EVAL_SAMPLES])
-            y_progress = y_train[:_PROGRESS_EVAL_SAMPLES]
-        running = []
-
-        def on_step(_state: TrainState, loss: float) -> None:
-            running.append(loss)
-            if bar is not None:
-                bar.update(1)
-                if len(running) % 5 == 0:
-                    bar.set_postfix(loss=f"{np.mean(running[-n_batches:]):.4f}", refresh=False)
-
-        def end_of_epoch(stats: EpochStats, t0: float, epoch_masks: list[BoolArray] | None) -> None:
-            check_parameters_finite(state)
-            record = {"phase": phase, "epoch": epoch, "loss": stats.loss}
-            eval_masks = epoch_masks
-            if eval_masks is None and (x_val is not None or bar is not None):
-                eval_masks = fixed_mask(state)  # what the network would be now
-            if x_val is not None:
-                if not (y_val is not None and eval_masks is not None):
-                    raise RuntimeError("internal error: set with x_val")
-                record["val_accuracy"] = evaluate(state.network, x_val, y_val, eval_masks)[1]
-            record["expected_density"] = expected_density(state)
-            record["realised_density"] = stats.realised_density
-            record["grad_variance"] = stats.grad_variance
-            record["seconds"] = time.perf_counter() - t0
-            history.append(record)
-            if self.checkpoint is not None:
-                save_checkpoint(
-                    self.checkpoint,
-                    state,
-                    config,
-                    epoch=epoch,
-                    phase=phase,
-                    history=history,
-                    masks=epoch_masks,
-                    extra=extra,
-                )
-            if bar is not None:
-                if x_val is not None:
-                    acc = record["val_accuracy"]
-                else:
-                    # Set when verbose without validation data, as is eval_masks with a bar.
-                    if not (x_progress is not None and y_progress is not None):
-                        raise RuntimeError(
-                            "internal error: x_progress is not None and y_progress is not None"
-                        )
-                    if not (eval_masks is not None):
-                        raise RuntimeError("internal error: eval_masks is not None")
-                    acc = evaluate(state.network, x_progress, y_progress, eval_masks)[1]
-                density = (
-                    record["expected_density"] if phase == "sparse" else stats.realised_density
-                )
-                bar.set_postfix(
-                    {
-                        "phase": phase,
-                        "loss": f"{stats.loss:.4f}",
-                        "val_acc" if x_val is not None else "train_acc": f"{acc:.3f}",
-                        "density": f"{density:.4f}",
-                    }
-                )
-
+    ) -> list[BoolArray]:
+        """Run the remaining epochs of both phases; return the fixed masks."""
+        log = _EpochLog(self, state, config, data, progress, extra)
         try:
             # Overflow is detected explicitly (NonFiniteError), not through warnings.
             with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-                if phase == "sparse":
-                    while epoch < self.max_iter:
-                        t0 = time.perf_counter()
-                        stats = run_epoch(
-                            state, x_train, y_train, config, batch_size=self.batch_size,
-                            on_step=on_step,
-                        )  # fmt: skip
-                        epoch += 1
-                        end_of_epoch(stats, t0, None)
-                    masks = self._final_masks(state, x_train, y_train, x_val, y_val)
-                    phase, epoch = "finetune", 0
-                while epoch < self.finetune_iter:
-                    t0 = time.perf_counter()
-                    stats = run_epoch(
-                        state, x_train, y_train, config, batch_size=self.batch_size,
-                        masks=masks, on_step=on_step,
-                    )  # fmt: skip
-                    epoch += 1
-                    end_of_epoch(stats, t0, masks)
+                if progress.phase == "sparse":
+                    while progress.epoch < self.max_iter:
+                        log.run_epoch(None)
+                    progress.masks = self._final_masks(state, data)
+                    progress.phase, progress.epoch = "finetune", 0
+                while progress.epoch < self.finetune_iter:
+                    log.run_epoch(progress.masks)
         finally:
-            if bar is not None:
-                bar.close()
+            log.close()
+        if progress.masks is None:
+            raise RuntimeError("internal error: no fixed masks after the sparse phase")
+        return progress.masks
 
-        # Fixed after the sparse phase, or read with a checkpoint of the fine-tuning phase.
-        if not (masks is not None):
-            raise RuntimeError("internal error: masks is not None")
-        self.network_ = state.network
-        self.masks_ = masks
-        self.keep_prob_ = state.score.copy()
-        self.n_active_ = int(sum(int(m.sum()) for m in masks))
-        self.density_ = self.n_active_ / state.n_units_initial
-        self.n_iter_ = len(history)
-        self.history_ = history
-        self.loss_curve_ = [record["loss"] for record in history]
-
-    def _final_masks(
-        self,
-        state: TrainState,
-        x_train: FloatArray,
-        y_train: npt.NDArray[np.int64],
-        x_val: FloatArray | None,
-        y_val: npt.NDArray[np.int64] | None,
-    ) -> list[BoolArray]:
+    def _final_masks(self, state: TrainState, data: _Data) -> list[BoolArray]:
         """The fixed masks after sparse training, within the budget."""
         if self.fixed_mask == "topk":
             return fixed_mask(state, "topk")
-        x, y = (x_train, y_train) if x_val is None else (x_val, y_val)
+        if data.x_val is None or data.y_val is None:
+            x, y = data.x_train, data.y_train
+        else:
+            x, y = data.x_val, data.y_val
         masks = fixed_mask(state, "best-of-n", x=x, y=y, rng=state.mask_rng)
         # A sampled mask may exceed the budget: keep its floor(k) units of largest score.
         flat = np.concatenate(masks)
@@ -815,3 +782,132 @@ def _progress_bar(verbose: bool, total: int, initial: int) -> tqdm | None:
     from tqdm.auto import tqdm
 
     return tqdm(total=total, initial=initial, file=sys.stderr, unit="step", dynamic_ncols=True)
+
+
+_FITTED_ATTRIBUTES = (
+    "classes_",
+    "n_features_in_",
+    "feature_names_in_",
+    "network_",
+    "masks_",
+    "keep_prob_",
+    "n_active_",
+    "density_",
+    "n_iter_",
+    "history_",
+    "loss_curve_",
+)
+
+
+class _Data(NamedTuple):
+    """Feature-major training data and the optional validation part."""
+
+    x_train: FloatArray
+    y_train: npt.NDArray[np.int64]
+    x_val: FloatArray | None
+    y_val: npt.NDArray[np.int64] | None
+
+
+@dataclasses.dataclass
+class _Progress:
+    """Where a fit stands: the phase, the epochs done in it, the history, the fixed masks."""
+
+    phase: str
+    epoch: int
+    history: list[dict[str, Any]]
+    masks: list[BoolArray] | None
+
+
+class _EpochLog:
+    """Runs one epoch at a time: history record, checkpoint and progress bar."""
+
+    def __init__(
+        self,
+        clf: SparseMLPClassifier,
+        state: TrainState,
+        config: TrainConfig,
+        data: _Data,
+        progress: _Progress,
+        extra: dict[str, Any],
+    ) -> None:
+        self.clf, self.state, self.config = clf, state, config
+        self.data, self.progress, self.extra = data, progress, extra
+        self.n_batches = -(-data.y_train.shape[0] // clf.batch_size)
+        done = progress.epoch if progress.phase == "sparse" else clf.max_iter + progress.epoch
+        total = (clf.max_iter + clf.finetune_iter) * self.n_batches
+        self.bar = _progress_bar(clf.verbose, total, done * self.n_batches)
+        self.running: list[float] = []
+        # The bar reports accuracy on validation data, else on a slice of the training data.
+        if data.x_val is not None and data.y_val is not None:
+            self.eval_data = (data.x_val, data.y_val)
+        else:
+            n = _PROGRESS_EVAL_SAMPLES
+            self.eval_data = (np.ascontiguousarray(data.x_train[:, :n]), data.y_train[:n])
+
+    def on_step(self, _state: TrainState, loss: float) -> None:
+        self.running.append(loss)
+        if self.bar is not None:
+            self.bar.update(1)
+            if len(self.running) % 5 == 0:
+                mean = np.mean(self.running[-self.n_batches :])
+                self.bar.set_postfix(loss=f"{mean:.4f}", refresh=False)
+
+    def run_epoch(self, masks: list[BoolArray] | None) -> None:
+        """One epoch of the current phase (fine-tuning on ``masks`` if given)."""
+        clf, state, progress = self.clf, self.state, self.progress
+        t0 = time.perf_counter()
+        stats = run_epoch(
+            state,
+            self.data.x_train,
+            self.data.y_train,
+            self.config,
+            batch_size=clf.batch_size,
+            masks=masks,
+            on_step=self.on_step,
+        )
+        progress.epoch += 1
+        check_parameters_finite(state)
+        record: dict[str, Any] = {
+            "phase": progress.phase,
+            "epoch": progress.epoch,
+            "loss": stats.loss,
+        }
+        eval_masks = masks
+        if eval_masks is None and (self.data.x_val is not None or self.bar is not None):
+            eval_masks = fixed_mask(state)  # what the network would be now
+        accuracy = None
+        if eval_masks is not None and (self.data.x_val is not None or self.bar is not None):
+            accuracy = evaluate(state.network, *self.eval_data, eval_masks)[1]
+        if self.data.x_val is not None:
+            record["val_accuracy"] = accuracy
+        record["expected_density"] = expected_density(state)
+        record["realised_density"] = stats.realised_density
+        record["grad_variance"] = stats.grad_variance
+        record["seconds"] = time.perf_counter() - t0
+        progress.history.append(record)
+        if clf.checkpoint is not None:
+            save_checkpoint(
+                clf.checkpoint,
+                state,
+                self.config,
+                epoch=progress.epoch,
+                phase=progress.phase,
+                history=progress.history,
+                masks=masks,
+                extra=self.extra,
+            )
+        if self.bar is not None:
+            sparse = progress.phase == "sparse"
+            density = record["expected_density"] if sparse else stats.realised_density
+            self.bar.set_postfix(
+                {
+                    "phase": progress.phase,
+                    "loss": f"{stats.loss:.4f}",
+                    "val_acc" if self.data.x_val is not None else "train_acc": f"{accuracy:.3f}",
+                    "density": f"{density:.4f}",
+                }
+            )
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

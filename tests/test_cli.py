@@ -7,6 +7,7 @@ import subprocess
 import sys
 import types
 
+import numpy as np
 import pytest
 
 from cpusparse.tools.cli import main
@@ -64,7 +65,7 @@ def test_report_table_and_checkpoint_resume(tmp_path, capsys):
         (["train", "--clip-norm", "-1"], "--clip-norm must be a finite number > 0 or None"),
         (["train", "--lr", "nan"], "--lr must be a finite number > 0, got nan"),
         (["train", "--score-estimator", "foo"], "invalid choice: 'foo'"),
-        (["train", "--epochs", "x"], "invalid int value: 'x'"),
+        (["train", "--epochs", "x"], "argument --epochs: must be an int >= 1, got 'x'"),
         (["train", "--hidden", "3,-1"], "must be positive ints"),
         (["train", "--resume"], "--resume needs --checkpoint"),
         (["train", "--dataset", "cifar"], "invalid choice: 'cifar'"),
@@ -156,3 +157,26 @@ def test_help_shows_every_default_once(command, capsys):
         assert option.help in " ".join(block.split()), block
         if option.default is not None:
             assert "(default:" in block, block
+
+
+def test_trace_describe_prints_the_installed_format_page(capsys):
+    assert main(["trace", "--describe"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("Golden traces: format and replay") and "format version 2" in out
+
+
+def test_preset_sets_the_defaults_of_train_and_trace(tmp_path, capsys):
+    assert main(["trace", "--preset", "authors", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "--lr X initial weight learning rate (default: 0.1)" in help_text
+    path = tmp_path / "a.npz"
+    assert main(["trace", str(path), "--preset", "authors", "--steps", "1", "--lr", "0.2"]) == 0
+    capsys.readouterr()
+    with np.load(path, allow_pickle=False) as data:
+        config = json.loads(str(data["meta/config"]))
+        options = json.loads(str(data["meta/options"]))
+    assert config["clip_scope"] == "weights+scores" and config["score_estimator"] == "vrpge-sqrt"
+    assert config["lr"] == 0.2 and options["preset"] == "authors"  # an explicit flag wins
+    assert main(["train", "--preset", "authors", "--help"]) == 0
+    help_text = " ".join(capsys.readouterr().out.split())
+    assert "score-gradient estimator (default: vrpge-sqrt)" in help_text

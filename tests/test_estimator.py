@@ -294,3 +294,43 @@ def test_huge_learning_rate_raises_non_finite_error_naming_the_step():
     )
     with pytest.raises(NonFiniteError, match=r"at step \d+"):
         clf.set_params(random_state=0).fit(X_OK, Y_OK)
+
+
+def test_a_failed_refit_leaves_the_classifier_unfitted():
+    from sklearn.exceptions import NotFittedError
+
+    rng = np.random.default_rng(3)
+    X = rng.normal(size=(60, 4))
+    y = np.arange(60) % 3
+    clf = SparseMLPClassifier(hidden_layer_sizes=(8,), max_iter=2, finetune_iter=0, random_state=0)
+    clf.fit(X, y)
+    assert clf.predict(X).shape == (60,)
+    # Refit on other classes with a learning rate that overflows: the fit raises ...
+    clf.set_params(learning_rate_init=1e30)
+    with pytest.raises(NonFiniteError):
+        clf.fit(X, np.where(y == 0, "a", "b"))
+    # ... and the old network does not answer with the new classes (nor crash later).
+    with pytest.raises(NotFittedError):
+        clf.predict(X)
+    assert not hasattr(clf, "classes_") and not hasattr(clf, "n_features_in_")
+    clf.set_params(learning_rate_init=0.01).fit(X, y)  # and it can be fitted again
+    assert set(clf.predict(X)) <= {0, 1, 2}
+
+
+def test_resume_refuses_a_checkpoint_epoch_out_of_range(tmp_path):
+    path = tmp_path / "c.npz"
+    rng = np.random.default_rng(4)
+    X, y = rng.normal(size=(40, 4)), np.arange(40) % 2
+    params = dict(hidden_layer_sizes=(6,), max_iter=2, finetune_iter=1, random_state=0)
+    SparseMLPClassifier(**params, checkpoint=path).fit(X, y)
+    with np.load(path, allow_pickle=False) as data:
+        arrays = {name: data[name] for name in data.files}
+    meta = json.loads(str(arrays["meta"]))
+    meta["epoch"], meta["phase"] = 999, "sparse"
+    arrays["meta"] = np.array(json.dumps(meta))
+    np.savez(path, **arrays)
+    clf = SparseMLPClassifier(**params, checkpoint=path, resume=True)
+    with pytest.raises(
+        ValueError, match=r"epoch 999 of phase 'sparse', expected an epoch in \[0, 2\]"
+    ):
+        clf.fit(X, y)

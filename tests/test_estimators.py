@@ -415,3 +415,26 @@ def test_bad_estimator_inputs():
         vrpge_grad([1.0, 2.0], masks[0], score)
     with pytest.raises(ValueError, match="score must be 1-D"):
         vrpge_grad([1.0, 2.0, 3.0], masks, score[None, :])
+
+
+@pytest.mark.parametrize("scaling", ["exact", "sqrt"])
+@pytest.mark.parametrize("n_masks", [2, 3, 7])
+def test_vrpge_is_exactly_zero_where_the_masks_agree(scaling, n_masks):
+    # Where all K masks agree the estimate is 0 in exact arithmetic; the computed form
+    # (L_k - mean L)(m_k - mean m) gives exactly 0, not a rounding residue, so that
+    # Adam's m / (sqrt(v) + eps) does not turn noise into a step.
+    rng = np.random.default_rng(n_masks)
+    score = rng.uniform(0.05, 0.95, 400)
+    masks = rng.random((n_masks, 400)) < score
+    masks[:, :50] = True
+    masks[:, 50:100] = False
+    losses = rng.uniform(1.0, 3.0, n_masks) * np.array([1.0, 1 + 1e-9, *([1.0] * (n_masks - 2))])
+    got = vrpge_grad(losses, masks, score, scaling=scaling)
+    assert np.all(got[:100] == 0.0)
+    # Elsewhere it equals the paper's form to rounding.
+    g = score_function(masks, score, scaling=scaling)
+    paper = ((losses - losses.mean())[:, None] * g).sum(axis=0) / (n_masks - 1)
+    agree = masks.all(axis=0) | ~masks.any(axis=0)
+    np.testing.assert_allclose(got[~agree], paper[~agree], rtol=1e-9, atol=1e-12)
+    if n_masks > 2:  # with K = 2 the two centred losses cancel exactly in either form
+        assert np.abs(paper[:100]).max() > 0  # the paper's form leaves a residue there

@@ -255,3 +255,14 @@ def test_sequential_forward_validates_live():
     got, _ = net.forward(x, [None], live=live)
     want, _ = net.forward(np.where(np.array(live)[:, None], x, 0.0), [None])
     np.testing.assert_array_equal(got, want)
+
+
+def test_sequential_rejects_layers_whose_sizes_do_not_chain():
+    first = SparseLinear.random(4, 3, rng=0, dtype=np.float64)
+    with pytest.raises(
+        ValueError, match=r"layers\[1\] .* takes 5 input features, but layers\[0\] outputs 3"
+    ):
+        Sequential([first, Linear.random(5, 2, rng=0, dtype=np.float64)])
+    with pytest.raises(TypeError, match=r"layers\[1\] must be a cpusparse Layer, got function"):
+        Sequential([first, lambda x: x])
+    Sequential([first, ReLU(), Linear.random(3, 2, rng=0, dtype=np.float64)])  # ReLU takes any size

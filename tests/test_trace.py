@@ -14,6 +14,7 @@ from cpusparse.tools.trace import (
     OUTSIDE_UNIFORM,
     TraceError,
     compare_traces,
+    describe_format,
     load_trace,
     make_trace,
     write_trace,
@@ -58,7 +59,7 @@ def test_round_trip(tmp_path):
         assert loaded[name].shape == value.shape, name
         assert np.array_equal(loaded[name], value), name
     with np.load(path, allow_pickle=False) as data:  # plain numpy reads it, no pickles
-        assert int(data["meta/format_version"]) == 1
+        assert int(data["meta/format_version"]) == 2
         assert data["step1/layer0/masks"].dtype == np.bool_
     assert os.listdir(tmp_path) == ["t.npz"]  # the temporary file is gone
 
@@ -67,7 +68,7 @@ def test_layout_shapes_and_metadata():
     trace = make_trace(**SMALL, n_masks=4, weight_grad="first")
     assert trace["step0/x"].shape == (6, 12) and trace["step0/y"].dtype == np.int64
     assert trace["step1/layer1/uniforms"].shape == (4, 8, 10)
-    assert trace["step1/layer1/weight_grad_per_sample"].shape == (1, 8, 10)  # first pass only
+    assert trace["step1/layer1/weight_grad_per_pass"].shape == (1, 8, 10)  # first pass only
     assert trace["step0/losses"].shape == (4,) and trace["step0/losses"].dtype == np.float64
     assert "step0/layer2/score" not in trace  # the dense classifier has no scores
     assert trace["step0/layer2/pattern"].all()
@@ -140,7 +141,7 @@ def test_steps_chain_and_projection():
                 for name in ("weight", "bias"):
                     now = trace[f"{pre}/layer{layer}/{name}_updated"]
                     assert np.array_equal(trace[f"step{s + 1}/layer{layer}/{name}"], now)
-            per = trace[f"{pre}/layer{layer}/weight_grad_per_sample"]
+            per = trace[f"{pre}/layer{layer}/weight_grad_per_pass"]
             np.testing.assert_allclose(
                 per.mean(axis=0),
                 trace[f"{pre}/layer{layer}/weight_grad_mean"],
@@ -248,8 +249,8 @@ def test_verify_usage_and_unreadable_exit_2(trace_file, tmp_path, capsys):
     assert main(["verify", str(trace_file), str(garbage)]) == 2
     assert main(["verify", str(trace_file), str(trace_file), "--rtol", "-1"]) == 2
     assert main(["verify", str(trace_file), str(trace_file), "--only", "nothing*"]) == 2
-    assert "cannot read trace" in capsys.readouterr().err
-    with pytest.raises(TraceError, match="cannot read trace"):
+    assert "is not a valid .npz (zip) archive" in capsys.readouterr().err
+    with pytest.raises(TraceError, match=r"trace .* is not a valid \.npz \(zip\) archive"):
         load_trace(garbage)
     future = dict(load_trace(trace_file))
     future["meta/format_version"] = np.array(99)
@@ -331,7 +332,7 @@ def test_torch_replay_detects_errors():
     trace = make_trace(**SMALL)
     for name, scale in [
         ("step1/layer0/dscore", 1 + 1e-9),
-        ("step0/layer1/weight_grad_per_sample", 1 + 1e-9),
+        ("step0/layer1/weight_grad_per_pass", 1 + 1e-9),
         ("step1/layer2/weight_updated", 1 + 1e-9),
         ("step0/layer0/score_projected", 1 + 1e-9),
     ]:
@@ -345,8 +346,10 @@ def test_torch_replay_detects_errors():
 
 
 def test_docs_list_every_array():
+    text = describe_format()  # the page installed with the package
     with open(os.path.join(DOCS, "trace_format.rst")) as f:
-        text = f.read()
+        docs_page = f.read()
+    assert ".. include:: ../cpusparse/tools/trace_format.rst" in docs_page
     traces = [
         make_trace(**{**SMALL, "steps": 1}, optimizer="sgd", score_optimizer="sgd"),
         make_trace(**{**SMALL, "steps": 1}, granularity="neuron"),
@@ -356,4 +359,5 @@ def test_docs_list_every_array():
         for name in trace:
             generic = re.sub(r"step\d+", "step<s>", re.sub(r"layer\d+", "layer<l>", name))
             assert generic in documented, f"{generic} is not documented in trace_format.rst"
-    assert "literalinclude:: ../cpusparse/testing/replay_torch.py" in text
+    assert "literalinclude:: ../cpusparse/testing/replay_torch.py" in docs_page
+    assert "format version 2" in text and "(m_k - \\bar m)" in text

@@ -306,7 +306,7 @@ def test_dead_units_never_come_back(granularity, optimizer):
     # dead keeps a score of exactly 0 for the rest of training. A score at 0 whose
     # optimizer average still points up is not called dead (it can come back).
     state, config, x, y = make_problem(
-        granularity, density=0.3, score_lr=0.3, compact_every=0, **optimizer
+        granularity, density=0.2, score_lr=0.3, compact_every=0, **optimizer
     )
     ever_dead = np.zeros(state.score.shape[0], dtype=bool)
     zero_not_dead = 0
@@ -317,7 +317,7 @@ def test_dead_units_never_come_back(granularity, optimizer):
         ever_dead |= dead
         zero_not_dead += int(np.count_nonzero((state.score == 0) & ~dead))
     assert ever_dead.any()
-    if optimizer["score_optimizer"] == "adam":
+    if optimizer["score_optimizer"] == "adam" and granularity == "weight":
         assert zero_not_dead > 0  # the optimizer-state condition matters here
 
 
@@ -355,3 +355,45 @@ def test_restored_state_keeps_a_layer_compacted_to_nothing(tmp_path):
     np.testing.assert_array_equal(restored.offsets, state.offsets)
     a, b = train_step(state, x, y, config), train_step(restored, x, y, config)
     np.testing.assert_array_equal(a.losses, b.losses)
+
+
+def test_overflowing_inputs_name_the_layer_and_the_cause():
+    state, config, x, y = make_problem(dtype=np.float32, density=1.0)
+    with pytest.raises(
+        NonFiniteError, match=r"output of layer \d \(\w+\) of pass 0 .*scale the data"
+    ):
+        train_step(state, np.sign(x) * np.float32(3e38), y, config)
+    state, config, x, y = make_problem()
+    bad = x.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(NonFiniteError, match="input batch holds NaN"):
+        train_step(state, bad, y, config)
+    state, config, x, y = make_problem()
+    state.network.layers[1].weight[0] = np.inf
+    with pytest.raises(NonFiniteError, match=r"weight of layer 1 \(SparseLinear\) is not finite"):
+        train_step(state, x, y, config)
+
+
+def test_score_overflow_is_a_non_finite_error_naming_the_step():
+    state, config, x, y = make_problem(dtype=np.float32, score_optimizer="sgd", score_lr=1e300)
+    with pytest.raises(
+        NonFiniteError, match="scores are not finite after the score step at step 0"
+    ):
+        train_step(state, x, y, config)
+
+
+def test_a_density_that_keeps_no_unit_is_refused():
+    init, data, masks = spawn_streams(0)
+    net = mlp(6, (7, 5), 3, rng=init)  # 42 + 35 = 77 prunable weights
+    with pytest.raises(
+        ValueError, match=r"keep at least one of the 77 .* smallest density .* 0.013"
+    ):
+        init_state(net, TrainConfig(density=0.01), data_rng=data, mask_rng=masks)
+    init_state(net, TrainConfig(density=0.013), data_rng=data, mask_rng=masks)  # keeps one
+
+
+def test_a_number_of_masks_that_cannot_fit_in_memory_is_refused():
+    init, data, masks = spawn_streams(0)
+    net = mlp(6, (7, 5), 3, rng=init)
+    with pytest.raises(ValueError, match=r"n_masks=1000000000000 needs .* GiB per step"):
+        init_state(net, TrainConfig(n_masks=10**12), data_rng=data, mask_rng=masks)

@@ -127,3 +127,44 @@ def test_projection_settings_reach_the_projection():
     assert threshold != default_threshold
     assert record.threshold == threshold
     np.testing.assert_array_equal(state.score, want)
+
+
+@pytest.mark.parametrize("scope", ["weights", "weights+scores"])
+def test_clip_scope_decides_what_enters_the_clipped_norm(scope):
+    state, config, x, y = problem(
+        clip_norm=1e-3, clip_scope=scope, optimizer="sgd", score_optimizer="sgd", momentum=0.0,
+        score_momentum=0.0, lr=0.5, score_lr=0.5,
+    )  # fmt: skip
+    before = [p.copy() for p in state.param_list()]
+    score_before = state.score.copy()
+    record = train_step(state, x, y, config, record=True).record
+    squares = sum(float(np.sum(g.astype(np.float64) ** 2)) for g in record.weight_grads)
+    score_square = float(np.sum(record.dscore.astype(np.float64) ** 2))
+    norm = math.sqrt(squares + (score_square if scope == "weights+scores" else 0.0))
+    assert record.grad_norm == pytest.approx(norm, rel=1e-12)
+    scale = 1e-3 / norm
+    for p0, p1, g in zip(before, state.param_list(), record.weight_grads, strict=True):
+        np.testing.assert_allclose(p1, p0 - 0.5 * g * scale, rtol=1e-10, atol=1e-15)
+    score_scale = scale if scope == "weights+scores" else 1.0
+    np.testing.assert_allclose(
+        record.score_before_projection, score_before - 0.5 * record.dscore * score_scale,
+        rtol=1e-10, atol=1e-15,
+    )  # fmt: skip
+
+
+def test_the_authors_preset():
+    from cpusparse.tools.trace import make_trace
+    from cpusparse.training.config import PRESETS, preset
+
+    config = preset("authors", density=0.3)
+    assert config.density == 0.3 and config.clip_scope == "weights+scores"
+    assert config == TrainConfig(**{**PRESETS["authors"], "density": 0.3})
+    assert preset("paper") == TrainConfig()
+    with pytest.raises(ValueError, match="preset must be one of 'paper', 'authors', got 'x'"):
+        preset("x")
+    trace = make_trace(preset="authors", steps=2, lr=0.05)
+    import json
+
+    meta = json.loads(str(trace["meta/config"]))
+    assert meta["score_estimator"] == "vrpge-sqrt" and meta["lr"] == 0.05  # explicit wins
+    assert meta["clip_norm"] == 3.0 and meta["projection_max_iter"] == 21

@@ -21,14 +21,21 @@ References
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
 
 from .._typing import BoolArray, FloatArray
-from .masks import _check_masks, _check_scaling, _check_score, _out_dtype, _score_function64
+from .masks import (
+    _check_masks,
+    _check_scaling,
+    _check_score,
+    _divide_by_variance,
+    _out_dtype,
+    _score_function64,
+)
 
 __all__ = [
     "reinforce_grad",
@@ -143,7 +150,7 @@ def vrpge_grad(
     Parameters
     ----------
     losses : array-like of shape (n_masks,)
-        Finite losses :math:`L_k = L(m_k)`, :math:`K = n\_samples \ge 2`.
+        Finite losses :math:`L_k = L(m_k)`, :math:`K = n\_masks \ge 2`.
     masks : ndarray of shape (n_masks, n), dtype bool
         The masks the losses were computed with, drawn independently from
         ``score`` (e.g. by :func:`sample_masks`).
@@ -202,6 +209,24 @@ def vrpge_grad(
     (up to rounding). REINFORCE instead gains a zero-mean term whose variance
     grows like :math:`c^2`.
 
+    **What is computed: exact zeros.** Since :math:`\sum_k (L_k - \bar L) = 0`,
+    the term :math:`-s` of :math:`g_k = (m_k - s) / (s(1-s))` cancels, and so does
+    any other constant: with the mean mask :math:`\bar m = \frac1K \sum_k m_k`,
+
+    .. math::
+
+        \hat g = \frac{1}{K - 1}\, \frac{1}{s (1 - s)}
+        \sum_{k=1}^{K} (L_k - \bar L)\, (m_k - \bar m) ,
+
+    which is what this function computes (in float64): the centred losses
+    :math:`c_k = L_k - (\sum_j L_j) / K`; the mean mask :math:`\bar m = (\sum_k m_k)
+    / K`; the sum :math:`\sum_k c_k (m_k - \bar m)` accumulated over
+    :math:`k = 1, \dots, K` in order from 0; divided by :math:`K - 1`, then by
+    :math:`s(1-s)` (or its square root). Where every mask agrees on a unit,
+    :math:`m_k - \bar m` is exactly 0 and so is the estimate, not a rounding
+    residue of the paper's form (which Adam would turn into a step of about its
+    learning rate).
+
     **The sqrt variant.** With ``scaling="sqrt"`` each :math:`g_k` is
     multiplied elementwise by :math:`\sqrt{s(1-s)}`, a constant given
     :math:`s`, so the same argument gives
@@ -227,11 +252,22 @@ def vrpge_grad(
     >>> vrpge_grad([1001.0, 1003.0], masks, [0.5, 0.5])  # a constant does not matter
     array([-4.,  0.])
     """
-    losses, grad_log_p, dtype = _estimator_inputs(losses, masks, score, scaling, min_masks=2)
-    n_masks = losses.shape[0]
+    _check_scaling(scaling)
+    score = _check_score(score)
+    masks = _check_masks(masks, score.shape[0], allow_1d=False)
+    n_masks = masks.shape[0]
+    if n_masks < 2:
+        raise ValueError(
+            f"masks must hold at least 2 masks (n_masks >= 2), got n_masks = {n_masks}"
+        )
+    losses = _check_losses(losses, n_masks)
     centered = losses - losses.sum() / n_masks
-    dscore = (centered[:, None] * grad_log_p).sum(axis=0) / (n_masks - 1)
-    return dscore.astype(dtype, copy=False)
+    mean_mask = masks.sum(axis=0, dtype=np.float64) / n_masks
+    total = np.zeros(score.shape[0], dtype=np.float64)
+    for k in range(n_masks):
+        total += centered[k] * (masks[k] - mean_mask)
+    dscore = _divide_by_variance(total / (n_masks - 1), score.astype(np.float64), scaling)
+    return dscore.astype(_out_dtype(score), copy=False)
 
 
 # ---------------------------------------------------------------------------
@@ -245,38 +281,62 @@ class ScoreEstimator(NamedTuple):
     Attributes
     ----------
     name : str
-    grad : callable or None
-        ``grad(losses, masks, score) -> dscore`` for a score-function estimator
-        (forward passes only). None for the straight-through estimator.
+    grad : callable
+        ``grad(losses, masks, score, mask_grads) -> dscore``: from the K losses and
+        masks (a score-function estimator, forward passes only), or from the K
+        gradients with respect to the mask ``mask_grads`` (straight-through).
     mask_gradient : bool
         True when the estimator needs :math:`\partial L / \partial m` from a dense
-        forward and backward through the mask (straight-through); the step then
-        runs every pass's backward in that mode and averages the mask gradients.
+        forward and backward through the mask (straight-through); the step then runs
+        every pass's backward in that mode and hands the mask gradients to ``grad``.
     description : str
         One line, for ``--help`` and the documentation.
     """
 
     name: str
-    grad: Callable[[npt.NDArray[np.float64], BoolArray, FloatArray], FloatArray] | None
+    grad: Callable[
+        [npt.NDArray[np.float64], BoolArray, FloatArray, Sequence[FloatArray]], FloatArray
+    ]
     mask_gradient: bool
     description: str
 
 
-def _sqrt_vrpge(losses: npt.NDArray[np.float64], masks: BoolArray, score: FloatArray) -> FloatArray:
+def _vrpge(
+    losses: npt.NDArray[np.float64], masks: BoolArray, score: FloatArray, _: object
+) -> FloatArray:
+    return vrpge_grad(losses, masks, score)
+
+
+def _vrpge_sqrt(
+    losses: npt.NDArray[np.float64], masks: BoolArray, score: FloatArray, _: object
+) -> FloatArray:
     return vrpge_grad(losses, masks, score, scaling="sqrt")
+
+
+def _reinforce(
+    losses: npt.NDArray[np.float64], masks: BoolArray, score: FloatArray, _: object
+) -> FloatArray:
+    return reinforce_grad(losses, masks, score)
+
+
+def _straight_through(
+    losses: object, masks: object, score: FloatArray, mask_grads: Sequence[FloatArray]
+) -> FloatArray:
+    # dL/dm of each pass, averaged over the passes (summed in pass order).
+    return (np.sum(mask_grads, axis=0) / len(mask_grads)).astype(score.dtype)
 
 
 SCORE_ESTIMATORS = {
     e.name: e
     for e in (
-        ScoreEstimator("vrpge", vrpge_grad, False, "the paper's VR-PGE, score scaled by s(1-s)"),
+        ScoreEstimator("vrpge", _vrpge, False, "the paper's VR-PGE, score scaled by s(1-s)"),
         ScoreEstimator(
-            "vrpge-sqrt", _sqrt_vrpge, False, "VR-PGE with the authors' sqrt(s(1-s)) scaling"
+            "vrpge-sqrt", _vrpge_sqrt, False, "VR-PGE with the authors' sqrt(s(1-s)) scaling"
         ),
-        ScoreEstimator("reinforce", reinforce_grad, False, "plain policy gradient (REINFORCE)"),
+        ScoreEstimator("reinforce", _reinforce, False, "plain policy gradient (REINFORCE)"),
         ScoreEstimator(
             "straight-through",
-            None,
+            _straight_through,
             True,
             "chain rule through the mask: dense forward and backward (the baseline)",
         ),

@@ -76,11 +76,20 @@ def _score_function64(
     masks: BoolArray, score64: npt.NDArray[np.float64], scaling: str
 ) -> npt.NDArray[np.float64]:
     """Score function in float64; no validation. NOTE: score64 is float64, masks bool."""
+    return _divide_by_variance(masks.astype(np.float64) - score64, score64, scaling)
+
+
+def _divide_by_variance(
+    numer: npt.NDArray[np.float64], score64: npt.NDArray[np.float64], scaling: str
+) -> npt.NDArray[np.float64]:
+    """``numer / (s (1 - s))`` (``sqrt`` of it for ``"sqrt"``), defined as 0 at s in {0, 1}.
+
+    NOTE: score64 is float64; numer broadcasts against it.
+    """
     interior = (score64 > 0) & (score64 < 1)
     var = score64 * (1.0 - score64)
     denom = var if scaling == "exact" else np.sqrt(var)
-    numer = masks.astype(np.float64) - score64
-    out = np.zeros(np.broadcast_shapes(masks.shape, score64.shape), dtype=np.float64)
+    out = np.zeros(np.broadcast_shapes(numer.shape, score64.shape), dtype=np.float64)
     np.divide(numer, denom, out=out, where=np.broadcast_to(interior, out.shape))
     return out
 

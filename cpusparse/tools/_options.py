@@ -10,12 +10,12 @@ end's own. ``--help`` shows every default once (argparse's
 from __future__ import annotations
 
 import argparse
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import TypedDict, TypeVar
 
-from ..training.config import Bool, Choice, Int, Real, options
+from ..training.config import PRESETS, Bool, Choice, Int, Real, options
 
-__all__ = ["add_options", "layer_sizes", "HelpFormatter"]
+__all__ = ["add_options", "add_preset", "preset_of", "layer_sizes", "HelpFormatter"]
 
 _T = TypeVar("_T")
 
@@ -68,6 +68,30 @@ def _none_or(kind: Callable[[str], _T]) -> Callable[[str], _T | None]:
 
     parse.__name__ = kind.__name__
     return parse
+
+
+def preset_of(argv: Sequence[str] | None) -> str:
+    """The ``--preset`` named in ``argv`` (``"paper"`` without one or with a bad one).
+
+    Read before the full parser is built, so that a preset sets the defaults that
+    ``--help`` shows; a bad name is reported by the full parser.
+    """
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--preset", default="paper")
+    known, _ = first.parse_known_args(list(argv or []))
+    return known.preset if known.preset in PRESETS else "paper"
+
+
+def add_preset(group: argparse._ActionsContainer, preset: str) -> dict[str, object]:
+    """Add ``--preset``; return the preset's options, the defaults of the training flags."""
+    group.add_argument(
+        "--preset",
+        choices=tuple(PRESETS),
+        default="paper",
+        help="start from a named set of training options: the paper's mathematics, or the "
+        "settings of the authors' released code; explicit flags override it",
+    )
+    return dict(PRESETS[preset])
 
 
 def add_options(

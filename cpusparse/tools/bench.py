@@ -707,8 +707,13 @@ def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    from .._io import atomic_write
+
+    extension = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
+    try:
+        atomic_write(path, lambda f: fig.savefig(f, format=extension, dpi=120))
+    finally:
+        plt.close(fig)
 
 
 _STARTUP_CODE = """
@@ -808,7 +813,48 @@ def machine_info(threads: int | None = None) -> dict[str, object]:
     return {k: v for k, v in info.items() if v is not None}
 
 
+def _density(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}") from None
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be a number in (0, 1], got {text!r}")
+    return value
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _arch(text: str) -> tuple[tuple[int, ...], int]:
+    try:
+        sizes_text, batch_text = text.split(":")
+        sizes = tuple(int(s) for s in sizes_text.split(","))
+        batch = int(batch_text)
+    except ValueError:
+        sizes, batch = (), 0
+    if len(sizes) < 3 or min(sizes) < 1 or batch < 1:
+        raise argparse.ArgumentTypeError(
+            "must be at least 3 positive layer sizes and a positive batch size, such as "
+            f"784,300,100,10:128, got {text!r}"
+        )
+    return sizes, batch
+
+
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
+    from .cli import parse_args
+
     p = argparse.ArgumentParser(
         prog="cpusparse bench",
         description="Time per training iteration of cpusparse against dense baselines; "
@@ -819,22 +865,29 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="densities 0.1 and 0.01, 3 repetitions, no start-up measurement",
     )
-    p.add_argument("--out", default="bench-results", help="output directory")
-    p.add_argument("--threads", type=int, default=1, help="Numba/BLAS/torch threads (default 1)")
-    p.add_argument("--repeats", type=int, default=None)
-    p.add_argument("--warmup", type=int, default=2)
-    p.add_argument("--densities", type=float, nargs="+", default=None)
+    p.add_argument(
+        "--out",
+        default="bench-results",
+        help="output directory (created if absent; its parent must exist)",
+    )
+    p.add_argument(
+        "--threads", type=_int_at_least(1), default=1, help="Numba/BLAS/torch threads (default 1)"
+    )
+    p.add_argument("--repeats", type=_int_at_least(1), default=None)
+    p.add_argument("--warmup", type=_int_at_least(0), default=2)
+    p.add_argument("--densities", type=_density, nargs="+", default=None)
     p.add_argument(
         "--granularities", nargs="+", default=["weight", "neuron"], choices=("weight", "neuron")
     )
     p.add_argument(
         "--arch",
+        type=_arch,
         nargs="+",
         default=None,
         metavar="SIZES:BATCH",
         help="e.g. 784,1024,1024,10:256 (default: both paper shapes)",
     )
-    p.add_argument("--n-masks", type=int, default=2, help="K")
+    p.add_argument("--n-masks", type=_int_at_least(2), default=2, help="K")
     p.add_argument(
         "--baselines",
         nargs="*",
@@ -842,18 +895,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         choices=("dense-engine", "torch", "sklearn"),
     )
     p.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
-    args = p.parse_args(argv)
-    if args.threads < 1:
-        p.error(f"--threads must be >= 1, got {args.threads}")
+    args = parse_args(p, argv)
     if args.arch:
-        archs = []
-        for text in args.arch:
-            try:
-                sizes, batch = text.split(":")
-                archs.append((tuple(int(s) for s in sizes.split(",")), int(batch)))
-            except ValueError:
-                p.error(f"--arch must look like 784,300,100,10:128, got {text!r}")
-        args.arch = tuple(archs)
+        args.arch = tuple(args.arch)
     else:
         args.arch = ARCHITECTURES[:1] if args.quick else ARCHITECTURES
     if args.densities is None:
@@ -866,34 +910,70 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     return args
 
 
+OUTPUTS = ("bench.json", "bench.md", "bench.png")
+"""The files :func:`main` writes into ``--out``."""
+
+
+def _check_outputs(out: str) -> None:
+    """Check ``--out`` and the files in it before any timing (one-line UsageError)."""
+    from .._io import OutputPathError, check_output_dir, check_output_path
+    from .cli import UsageError
+
+    try:
+        check_output_dir(out, "--out")
+        if os.path.isdir(out):
+            for name in OUTPUTS:
+                check_output_path(os.path.join(out, name), "--out")
+    except OutputPathError as exc:
+        raise UsageError(str(exc)) from None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``cpusparse bench``; returns the exit status."""
-    args = _parse_args(sys.argv[1:] if argv is None else argv)
-    os.makedirs(args.out, exist_ok=True)
+    """Entry point of ``cpusparse bench``; returns the exit status.
 
-    def log(msg):
-        print(msg, file=sys.stderr, flush=True)
+    0 on success, 1 on a failure, 2 on a usage error (a bad value, an output
+    directory that cannot be written: checked before any timing), 130 on Ctrl-C;
+    every error is one line on stderr (:func:`cpusparse.tools.cli.run_command`).
+    """
+    from .cli import CommandError, run_command
 
-    result = run(
-        architectures=args.arch,
-        densities=args.densities,
-        granularities=tuple(args.granularities),
-        repeats=args.repeats,
-        warmup=args.warmup,
-        threads=args.threads,
-        n_masks=args.n_masks,
-        baselines=tuple(args.baselines),
-        log=log,
-    )
-    if not args.no_startup:
-        log("start-up time of a second process")
-        result["startup"] = startup_time()
-    result["machine"] = machine_info(args.threads)
-    with open(os.path.join(args.out, "bench.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    md = format_markdown(result)
-    with open(os.path.join(args.out, "bench.md"), "w") as f:
-        f.write(md)
-    plot(result, os.path.join(args.out, "bench.png"))
-    print(md)
-    return 0
+    def body() -> int:
+        from .._io import atomic_write
+
+        args = _parse_args(sys.argv[1:] if argv is None else argv)
+        _check_outputs(args.out)
+        try:
+            os.makedirs(args.out, exist_ok=True)
+        except OSError as exc:
+            raise CommandError(f"--out {args.out}: {exc}") from None
+
+        def log(msg: str) -> None:
+            print(msg, file=sys.stderr, flush=True)
+
+        result = run(
+            architectures=args.arch,
+            densities=args.densities,
+            granularities=tuple(args.granularities),
+            repeats=args.repeats,
+            warmup=args.warmup,
+            threads=args.threads,
+            n_masks=args.n_masks,
+            baselines=tuple(args.baselines),
+            log=log,
+        )
+        if not args.no_startup:
+            log("start-up time of a second process")
+            result["startup"] = startup_time()
+        result["machine"] = machine_info(args.threads)
+        text = json.dumps(result, indent=2)
+        md = format_markdown(result)
+        try:
+            atomic_write(os.path.join(args.out, "bench.json"), lambda f: f.write(text.encode()))
+            atomic_write(os.path.join(args.out, "bench.md"), lambda f: f.write(md.encode()))
+            plot(result, os.path.join(args.out, "bench.png"))
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"--out {args.out}: {exc}") from None
+        print(md)
+        return 0
+
+    return run_command("cpusparse bench", body)

@@ -6,6 +6,18 @@ accuracy and a per-layer density report. ``cpusparse bench``, ``cpusparse trace`
 ``cpusparse verify`` are handed, with their remaining arguments, to the modules that
 implement them (each parses its own options).
 
+Errors
+------
+Every command runs under :func:`run_command`: an error is one line on stderr,
+``cpusparse <command>: error: <message>``, naming the argument or file, never a
+traceback. Exit status 2 is a usage error (a bad value, an output path that cannot be
+written, settings that do not match the checkpoint to resume), 1 a failure (an
+unreadable data or checkpoint file, a missing optional package, a non-finite loss),
+130 Ctrl-C (``cpusparse train`` then says where its last checkpoint is and how to
+resume). Output paths are checked before any work starts, and ``cpusparse train``
+refuses to replace an existing ``--checkpoint`` without ``--resume`` (continue it) or
+``--overwrite`` (start again).
+
 Examples
 --------
 A usage error prints a message on stderr and returns 2:
@@ -17,13 +29,16 @@ A usage error prints a message on stderr and returns 2:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import io
 import json
 import math
 import os
+import re
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -31,7 +46,7 @@ import numpy as np
 if TYPE_CHECKING:
     from ..sklearn import LayerDensity
 
-__all__ = ["main", "build_parser"]
+__all__ = ["main", "build_parser", "run_command", "parse_args", "UsageError", "CommandError"]
 
 # Subcommands implemented elsewhere: name -> (module, function taking argv).
 EXTERNAL = {
@@ -43,14 +58,17 @@ EXTERNAL = {
 _OFFICIAL_SPLIT = ("mnist", "mnist1d")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser of ``cpusparse`` (``train`` fully; the others by name)."""
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The argument parser of ``cpusparse`` (``train`` fully; the others by name).
+
+    ``argv`` is read for ``--preset`` only, whose training options become the defaults.
+    """
     import inspect
 
     from ..engine.layers.linear import GRANULARITIES, INITS
     from ..sklearn import _TRAIN_OPTIONS as TRAIN_OPTIONS
     from ..sklearn import SparseMLPClassifier
-    from ._options import HelpFormatter, add_options, layer_sizes
+    from ._options import HelpFormatter, add_options, add_preset, layer_sizes, preset_of
     from .datasets import DATASETS
 
     defaults = {
@@ -100,40 +118,143 @@ def build_parser() -> argparse.ArgumentParser:
     )
     method = train.add_argument_group("training (the options of TrainConfig)")
     table_names = {name: param for param, name in TRAIN_OPTIONS.items()}
+    preset = add_preset(method, preset_of(argv))
     add_options(
         method,
         table_names,
-        {name: defaults[param] for name, param in table_names.items()},
+        {name: preset.get(name, defaults[param]) for name, param in table_names.items()},
         dest=table_names,
     )
     run = train.add_argument_group("run")
     run.add_argument(
-        "--epochs", type=int, default=defaults["max_iter"], help="epochs of sparse training"
+        "--epochs",
+        type=_int_at_least(1),
+        default=defaults["max_iter"],
+        help="epochs of sparse training",
     )
     run.add_argument(
         "--finetune-epochs",
-        type=int,
+        type=_int_at_least(0),
         default=defaults["finetune_iter"],
         help="epochs on the fixed mask (0 skips)",
     )
     run.add_argument(
-        "--batch-size", type=int, default=defaults["batch_size"], help="mini-batch size"
+        "--batch-size",
+        type=_int_at_least(1),
+        default=defaults["batch_size"],
+        help="mini-batch size",
     )
-    run.add_argument("--seed", type=int, default=0, help="seed of every random stream")
+    run.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of every random stream")
     run.add_argument(
-        "--threads", type=int, default=1, help="Numba threads (results do not depend on it)"
+        "--threads",
+        type=_int_at_least(1),
+        default=1,
+        help="Numba threads (results do not depend on it)",
     )
     out = train.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write metrics, history and config as JSON")
-    out.add_argument("--checkpoint", metavar="PATH", help="checkpoint written every epoch")
+    out.add_argument(
+        "--checkpoint",
+        metavar="PATH",
+        help="checkpoint written after every epoch (an existing one needs --resume or --overwrite)",
+    )
     out.add_argument(
         "--resume", action="store_true", help="continue from --checkpoint if it exists"
     )
+    out.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start again even if --checkpoint exists (it is replaced after the first epoch)",
+    )
     out.add_argument("--quiet", action="store_true", help="no progress bar and no report table")
-    train.set_defaults(handler=_train, command_parser=train)
+    train.set_defaults(handler=_train)
     for name, (_, _, text) in EXTERNAL.items():
         sub.add_parser(name, help=f"{text} (its own options: cpusparse {name} --help)")
     return parser
+
+
+class UsageError(Exception):
+    """A bad command line (exit status 2); the message is one line naming the argument."""
+
+    def __init__(self, message: str, *, prog: str | None = None) -> None:
+        super().__init__(message)
+        self.prog = prog
+
+
+class CommandError(Exception):
+    """A failure (exit status 1); the message is one line naming the argument or file."""
+
+
+def _one_line(text: str) -> str:
+    return " ".join(line.strip() for line in text.splitlines() if line.strip())
+
+
+def _error(prog: str, message: str) -> None:
+    print(f"{prog}: error: {_one_line(message)}", file=sys.stderr)
+
+
+def run_command(prog: str, body: Callable[[], int | None]) -> int:
+    """Run a command's body and return its exit status; never show a traceback.
+
+    The guard of every ``cpusparse`` command: :class:`UsageError` gives exit status
+    2, :class:`CommandError` 1, Ctrl-C 130, and any other exception, as a last
+    resort, one line ``<prog>: error: <message> (<type>)`` and exit status 1.
+    Commands turn the errors they expect into precise messages first.
+
+    Parameters
+    ----------
+    prog : str
+        The command's name in messages, e.g. ``"cpusparse trace"``.
+    body : callable
+        Returns the exit status (None for 0).
+
+    Returns
+    -------
+    status : int
+    """
+    try:
+        status = body()
+    except UsageError as exc:
+        _error(exc.prog or prog, str(exc))
+        return 2
+    except CommandError as exc:
+        _error(prog, str(exc))
+        return 1
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except SystemExit as exc:  # --help (0), or a usage error already reported
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        _error(prog, str(exc.code))
+        return 1
+    except Exception as exc:  # the last resort: one line instead of a traceback
+        _error(prog, f"{exc} ({type(exc).__name__})" if str(exc) else type(exc).__name__)
+        return 1
+    return 0 if status is None else int(status)
+
+
+_ARGPARSE_ERROR = re.compile(r"^(?P<prog>.*?): error: (?P<message>.*)$")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: Sequence[str]) -> argparse.Namespace:
+    """``parser.parse_args(argv)``, with a usage error raised as a one-line :class:`UsageError`.
+
+    argparse prints the usage (many lines) before its error; here only the error is
+    kept, with a pointer to ``--help``. ``--help`` itself exits with status 0.
+    """
+    buffer = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(buffer):
+            return parser.parse_args(argv)
+    except SystemExit as exc:
+        if not exc.code:
+            raise
+        lines = [line for line in buffer.getvalue().splitlines() if line.strip()]
+        match = _ARGPARSE_ERROR.match(lines[-1]) if lines else None
+        prog = match["prog"] if match else parser.prog
+        message = match["message"] if match else _one_line(buffer.getvalue()) or "bad arguments"
+        raise UsageError(f"{message} (see {prog} --help)", prog=prog) from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -147,44 +268,175 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns
     -------
     status : int
-        0 on success, 1 on a runtime failure (e.g. a missing optional package),
-        2 on a usage error.
+        0 on success; 1 on a failure (e.g. a missing optional package, an
+        unreadable data or checkpoint file, a non-finite loss); 2 on a usage error
+        (a bad option value, an output path that cannot be written, settings that
+        do not match the checkpoint to resume); 130 on Ctrl-C. Every error is one
+        line on stderr, ``cpusparse <command>: error: <message>``.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in EXTERNAL:
         return _dispatch(argv[0], argv[1:])
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:  # --help (0) or a usage error (2)
-        return 0 if exc.code is None else int(exc.code)
-    try:
-        return args.handler(args, args.command_parser)
-    except SystemExit as exc:  # parser.error raised while checking the values
-        return 0 if exc.code is None else int(exc.code)
+    prog = "cpusparse train" if argv[:1] == ["train"] else "cpusparse"
+
+    def body() -> int:
+        try:
+            args = parse_args(build_parser(argv), argv)
+        except UsageError as exc:  # "unrecognized arguments" comes from the top parser
+            if prog != "cpusparse" and exc.prog == "cpusparse":
+                exc.prog = prog
+                exc.args = (str(exc).replace("(see cpusparse --help)", f"(see {prog} --help)"),)
+            raise
+        return int(args.handler(args))
+
+    return run_command(prog, body)
 
 
 def _dispatch(name: str, argv: list[str]) -> int:
     module_name, func_name, _ = EXTERNAL[name]
-    status = getattr(importlib.import_module(module_name), func_name)(argv)
-    return 0 if status is None else int(status)
+
+    def body() -> int | None:
+        return getattr(importlib.import_module(module_name), func_name)(argv)
+
+    return run_command(f"cpusparse {name}", body)
 
 
-def _load(
-    args: argparse.Namespace, parser: argparse.ArgumentParser
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Train and test arrays; usage problems go through ``parser.error``."""
+def _int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse
+
+
+def _file_id(path: str) -> tuple[int, int, int] | None:
+    """Identity of the file at ``path`` now (inode, size, mtime), None if absent."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _same_file(a: str, b: str) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
+def _checkpoint_message(path: str, exc: Exception) -> str:
+    text = str(exc)
+    return text if repr(path) in text or path in text else f"checkpoint {path!r}: {text}"
+
+
+def _check_train_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Check every setting and output path before any work; return the table options."""
+    from .._io import OutputPathError, check_output_path
+    from ..sklearn import _TRAIN_OPTIONS as TRAIN_OPTIONS
+    from ..training.config import options
+
+    if args.checkpoint is None:
+        for flag in ("resume", "overwrite"):
+            if getattr(args, flag):
+                raise UsageError(f"--{flag} needs --checkpoint PATH")
+    if args.resume and args.overwrite:
+        raise UsageError(
+            "--resume and --overwrite exclude each other: --resume continues the run in "
+            "--checkpoint, --overwrite starts again and replaces it"
+        )
+    # Training options are checked against the option table and named by their flag.
+    rows = {option.name: option for option in options()}
+    table: dict[str, Any] = {}  # validated option values of several types, by parameter
+    for param, name in TRAIN_OPTIONS.items():
+        try:
+            table[param] = rows[name].constraint.check(getattr(args, param), rows[name].flag)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
+
+    if args.dataset == "mnist":
+        if args.data_path is None:
+            raise UsageError("--dataset mnist needs --data-path (nothing is downloaded)")
+        if not os.path.exists(args.data_path):
+            raise UsageError(f"--data-path {args.data_path!r} does not exist")
+    elif args.data_path is not None:
+        raise UsageError(
+            f"--data-path is only used with --dataset mnist, got --dataset {args.dataset}"
+        )
+
+    outputs = {}
+    for flag in ("json", "checkpoint"):
+        path = getattr(args, flag)
+        if path is None:
+            continue
+        try:
+            outputs[flag] = check_output_path(path, f"--{flag}")
+        except OutputPathError as exc:
+            raise UsageError(str(exc)) from None
+        if args.data_path is not None and _same_file(outputs[flag], args.data_path):
+            raise UsageError(f"--{flag} {path}: is the --data-path file, which it would replace")
+    if len(outputs) == 2 and _same_file(outputs["json"], outputs["checkpoint"]):
+        raise UsageError(f"--json {args.json} and --checkpoint {args.checkpoint} are the same file")
+
+    path = args.checkpoint
+    if path is not None and os.path.exists(path):
+        if not (args.resume or args.overwrite):
+            raise UsageError(
+                f"--checkpoint {path}: the file exists; pass --resume to continue that run "
+                "or --overwrite to start again and replace it"
+            )
+        if args.resume:
+            from ..training.checkpoint import CheckpointError, load_checkpoint, restore_state
+
+            try:
+                restore_state(load_checkpoint(path))
+            except (CheckpointError, OSError) as exc:
+                raise CommandError(
+                    f"cannot resume: {_checkpoint_message(path, exc)}; pass --overwrite "
+                    "instead of --resume to start again"
+                ) from None
+    return table
+
+
+def _interrupted(args: argparse.Namespace, before: tuple[int, int, int] | None) -> str:
+    """The line printed on Ctrl-C: where the last checkpoint is and how to resume."""
+    path = args.checkpoint
+    if path is None:
+        return (
+            "interrupted; no checkpoint was being written (run with --checkpoint PATH to be "
+            "able to resume an interrupted run)"
+        )
+    now = _file_id(path)
+    if now is None or (now == before and not args.resume):
+        return (
+            f"interrupted before the end of the first epoch; no checkpoint of this run was "
+            f"written to {path} yet (one is written after every epoch)"
+        )
+    detail = ""
+    try:
+        from ..training.checkpoint import load_checkpoint
+
+        ckpt = load_checkpoint(path)
+        detail = f" ({ckpt['phase']} phase, epoch {ckpt['epoch']})"
+    except (ValueError, OSError):
+        pass
+    return (
+        f"interrupted; the last checkpoint is {path}{detail}: run the same command with "
+        "--resume to continue"
+    )
+
+
+def _load(args: argparse.Namespace) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Train and test arrays (the settings were checked by :func:`_check_train_args`)."""
     from sklearn.model_selection import train_test_split
 
     from .datasets import load_dataset
 
-    if args.dataset == "mnist":
-        if args.data_path is None:
-            parser.error("--dataset mnist needs --data-path (nothing is downloaded)")
-        if not os.path.exists(args.data_path):
-            parser.error(f"--data-path {args.data_path!r} does not exist")
-    elif args.data_path is not None:
-        parser.error(f"--data-path is only used with --dataset mnist, got --dataset {args.dataset}")
     path = args.data_path
     if args.dataset in _OFFICIAL_SPLIT:
         train = load_dataset(args.dataset, path=path, split="train")
@@ -198,25 +450,33 @@ def _load(
     else:
         ds = load_dataset(args.dataset)
         X, y = ds.X, ds.y
-    return train_test_split(X, y, test_size=0.2, stratify=y, random_state=args.seed)
+    try:
+        return train_test_split(X, y, test_size=0.2, stratify=y, random_state=args.seed)
+    except ValueError as exc:
+        source = f"--data-path {path}" if path is not None else f"--dataset {args.dataset}"
+        raise ValueError(
+            f"cannot split the {len(y)} samples of {source} 80/20 with every class in both "
+            f"parts: {exc}"
+        ) from None
 
 
-def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
-    from ..sklearn import _TRAIN_OPTIONS as TRAIN_OPTIONS
+def _train(args: argparse.Namespace) -> int:
+    before = None if args.checkpoint is None else _file_id(args.checkpoint)
+    try:
+        return _train_checked(args)
+    except KeyboardInterrupt:
+        print(f"cpusparse train: {_interrupted(args, before)}", file=sys.stderr)
+        return 130
+
+
+def _train_checked(args: argparse.Namespace) -> int:
+    from .._io import OutputPathError
     from ..sklearn import SparseMLPClassifier
-    from ..training.config import options
+    from ..training.checkpoint import CheckpointError
+    from ..training.state import NonFiniteError
 
-    if args.resume and args.checkpoint is None:
-        parser.error("--resume needs --checkpoint PATH")
+    table = _check_train_args(args)
     hidden = tuple(size for group in args.hidden for size in group)
-    # Training options are checked against the option table and named by their flag.
-    rows = {option.name: option for option in options()}
-    table: dict[str, Any] = {}  # validated option values of several types, by parameter
-    for param, name in TRAIN_OPTIONS.items():
-        try:
-            table[param] = rows[name].constraint.check(getattr(args, param), rows[name].flag)
-        except (ValueError, TypeError) as exc:
-            parser.error(str(exc))
     clf = SparseMLPClassifier(
         hidden_layer_sizes=hidden,
         granularity=args.granularity,
@@ -234,25 +494,28 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     try:
         clf._check_params()
     except (ValueError, TypeError) as exc:
-        parser.error(str(exc))
+        raise UsageError(str(exc)) from None
 
     t_start = time.perf_counter()
     try:
-        X_train, X_test, y_train, y_test = _load(args, parser)
+        X_train, X_test, y_train, y_test = _load(args)
     except ImportError as exc:
-        print(f"cpusparse train: error: {exc}", file=sys.stderr)
-        return 1
-    except (ValueError, OSError) as exc:
-        print(f"cpusparse train: error: cannot load {args.dataset!r}: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(str(exc)) from None
+    except (ValueError, TypeError, OSError) as exc:
+        raise CommandError(f"cannot load {args.dataset!r}: {exc}") from None
     t_loaded = time.perf_counter()
-    from ..training.state import NonFiniteError
-
     try:
         clf.fit(X_train, y_train)
     except NonFiniteError as exc:
-        print(f"cpusparse train: error: {exc}", file=sys.stderr)
-        return 1
+        raise CommandError(f"training stopped: {exc}") from None
+    except CheckpointError as exc:
+        raise CommandError(_checkpoint_message(args.checkpoint or "", exc)) from None
+    except OutputPathError as exc:
+        raise CommandError(str(exc)) from None
+    except (ValueError, TypeError) as exc:  # a setting that does not fit the data or checkpoint
+        raise UsageError(str(exc)) from None
+    except OSError as exc:  # e.g. a full disk while writing the checkpoint
+        raise CommandError(f"--checkpoint {args.checkpoint}: {exc}") from None
     t_fitted = time.perf_counter()
     accuracy = float(clf.score(X_test, y_test))
     t_end = time.perf_counter()
@@ -296,7 +559,10 @@ def _train(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             },
         }
         text = json.dumps(_finite(metrics), indent=2, allow_nan=False) + "\n"
-        atomic_write(args.json, lambda f: f.write(text.encode()))
+        try:
+            atomic_write(args.json, lambda f: f.write(text.encode()))
+        except (OSError, ValueError) as exc:
+            raise CommandError(f"--json {args.json}: {exc}") from None
     return 0
 
 

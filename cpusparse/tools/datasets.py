@@ -18,11 +18,14 @@ import gzip
 import importlib
 import os
 import random
+import zlib
 from types import ModuleType
 from typing import NamedTuple
 
 import numpy as np
 import numpy.typing as npt
+
+from .._io import NpzError, read_npz
 
 __all__ = ["DATASETS", "Dataset", "load_dataset"]
 
@@ -284,8 +287,12 @@ def _load_mnist1d():
 def _read_idx(filename: str) -> np.ndarray:
     """Read an IDX file (optionally gzipped) into an ndarray in native byte order."""
     opener = gzip.open if os.fspath(filename).endswith(".gz") else open
-    with opener(filename, "rb") as f:
-        raw = f.read()
+    try:
+        with opener(filename, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as exc:  # gzip: BadGzipFile, truncated stream
+        kind = "gzip-compressed IDX file" if opener is gzip.open else "IDX file"
+        raise ValueError(f"{os.fspath(filename)!r} is not a readable {kind}: {exc}") from exc
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
         raise ValueError(
             f"{os.fspath(filename)!r} is not an IDX file: bad magic number {raw[:4].hex()!r} "
@@ -323,6 +330,8 @@ def _find_idx(directory: str, stem: str) -> str | None:
 def _check_mnist_arrays(
     images: np.ndarray, labels: np.ndarray, what: str
 ) -> tuple[np.ndarray, np.ndarray]:
+    if images.ndim < 1 or images.shape[0] == 0:
+        raise ValueError(f"{what} must hold at least one image, got shape {images.shape}")
     if images.dtype != np.uint8:
         raise TypeError(f"{what} images must have dtype uint8, got {images.dtype}")
     if images.ndim != 3 or images.shape[1:] != (28, 28):
@@ -359,28 +368,34 @@ def _load_mnist(path):
                 parts[split] = None
                 continue
             parts[split] = _check_mnist_arrays(
-                _read_idx(image_file), _read_idx(label_file), f"MNIST {split}"
+                _read_idx(image_file),
+                _read_idx(label_file),
+                f"MNIST {split} files {image_file!r} and {label_file!r}:",
             )
         return parts
     if os.path.isfile(path) and path.endswith(".npz"):
-        with np.load(path, allow_pickle=False) as npz:
-            keys = set(npz.files)
-            if not {"x_train", "y_train"} <= keys:
-                raise ValueError(
-                    f"{path!r} must contain arrays 'x_train' and 'y_train', got {sorted(keys)}"
-                )
-            if ("x_test" in keys) != ("y_test" in keys):
-                raise ValueError(
-                    f"{path!r} must contain both 'x_test' and 'y_test' or neither, "
-                    f"got {sorted(keys)}"
-                )
-            parts = {
-                "train": _check_mnist_arrays(npz["x_train"], npz["y_train"], "x_train/y_train")
-            }
-            parts["test"] = (
-                _check_mnist_arrays(npz["x_test"], npz["y_test"], "x_test/y_test")
-                if "x_test" in keys
-                else None
+        try:
+            arrays = read_npz(path, "MNIST file")
+        except NpzError as exc:
+            raise ValueError(str(exc)) from exc
+        keys = set(arrays)
+        if not {"x_train", "y_train"} <= keys:
+            raise ValueError(
+                f"{path!r} must contain arrays 'x_train' and 'y_train', got {sorted(keys)}"
             )
+        if ("x_test" in keys) != ("y_test" in keys):
+            raise ValueError(
+                f"{path!r} must contain both 'x_test' and 'y_test' or neither, got {sorted(keys)}"
+            )
+        parts = {
+            "train": _check_mnist_arrays(
+                arrays["x_train"], arrays["y_train"], f"{path!r} x_train/y_train:"
+            )
+        }
+        parts["test"] = (
+            _check_mnist_arrays(arrays["x_test"], arrays["y_test"], f"{path!r} x_test/y_test:")
+            if "x_test" in keys
+            else None
+        )
         return parts
     raise ValueError(f"path must be a directory of MNIST IDX files or an .npz file, got {path!r}")

@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import fnmatch
+import importlib.resources
 import io
 import json
 import math
@@ -51,13 +52,13 @@ from typing import TYPE_CHECKING, BinaryIO, NamedTuple, TypedDict
 import numpy as np
 import numpy.typing as npt
 
-from .._io import atomic_write
+from .._io import NpzError, atomic_write, read_npz
 from .._validation import check_choice
 from ..engine.layers.linear import GRANULARITIES
 from ..models import mlp
 from ..training import TrainConfig, init_state, iterate_batches, spawn_streams, train_step
-from ..training.config import options
-from ._options import HelpFormatter, add_options, layer_sizes
+from ..training.config import PRESETS, options
+from ._options import HelpFormatter, add_options, add_preset, layer_sizes, preset_of
 
 if TYPE_CHECKING:
     from ..training.state import TrainState
@@ -73,13 +74,26 @@ __all__ = [
     "TRAIN_DEFAULTS",
     "write_trace",
     "load_trace",
+    "upgrade_trace",
+    "READABLE_VERSIONS",
     "compare_traces",
+    "describe_format",
     "main_trace",
     "main_verify",
 ]
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 """Version of the trace layout (``meta/format_version``); bumped on any change."""
+
+READABLE_VERSIONS = (1, 2)
+"""Versions :func:`load_trace` reads; older ones are upgraded by :func:`upgrade_trace`.
+
+Version 2 (cpusparse 0.2): the VR-PGE score gradient is computed as
+``1/(K-1) sum_k (L_k - mean L)(m_k - mean m) / (s (1 - s))`` (exactly 0 where the K
+masks agree); ``*_grad_per_sample`` arrays are named ``*_grad_per_pass``; ``meta/config``
+and ``meta/options`` use the names ``n_masks``, ``score_estimator`` and
+``stored_density``.
+"""
 
 DEFAULT_TOLERANCES = {
     "float32": (1e-5, 1e-6),
@@ -93,7 +107,7 @@ OUTSIDE_UNIFORM = 1.0
 """Value of ``uniforms`` outside the stored pattern (never below a score)."""
 
 CONVENTIONS = """\
-cpusparse trace conventions (format version 1)
+cpusparse trace conventions (format version 2)
 - Inputs x are stored batch-major, (n_batch, n_in), like PyTorch; the engine itself is
   feature-major. Weights are (n_out, n_in); a layer computes x @ W.T + b.
 - Every per-layer array is dense: entries outside the stored pattern are 0 (False for
@@ -106,9 +120,12 @@ cpusparse trace conventions (format version 1)
 - Mini-batches: one data_rng.permutation(n_data) per epoch, cut into batch_size chunks.
 - Neuron granularity: out = m * relu(x @ W.T + b) (the bias is dropped with the unit).
 - Loss: mean softmax cross-entropy over the batch; losses are float64.
-- Score gradient (VR-PGE): 1/(K-1) sum_k (L_k - mean(L)) (m_k - s) / (s (1 - s)), computed in
-  float64 and 0 where s is 0 or 1; vrpge-sqrt divides by sqrt(s (1 - s)) instead;
-  reinforce is 1/K sum_k L_k (m_k - s) / (s (1 - s)).
+- Score gradient (VR-PGE), in float64: c_k = L_k - (sum_j L_j) / K; mbar = (sum_k m_k) / K;
+  t = sum_k c_k (m_k - mbar), accumulated over k = 0..K-1 from 0; dscore = t / (K - 1) /
+  (s (1 - s)), and 0 where s is 0 or 1. This equals the paper's
+  1/(K-1) sum_k (L_k - mean L)(m_k - s)/(s (1 - s)) and is exactly 0 where all K masks
+  agree. vrpge-sqrt divides by sqrt(s (1 - s)) instead; reinforce is
+  1/K sum_k L_k (m_k - s) / (s (1 - s)). dscore is cast to the trace's dtype.
 - Weight gradients are averaged over the K passes (weight_grad=mean) or taken from the
   first pass (first) and clipped to a global norm clip_norm (if set) before the optimizer.
 - Projection: score_projected = clip(score_before_projection - threshold, 0, 1) onto
@@ -180,11 +197,15 @@ def _check_int(value: int, name: str, low: int) -> int:
 
 
 def _options(options):
-    defaults = {**_RUN_DEFAULTS, **_train_defaults()}
+    options = dict(options)
+    name = options.pop("preset", "paper")
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {name!r}")
+    defaults = {**_RUN_DEFAULTS, **_train_defaults(), **PRESETS[name]}
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"unknown trace options {unknown}; known: {sorted(defaults)}")
-    opts = {**defaults, **options}
+    opts = {**defaults, **options, "preset": name}
     layers = opts["layers"]
     if isinstance(layers, str) or not hasattr(layers, "__len__"):
         raise TypeError(f"layers must be a sequence of ints, got {layers!r}")
@@ -211,7 +232,7 @@ def _options(options):
 
 
 def _config(opts):
-    train = {name: opts[name] for name in _train_defaults()}
+    train = {name: opts[name] for name in _train_defaults()}  # "preset" is not an option
     return TrainConfig(**train, total_steps=opts["steps"], compact_every=0)
 
 
@@ -299,6 +320,10 @@ def make_trace(**options: object) -> dict[str, np.ndarray]:
     The training options and what they allow are those of
     :class:`~cpusparse.training.config.TrainConfig`; :data:`TRAIN_DEFAULTS` lists
     the defaults of traces that differ from it.
+
+    preset : {"paper", "authors"}, default="paper"
+        Start from the named set of training options
+        (:data:`~cpusparse.training.config.PRESETS`); explicit options override it.
 
     Returns
     -------
@@ -456,7 +481,7 @@ def _layer_arrays(arrays, lpre, layer, before, pos, seg, record, state):
         arrays[f"{lpre}/masks"] = units.dense(record.masks[:, seg], fill=False)
     for j, name in enumerate(names):
         per_pass = np.stack([g[pos + j] for g in record.weight_grads_per_pass])
-        arrays[f"{lpre}/{name}_grad_per_sample"] = layer.dense(name, per_pass)
+        arrays[f"{lpre}/{name}_grad_per_pass"] = layer.dense(name, per_pass)
         arrays[f"{lpre}/{name}_grad_mean"] = layer.dense(name, record.weight_grads[pos + j])
     if units is not None:
         arrays[f"{lpre}/dscore"] = units.dense(record.dscore[seg])
@@ -475,6 +500,15 @@ def _layer_arrays(arrays, lpre, layer, before, pos, seg, record, state):
     if units is not None:
         seg_state = {k: (v if np.ndim(v) == 0 else v[seg]) for k, v in state.score_state[0].items()}
         _state_arrays(f"{lpre}/score_state", seg_state, units.dense, arrays)
+
+
+def describe_format() -> str:
+    """The trace format page (reStructuredText), as installed with the package.
+
+    ``cpusparse trace --describe`` prints it, so that the format is at hand wherever
+    cpusparse is installed, not only in a source checkout.
+    """
+    return importlib.resources.files("cpusparse.tools").joinpath("trace_format.rst").read_text()
 
 
 def _write_npz(f: BinaryIO, arrays: Mapping[str, npt.ArrayLike]) -> None:
@@ -524,22 +558,69 @@ def load_trace(path: str | os.PathLike[str]) -> dict[str, np.ndarray]:
     Raises
     ------
     TraceError
-        If the file cannot be read as an ``.npz`` or needs pickles. A file without
-        ``meta/format_version`` (e.g. written by another port) is accepted; one with
-        another version is refused.
+        If the file cannot be read as an ``.npz`` or needs pickles, or has a format
+        version this cpusparse cannot read. Earlier versions are upgraded to the
+        current names (:func:`upgrade_trace`); a file without ``meta/format_version``
+        (e.g. written by another port) is accepted as it is.
     """
     try:
-        with np.load(os.fspath(path), allow_pickle=False) as data:
-            arrays = {name: data[name] for name in data.files}
-    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
-        raise TraceError(f"cannot read trace {os.fspath(path)!r}: {exc}") from exc
-    version = arrays.get("meta/format_version")
-    if version is not None and int(version) != FORMAT_VERSION:
+        arrays = read_npz(path, "trace")
+    except (FileNotFoundError, NpzError) as exc:
+        raise TraceError(str(exc)) from exc
+    return upgrade_trace(arrays, where=f"trace {os.fspath(path)!r}")
+
+
+_V1_RENAMED_KEYS = {
+    "n_samples": "n_masks",
+    "estimator": "score_estimator",
+    "init_density": "stored_density",
+}
+
+
+def upgrade_trace(arrays: dict[str, np.ndarray], *, where: str = "trace") -> dict[str, np.ndarray]:
+    """A trace of an earlier format version in the names of the current one.
+
+    Version 1 traces (cpusparse 0.1) name ``*_grad_per_pass`` ``*_grad_per_sample``
+    and use ``n_samples``, ``estimator`` and ``init_density`` in ``meta/config`` and
+    ``meta/options``; their values are kept as they are (their VR-PGE score gradients
+    hold rounding residues where all masks agree, see :data:`READABLE_VERSIONS`). A
+    trace without ``meta/format_version`` (e.g. written by another port) is taken as
+    the current version.
+
+    Raises
+    ------
+    TraceError
+        If the version is malformed or not one of :data:`READABLE_VERSIONS`.
+    """
+    raw = arrays.get("meta/format_version")
+    if raw is None:
+        return arrays
+    try:
+        version = int(raw.item()) if raw.ndim == 0 and raw.dtype.kind in "iu" else None
+    except (TypeError, ValueError):
+        version = None
+    if version is None:
         raise TraceError(
-            f"trace {os.fspath(path)!r} has format version {int(version)}, "
-            f"this cpusparse reads version {FORMAT_VERSION}"
+            f"{where} has a malformed meta/format_version: expected a 0-d integer array, "
+            f"got {raw.dtype} of shape {raw.shape}"
         )
-    return arrays
+    if version not in READABLE_VERSIONS:
+        raise TraceError(
+            f"{where} has format version {version}; this cpusparse reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}"
+        )
+    if version == FORMAT_VERSION:
+        return arrays
+    out = {}
+    for name, value in arrays.items():
+        if name in ("meta/config", "meta/options"):
+            meta = json.loads(str(value))
+            meta = {_V1_RENAMED_KEYS.get(k, k): v for k, v in meta.items()}
+            value = _json(meta)
+        out[name.replace("_grad_per_sample", "_grad_per_pass")] = value
+    out["meta/format_version"] = np.array(FORMAT_VERSION, dtype=np.int64)
+    out["meta/upgraded_from"] = np.array(version, dtype=np.int64)
+    return out
 
 
 # ---------------------------------------------------------------------------
@@ -688,7 +769,7 @@ def _as_trace(
     if isinstance(trace, str | os.PathLike):
         return load_trace(trace)
     if isinstance(trace, dict):
-        return trace
+        return upgrade_trace(trace, where=what)
     raise TypeError(f"{what} must be a path or a dict of arrays, got {type(trace).__name__}")
 
 
@@ -834,18 +915,24 @@ def compare_traces(
 # ---------------------------------------------------------------------------
 
 
-def build_trace_parser() -> argparse.ArgumentParser:
-    """The parser of ``cpusparse trace`` (training flags from the option table)."""
+def build_trace_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The parser of ``cpusparse trace`` (training flags from the option table).
+
+    ``argv`` is read for ``--preset`` only, whose options become the defaults.
+    """
     d = _RUN_DEFAULTS
     parser = argparse.ArgumentParser(
         prog="cpusparse trace",
         description=(
             "Record a golden trace: every intermediate of a few training steps of a small "
-            "sparse MLP, as a versioned .npz (see docs/trace_format.rst)."
+            "sparse MLP, as a versioned .npz (cpusparse trace --describe prints the format)."
         ),
         formatter_class=HelpFormatter,
     )
-    parser.add_argument("out", metavar="OUT.npz", help="trace file to write")
+    parser.add_argument("out", metavar="OUT.npz", nargs="?", help="trace file to write")
+    parser.add_argument(
+        "--describe", action="store_true", help="print the trace format page and exit"
+    )
     model = parser.add_argument_group("model")
     model.add_argument(
         "--layers",
@@ -877,7 +964,8 @@ def build_trace_parser() -> argparse.ArgumentParser:
         "--dtype", choices=("float32", "float64"), default=d["dtype"], help="floating type"
     )
     train = parser.add_argument_group("training (the options of TrainConfig)")
-    add_options(train, _train_defaults(), TRAIN_DEFAULTS)
+    preset = add_preset(train, preset_of(argv))
+    add_options(train, _train_defaults(), {**TRAIN_DEFAULTS, **preset})
     run = parser.add_argument_group("data and run")
     run.add_argument(
         "--dataset", choices=DATASETS, default=d["dataset"], help="synthetic or real inputs"
@@ -890,39 +978,70 @@ def build_trace_parser() -> argparse.ArgumentParser:
 
 
 def main_trace(argv: Sequence[str] | None = None) -> int:
-    """Run ``cpusparse trace``; returns 0 on success, 2 on a usage error."""
-    parser = build_trace_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return 0 if exc.code is None else int(exc.code)
-    parts = (args.n_in, args.hidden, args.n_classes)
-    if args.layers is not None and any(p is not None for p in parts):
-        print("cpusparse trace: give --layers or --n-in/--hidden/--n-classes", file=sys.stderr)
-        return 2
-    if any(p is not None for p in parts):
-        if any(p is None for p in parts):
-            print("cpusparse trace: --n-in, --hidden and --n-classes go together", file=sys.stderr)
-            return 2
-        layers = [args.n_in, *args.hidden, args.n_classes]
-    elif args.layers is not None:
-        layers = args.layers
-    elif args.dataset == "digits":
-        layers = [64, 32, 10]
-    else:
-        layers = list(_RUN_DEFAULTS["layers"])
-    names = [*_RUN_DEFAULTS, *_train_defaults()]
-    options = {name: getattr(args, name) for name in names if name != "layers"}
-    try:
-        arrays = write_trace(args.out, layers=tuple(layers), **options)
-    except (ValueError, TypeError) as exc:
-        print(f"cpusparse trace: {exc}", file=sys.stderr)
-        return 2
-    print(
-        f"wrote {args.out}: {len(arrays)} arrays, {args.steps} steps, layers "
-        f"{','.join(map(str, layers))}, {args.dtype}, {args.score_estimator}"
-    )
-    return 0
+    """Run ``cpusparse trace``; returns 0 on success, 1 on a failure, 2 on a usage error.
+
+    Every value is checked, and an error named by its flag, and the output path is
+    checked (:func:`cpusparse._io.check_output_path`) before any step runs; errors
+    are one line on stderr (:func:`cpusparse.tools.cli.run_command`).
+    """
+    from .._io import OutputPathError, check_output_path
+    from .cli import CommandError, UsageError, parse_args, run_command
+
+    def body() -> int:
+        arguments = sys.argv[1:] if argv is None else list(argv)
+        args = parse_args(build_trace_parser(arguments), arguments)
+        if getattr(args, "describe", False):
+            print(describe_format())
+            return 0
+        parts = (args.n_in, args.hidden, args.n_classes)
+        if args.layers is not None and any(p is not None for p in parts):
+            raise UsageError("give --layers or --n-in/--hidden/--n-classes, not both")
+        if any(p is not None for p in parts):
+            if any(p is None for p in parts):
+                raise UsageError("--n-in, --hidden and --n-classes go together")
+            for flag, value in (("--n-in", args.n_in), ("--n-classes", args.n_classes)):
+                if value < 1:
+                    raise UsageError(f"{flag} must be an int >= 1, got {value}")
+            layers = [args.n_in, *args.hidden, args.n_classes]
+        elif args.layers is not None:
+            layers = args.layers
+        elif args.dataset == "digits":
+            layers = [64, 32, 10]
+        else:
+            layers = list(_RUN_DEFAULTS["layers"])
+        for name, low in (("steps", 1), ("batch_size", 1), ("n_data", 1), ("seed", 0)):
+            if getattr(args, name) < low:
+                flag = "--" + name.replace("_", "-")
+                raise UsageError(f"{flag} must be an int >= {low}, got {getattr(args, name)}")
+        if not 0.0 < args.stored_density <= 1.0:
+            raise UsageError(f"--stored-density must be in (0, 1], got {args.stored_density}")
+        rows = {option.name: option for option in options()}
+        for name in _train_defaults():
+            try:
+                rows[name].constraint.check(getattr(args, name), rows[name].flag)
+            except (ValueError, TypeError) as exc:
+                raise UsageError(str(exc)) from None
+        if args.out is None:
+            raise UsageError("the following arguments are required: OUT.npz")
+        try:
+            check_output_path(args.out, "output file")
+        except OutputPathError as exc:
+            raise UsageError(str(exc)) from None
+        names = [*_RUN_DEFAULTS, *_train_defaults(), "preset"]
+        opts = {name: getattr(args, name) for name in names if name != "layers"}
+        try:
+            arrays = write_trace(args.out, layers=tuple(layers), **opts)
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
+        except OSError as exc:
+            raise CommandError(f"output file {args.out}: {exc}") from None
+        print(
+            f"wrote {args.out}: {len(arrays)} arrays, {args.steps} steps, layers "
+            f"{','.join(map(str, layers))}, {args.dtype}, {args.score_estimator}"
+        )
+        return 0
+
+    return run_command("cpusparse trace", body)
 
 
 def build_verify_parser() -> argparse.ArgumentParser:
@@ -956,21 +1075,27 @@ def build_verify_parser() -> argparse.ArgumentParser:
 
 
 def main_verify(argv: Sequence[str] | None = None) -> int:
-    """Run ``cpusparse verify``; returns 0 (agree), 1 (mismatch) or 2 (usage)."""
-    parser = build_verify_parser()
-    try:
-        args = parser.parse_args(argv)
-    except SystemExit as exc:
-        return 0 if exc.code is None else int(exc.code)
-    try:
-        ref = load_trace(args.ref)
-        other = load_trace(args.other)
-        report = compare_traces(ref, other, rtol=args.rtol, atol=args.atol, include=args.only)
-    except (TraceError, ValueError) as exc:
-        print(f"cpusparse verify: {exc}", file=sys.stderr)
-        return 2
-    if report.n_compared == 0:
-        print("cpusparse verify: no arrays selected for comparison", file=sys.stderr)
-        return 2
-    print(report.format(max_mismatches=max(args.max_report, 1)))
-    return 0 if report.ok else 1
+    """Run ``cpusparse verify``; returns 0 (agree), 1 (mismatch or failure) or 2 (usage).
+
+    An unreadable or malformed trace file is a usage error (2); errors are one line
+    on stderr (:func:`cpusparse.tools.cli.run_command`).
+    """
+    from .cli import UsageError, parse_args, run_command
+
+    def body() -> int:
+        args = parse_args(build_verify_parser(), sys.argv[1:] if argv is None else argv)
+        for flag, value in (("--rtol", args.rtol), ("--atol", args.atol)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UsageError(f"{flag} must be a finite number >= 0, got {value}")
+        try:
+            ref = load_trace(args.ref)
+            other = load_trace(args.other)
+            report = compare_traces(ref, other, rtol=args.rtol, atol=args.atol, include=args.only)
+        except (TraceError, ValueError) as exc:
+            raise UsageError(str(exc)) from None
+        if report.n_compared == 0:
+            raise UsageError("no arrays selected for comparison (check --only)")
+        print(report.format(max_mismatches=max(args.max_report, 1)))
+        return 0 if report.ok else 1
+
+    return run_command("cpusparse verify", body)

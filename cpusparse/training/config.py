@@ -37,11 +37,15 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULES",
     "WEIGHT_GRADS",
+    "CLIP_SCOPES",
+    "PRESETS",
+    "preset",
 ]
 
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 WEIGHT_GRADS = ("mean", "first")
+CLIP_SCOPES = ("weights", "weights+scores")
 
 _T = TypeVar("_T")
 
@@ -217,7 +221,10 @@ class TrainConfig:
         (saves K - 1 backward passes). The straight-through estimator needs every
         pass's backward for its score gradient, so it always averages over K.
     clip_norm : float > 0 or None, default=None
-        Clip the global norm of the weight gradients.
+        Clip the global norm of the gradients named by ``clip_scope``.
+    clip_scope : {"weights", "weights+scores"}, default="weights"
+        What ``clip_norm`` clips: the weight (and bias) gradients, or those and the
+        score gradient together in one global norm, as the authors' code does.
     optimizer, lr, momentum, nesterov, weight_decay
         Weight optimizer: ``"adam"`` or ``"sgd"`` (with momentum and Nesterov);
         ``lr`` is the initial learning rate; ``weight_decay`` is an L2 penalty on
@@ -254,7 +261,12 @@ class TrainConfig:
         "mean", Choice(WEIGHT_GRADS), "weight gradient: mean over the K passes, or the first"
     )
     clip_norm: float | None = _option(
-        None, Real(0.0, None, "neither", none=True), "clip the weight gradients' global norm"
+        None,
+        Real(0.0, None, "neither", none=True),
+        "clip the global norm of the gradients (see clip_scope)",
+    )
+    clip_scope: str = _option(
+        "weights", Choice(CLIP_SCOPES), "what clip_norm clips: weights, or weights and scores"
     )
     optimizer: str = _option("adam", Choice(OPTIMIZERS), "weight optimizer")
     lr: float = _option(1e-3, Real(0.0, None, "neither"), "initial weight learning rate")
@@ -307,6 +319,47 @@ class TrainConfig:
         else:
             sched = (constant_schedule(self.lr), constant_schedule(self.score_lr))
         return weights, scores, sched
+
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "paper": {},
+    "authors": {
+        "score_estimator": "vrpge-sqrt",
+        "n_masks": 2,
+        "projection": "bisection",
+        "projection_tol": 1e-3,
+        "projection_max_iter": 21,
+        "clip_norm": 3.0,
+        "clip_scope": "weights+scores",
+        "optimizer": "sgd",
+        "lr": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 5e-4,
+        "score_optimizer": "adam",
+        "score_lr": 0.012,
+        "schedule": "cosine",
+    },
+}
+"""Named sets of options: ``"paper"`` (the table's defaults, the paper's mathematics) and
+``"authors"`` (the settings of the authors' released PyTorch code, x-zho14/VRPGE-Sparse-
+Training: the score term scaled by sqrt(s(1-s)), K = 2, bisection with tolerance 1e-3
+and at most 21 evaluations of the threshold, one global gradient norm of 3 over weights
+and scores together, SGD with momentum 0.9 and weight decay 5e-4 at 0.1 for the weights,
+Adam at 0.012 without weight decay for the scores, cosine schedules)."""
+
+
+def preset(name: str, **overrides: Any) -> TrainConfig:
+    """The :class:`TrainConfig` of a named preset, with ``overrides`` applied on top.
+
+    Examples
+    --------
+    >>> config = preset("authors", density=0.5)
+    >>> config.score_estimator, config.clip_scope, config.density
+    ('vrpge-sqrt', 'weights+scores', 0.5)
+    """
+    if name not in PRESETS:
+        raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {name!r}")
+    return TrainConfig(**{**PRESETS[name], **overrides})
 
 
 @functools.cache

@@ -14,7 +14,9 @@ flat score vector). A third stream, spawned first, initialises the weights.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
+import os
 from typing import TYPE_CHECKING, cast
 
 import numpy as np
@@ -135,9 +137,16 @@ def init_state(
     n_units = network.n_units()
     if not n_units:
         raise ValueError("network must have at least one prunable (sparse) layer, got none")
+    n_total = int(sum(n_units))
+    if math.floor(config.density * n_total + 1e-9) < 1:
+        raise ValueError(
+            f"density must keep at least one of the {n_total} prunable units, got "
+            f"density={config.density:g} (a budget of {config.density * n_total:.3g} units); "
+            f"the smallest density that keeps one unit is {1 / n_total:.3g}"
+        )
+    _check_mask_memory(config.n_masks, n_total)
     s0 = config.density if config.initial_score is None else config.initial_score
     score, offsets = concat_scores([np.full(n, s0, dtype=network.dtype) for n in n_units])
-    n_total = int(offsets[-1])
     weight_opt, score_opt, _ = config.optimizers
     state = TrainState(
         network=network,
@@ -153,6 +162,21 @@ def init_state(
     )
     state.weight_state = weight_opt.init_state(state.param_list())
     return state
+
+
+def _check_mask_memory(n_masks: int, n_units: int) -> None:
+    """Refuse a K that cannot fit: each step holds K x n float64 uniforms and K x n masks."""
+    need = n_masks * n_units * 9
+    try:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: no limit known
+        return
+    if need > have:
+        raise ValueError(
+            f"n_masks={n_masks} needs {need / 2**30:.3g} GiB per step for the uniforms and "
+            f"masks of {n_units} units (K x n x 9 bytes), more than this machine's "
+            f"{have / 2**30:.3g} GiB of memory"
+        )
 
 
 def split_masks(state: TrainState, mask: BoolArray) -> list[BoolArray]:

@@ -60,7 +60,8 @@ class StepRecord:
     weight_grads : list of ndarray
         Their mean, before clipping.
     grad_norm : float
-        Global norm of ``weight_grads`` (before clipping).
+        Global norm of ``weight_grads`` (with ``clip_scope="weights+scores"``, of those
+        and ``dscore`` together), before clipping.
     dscore : ndarray of shape (n,)
         The score gradient.
     lr, score_lr : float
@@ -107,12 +108,49 @@ class StepResult(NamedTuple):
     record: StepRecord | None = None
 
 
-def _check_finite(state: TrainState, losses: np.ndarray) -> None:
-    if not np.all(np.isfinite(losses)):
-        raise NonFiniteError(
-            f"non-finite loss {losses.tolist()} at step {state.step}; lower the learning "
-            "rate or enable clip_norm"
-        )
+def _check_finite(
+    state: TrainState,
+    losses: np.ndarray,
+    x: FloatArray,
+    masks: Sequence[Sequence[BoolArray | None]],
+    mode: Mode,
+) -> None:
+    """Raise :class:`NonFiniteError` naming the cause if a loss is not finite.
+
+    ``masks`` holds the per-layer masks of each pass. Only the failing case does any
+    work: it finds the first non-finite parameter, or reruns the first failing pass
+    layer by layer to name the layer whose output overflows.
+    """
+    if np.all(np.isfinite(losses)):
+        return
+    where = f"non-finite loss {losses.tolist()} at step {state.step}"
+    if not np.isfinite(x).all():
+        raise NonFiniteError(f"{where}: the input batch holds NaN or infinite values")
+    net = state.network
+    for i, layer in enumerate(net.layers):
+        for name, arr in layer.params().items():
+            if not np.isfinite(arr).all():
+                raise NonFiniteError(
+                    f"{where}: {name} of layer {i} ({type(layer).__name__}) is not finite; "
+                    "lower the learning rate or set clip_norm"
+                )
+    k = int(np.flatnonzero(~np.isfinite(losses))[0])
+    h, live, pos = x, None, 0
+    for i, layer in enumerate(net.layers):
+        h, _, live = layer._run(h, masks[k][pos : pos + layer.n_masks], live, mode)
+        pos += layer.n_masks
+        if not np.isfinite(h).all():
+            scale = float(np.abs(x).max())
+            hint = (
+                f"the inputs reach |x| = {scale:.3g}: scale the data"
+                if scale > 1e4
+                else "lower the learning rate or set clip_norm"
+            )
+            raise NonFiniteError(
+                f"{where}: the output of layer {i} ({type(layer).__name__}) of pass {k} "
+                f"overflows; {hint}"
+            )
+    raise NonFiniteError(f"{where}: the logits are finite but the loss is not")
 
 
 def _mask_passes(
@@ -226,25 +264,30 @@ def train_step(
     losses, weight_grads, mask_grads, per_pass = _mask_passes(
         state, x, y, masks, n_backward, mode, record
     )
-    _check_finite(state, losses)
+    _check_finite(state, losses, x, [split_masks(state, m) for m in masks], mode)
     if n_backward > 1:
         for g in weight_grads:
             g /= g.dtype.type(n_backward)
 
     # 4. Score gradient (VR-PGE by default): from the K losses and masks alone.
-    if estimator.mask_gradient:
-        dscore = (np.sum(mask_grads, axis=0) / len(mask_grads)).astype(state.score.dtype)
-    else:
-        if not (estimator.grad is not None):
-            raise RuntimeError("internal error: a score-function estimator has a grad")
-        dscore = estimator.grad(losses, masks, state.score)
+    dscore = estimator.grad(losses, masks, state.score, mask_grads)
 
-    # 5. Clip, then one step of each optimizer.
-    clipped, grad_norm = clip_grad_norm(weight_grads, config.clip_norm)
+    # 5. Clip (the weight gradients, or weights and scores in one norm), then one step
+    #    of each optimizer.
+    with_scores = config.clip_scope == "weights+scores"
+    clipped, grad_norm = clip_grad_norm(
+        [*weight_grads, dscore] if with_scores else weight_grads, config.clip_norm
+    )
+    dscore_step = clipped.pop() if with_scores else dscore
     weight_opt, score_opt, (lr_w, lr_s) = config.optimizers
     lr, score_lr = lr_w(state.step), lr_s(state.step)
     weight_opt.step(state.param_list(), clipped, state.weight_state, lr=lr)
-    score_opt.step([state.score], [dscore], state.score_state, lr=score_lr)
+    score_opt.step([state.score], [dscore_step], state.score_state, lr=score_lr)
+    if not np.isfinite(state.score).all():
+        raise NonFiniteError(
+            f"the scores are not finite after the score step at step {state.step}: the score "
+            f"gradient reaches |dscore| = {float(np.abs(dscore).max()):.3g}; lower score_lr"
+        )
     before_projection = state.score.copy() if record else None
 
     # 6. Project s back onto the budget set.
@@ -303,7 +346,7 @@ def finetune_step(
     net = state.network
     logits, caches = net._forward(x, masks)
     loss, dlogits = softmax_cross_entropy(logits, y)
-    _check_finite(state, np.array([loss]))
+    _check_finite(state, np.array([loss]), x, [masks], TRAIN)
     _, grads = net._backward(dlogits, caches)
     flat, _ = clip_grad_norm(list(grads.values()), config.clip_norm)
     weight_opt, _, (lr_w, _) = config.optimizers
