@@ -41,33 +41,46 @@ from .method import (
     vrpge_grad,
 )
 from .models import mlp
-from .tools.datasets import DATASETS, Dataset, load_dataset
 from .training import (
     SGD,
     Adam,
-    CheckpointError,
     TrainConfig,
     clip_grad_norm,
     compact_state,
     constant_schedule,
     cosine_schedule,
-    load_checkpoint,
-    restore_state,
-    save_checkpoint,
     train_step,
 )
 
+# Loaded on first use (scikit-learn takes about 0.9 s; the others a few ms each), so that
+# ``import cpusparse`` stays fast for the engine and the command line.
+_LAZY = {
+    "SparseMLPClassifier": "cpusparse.sklearn",
+    "CheckpointError": "cpusparse.training.checkpoint",
+    "save_checkpoint": "cpusparse.training.checkpoint",
+    "load_checkpoint": "cpusparse.training.checkpoint",
+    "restore_state": "cpusparse.training.checkpoint",
+    "DATASETS": "cpusparse.tools.datasets",
+    "Dataset": "cpusparse.tools.datasets",
+    "load_dataset": "cpusparse.tools.datasets",
+}
+
 if TYPE_CHECKING:
     from .sklearn import SparseMLPClassifier
+    from .tools.datasets import DATASETS, Dataset, load_dataset
+    from .training.checkpoint import (
+        CheckpointError,
+        load_checkpoint,
+        restore_state,
+        save_checkpoint,
+    )
 
 
-def __getattr__(name: str) -> type[SparseMLPClassifier]:
-    # SparseMLPClassifier imports scikit-learn (about 0.9 s): load it on first use
-    # so that ``import cpusparse`` stays fast for the engine and the command line.
-    if name == "SparseMLPClassifier":
-        from .sklearn import SparseMLPClassifier
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        import importlib
 
-        return SparseMLPClassifier
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 

@@ -7,27 +7,28 @@ engine computes in).
 
 from __future__ import annotations
 
-from typing import TypeAlias
+from typing import TYPE_CHECKING, TypeAlias
 
-import numpy as np
-import numpy.typing as npt
+if TYPE_CHECKING:  # the aliases are strings: importing this module imports nothing
+    import numpy as np
+    import numpy.typing as npt
 
 __all__ = ["FloatArray", "BoolArray", "IndexArray", "IntArray", "RNGLike", "Shape2"]
 
-FloatArray: TypeAlias = npt.NDArray[np.floating]
+FloatArray: TypeAlias = "npt.NDArray[np.floating]"
 """An array of float32 or float64 (weights, activations, scores, gradients)."""
 
-BoolArray: TypeAlias = npt.NDArray[np.bool_]
+BoolArray: TypeAlias = "npt.NDArray[np.bool_]"
 """A boolean array (masks, kept units and entries)."""
 
-IndexArray: TypeAlias = npt.NDArray[np.int64]
+IndexArray: TypeAlias = "npt.NDArray[np.int64]"
 """An int64 array (CSR row pointers and column indices, offsets)."""
 
-IntArray: TypeAlias = npt.NDArray[np.integer]
+IntArray: TypeAlias = "npt.NDArray[np.integer]"
 """An array of any integer type (labels, index arrays given by a caller)."""
 
-RNGLike: TypeAlias = int | np.integer | np.random.Generator | None
+RNGLike: TypeAlias = "int | np.integer | np.random.Generator | None"
 """What :func:`cpusparse.check_rng` accepts: None, an int seed or a Generator."""
 
-Shape2: TypeAlias = tuple[int, int]
+Shape2: TypeAlias = "tuple[int, int]"
 """``(n_out, n_in)``."""

@@ -7,12 +7,14 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Collection, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
-import numpy.typing as npt
 
 from ._typing import RNGLike
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 _T = TypeVar("_T")
 

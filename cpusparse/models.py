@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable
-from typing import TypedDict
+from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
-import numpy.typing as npt
 
 from ._typing import RNGLike
 from ._validation import check_density, check_rng
 from .engine.containers import Sequential
 from .engine.layers.base import Layer
 from .engine.layers.linear import GRANULARITIES, Linear, SparseLinear
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = ["mlp"]
 

@@ -23,7 +23,6 @@ from numbers import Integral, Real
 from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
 
 import numpy as np
-import numpy.typing as npt
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.model_selection import train_test_split
 from sklearn.preprocessing import LabelEncoder
@@ -44,6 +43,7 @@ from .training.loop import evaluate, fixed_mask, run_epoch
 from .training.state import check_parameters_finite, expected_density, init_state, spawn_streams
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
     from tqdm.auto import tqdm
 
     from .training.checkpoint import Checkpoint

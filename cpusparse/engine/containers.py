@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import numpy.typing as npt
 
 from .. import _validation
 from .._typing import BoolArray, FloatArray
 from .layers.base import LAYER_TYPES, TRAIN, Layer, Mode, UnitMap, _check_live
 from .losses import softmax_cross_entropy
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = ["Sequential"]
 

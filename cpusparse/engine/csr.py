@@ -23,14 +23,16 @@ sample, so that a feature's values over the batch are contiguous.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import NamedTuple, overload
+from typing import TYPE_CHECKING, NamedTuple, overload
 
 import numpy as np
-import numpy.typing as npt
 
 from .._typing import BoolArray, FloatArray, IndexArray, RNGLike
 from .._validation import check_array, check_rng, check_same_dtype
 from .kernels import csr as _kernels
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = [
     "ActivePattern",

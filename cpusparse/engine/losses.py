@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
-import numpy.typing as npt
 
 from .._typing import FloatArray
 from .._validation import check_array
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = ["softmax", "softmax_cross_entropy"]
 

@@ -22,10 +22,9 @@ References
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import numpy.typing as npt
 
 from .._typing import BoolArray, FloatArray
 from .masks import (
@@ -36,6 +35,9 @@ from .masks import (
     _out_dtype,
     _score_function64,
 )
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = [
     "reinforce_grad",

@@ -10,12 +10,15 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 
 from .._typing import BoolArray
 from .masks import _check_score
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = ["exact_expectation", "exact_grad"]
 

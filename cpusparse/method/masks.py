@@ -19,13 +19,15 @@ References
 from __future__ import annotations
 
 import numbers
-from typing import Literal, overload
+from typing import TYPE_CHECKING, Literal, overload
 
 import numpy as np
-import numpy.typing as npt
 
 from .._typing import BoolArray, FloatArray, RNGLike
 from .._validation import check_rng
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = ["sample_masks", "score_function", "SCALINGS"]
 

@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import numbers
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 
 from .._typing import FloatArray, IndexArray
 from ..engine.kernels import scores as _score_kernels
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = ["project_scores", "concat_scores", "split_scores"]
 

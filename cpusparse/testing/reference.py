@@ -20,12 +20,15 @@ Activations are feature-major: ``x`` has shape ``(n_in, n_batch)``.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import numpy.typing as npt
 
 from .._typing import BoolArray
 from ..engine.losses import softmax_cross_entropy
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = ["dense_forward", "dense_backward", "dense_mlp_loss_and_grads"]
 

@@ -25,7 +25,7 @@ import math
 import re
 import sys
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "TOLERANCES",
@@ -51,7 +51,9 @@ __all__ = [
 ]
 
 import numpy as np
-import numpy.typing as npt
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 import torch
 
 TOLERANCES = {"float32": (1e-5, 1e-6), "float64": (1e-12, 1e-14)}  # (rtol, atol)

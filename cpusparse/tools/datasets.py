@@ -20,12 +20,14 @@ import os
 import random
 import zlib
 from types import ModuleType
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import numpy.typing as npt
 
 from .._io import NpzError, read_npz
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = ["DATASETS", "Dataset", "load_dataset"]
 

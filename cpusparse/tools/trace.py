@@ -50,7 +50,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, BinaryIO, NamedTuple, TypedDict
 
 import numpy as np
-import numpy.typing as npt
 
 from .._io import NpzError, atomic_write, read_npz
 from .._validation import check_choice
@@ -61,6 +60,8 @@ from ..training.config import PRESETS, options
 from ._options import HelpFormatter, add_options, add_preset, layer_sizes, preset_of
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
+
     from ..training.state import TrainState
 
 __all__ = [

@@ -10,7 +10,6 @@
 - :mod:`~cpusparse.training.checkpoint`: atomic, bit-exact checkpoints.
 """
 
-from .checkpoint import CheckpointError, load_checkpoint, restore_state, save_checkpoint
 from .compaction import compact, dead_units, droppable_fraction, maybe_compact
 from .config import TrainConfig, options
 from .loop import EpochStats, evaluate, fixed_mask, iterate_batches, run_epoch
@@ -60,3 +59,16 @@ __all__ = [
     "load_checkpoint",
     "restore_state",
 ]
+
+
+_CHECKPOINT_NAMES = ("CheckpointError", "save_checkpoint", "load_checkpoint", "restore_state")
+
+
+def __getattr__(name: str) -> object:
+    # The checkpoint module (file validation, atomic writes) loads on first use, so that
+    # ``import cpusparse`` stays fast.
+    if name in _CHECKPOINT_NAMES:
+        from . import checkpoint
+
+        return getattr(checkpoint, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

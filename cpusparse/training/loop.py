@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import numpy.typing as npt
 
 from .._typing import BoolArray, FloatArray, RNGLike
 from .._validation import check_choice
@@ -18,6 +17,8 @@ from .state import split_masks
 from .step import finetune_step, train_step
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
+
     from ..engine.containers import Sequential
     from .config import TrainConfig
     from .state import TrainState

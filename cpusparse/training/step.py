@@ -21,7 +21,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
-import numpy.typing as npt
 
 from .._typing import BoolArray, FloatArray
 from ..engine.layers.base import STRAIGHT_THROUGH, TRAIN, Mode
@@ -34,6 +33,8 @@ from .optim import clip_grad_norm
 from .state import NonFiniteError, TrainState, split_masks
 
 if TYPE_CHECKING:
+    import numpy.typing as npt
+
     from .config import TrainConfig
 
 __all__ = ["StepResult", "StepRecord", "train_step", "finetune_step"]

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import numpy.typing as npt
 
 from ..._typing import BoolArray, FloatArray
 from ..._validation import check_array
 from .base import TRAIN, Layer, Mode
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = ["ReLU", "ReLUCache"]
 

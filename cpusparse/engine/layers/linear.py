@@ -11,15 +11,17 @@ names to them.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
-import numpy.typing as npt
 
 from ..._typing import BoolArray, FloatArray, IndexArray, RNGLike
 from ..._validation import check_array, check_choice, check_density, check_rng, check_same_dtype
 from .. import csr
 from .base import TRAIN, Layer, Mode, UnitMap
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 __all__ = [
     "SparseLinear",
