@@ -115,7 +115,7 @@ def mlp(
             SparseLinear.random(
                 fan_in,
                 fan_out,
-                density=stored_density,
+                stored_density=stored_density,
                 granularity=granularity,
                 activation="relu",
                 init=init,
@@ -131,7 +131,9 @@ def mlp(
         init=init, fan_in_scale=density if masked_inputs else 1.0, dtype=dtype, rng=rng
     )
     if sparse_classifier:
-        layers.append(SparseLinear.random(sizes[-2], sizes[-1], density=stored_density, **common))
+        layers.append(
+            SparseLinear.random(sizes[-2], sizes[-1], stored_density=stored_density, **common)
+        )
     else:
         layers.append(Linear.random(sizes[-2], sizes[-1], **common))
     return Sequential(layers)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import math
 import numbers
 import os
 import sys
@@ -40,7 +39,13 @@ from .training import config as _config
 from .training.checkpoint import load_checkpoint, restore_state, save_checkpoint
 from .training.config import TrainConfig
 from .training.loop import evaluate, fixed_mask, run_epoch
-from .training.state import check_parameters_finite, expected_density, init_state, spawn_streams
+from .training.state import (
+    budget_units,
+    check_parameters_finite,
+    expected_density,
+    init_state,
+    spawn_streams,
+)
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -499,7 +504,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
                 rng=init_rng,
             )
             n_units = sum(network.n_units())
-            if math.floor(self.density * n_units + 1e-9) < 1:
+            if budget_units(self.density * n_units) < 1:
                 raise ValueError(
                     f"density={self.density:g} keeps no unit of the {n_units} prunable units "
                     f"of this network (n_features = {X.shape[1]}, hidden_layer_sizes = "
@@ -679,7 +684,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         masks = fixed_mask(state, "best-of-n", x=x, y=y, rng=state.mask_rng)
         # A sampled mask may exceed the budget: keep its floor(k) units of largest score.
         flat = np.concatenate(masks)
-        k = int(math.floor(state.budget + 1e-9))
+        k = budget_units(state.budget)
         if flat.sum() > k:
             active = np.flatnonzero(flat)
             order = np.argsort(-state.score[active].astype(np.float64), kind="stable")

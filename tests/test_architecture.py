@@ -134,14 +134,16 @@ def test_no_switch_on_layer_kinds_outside_the_layers():
     # isinstance on a layer class, or a branch on a granularity name, belongs in the
     # layers and their unit maps only: everything else goes through the protocol.
     isinstance_re = re.compile(r"isinstance\([^)]*\b(" + "|".join(LAYER_CLASSES) + r")\b")
+    # Duck-typed switches on a layer's cache or attributes count too.
+    duck_re = re.compile(r"hasattr\([^)]*[\"'](positive|indptr|granularity|units)[\"']")
     granularity_re = re.compile(r"granularity\s*[!=]=|[!=]=\s*[\"'](weight|neuron|channel)[\"']")
     # The standalone PyTorch replay is an independent port written from the trace
     # format: it reads the granularity from a trace's metadata, as any port does.
     offenders = []
     for path in (p for p in SOURCES if p.name != "replay_torch.py"):
-        inside_layers = path.parent.name == "layers" or path.name == "containers.py"
+        inside_layers = path.parent.name == "layers"
         for number, line in enumerate(path.read_text().splitlines(), 1):
-            if not inside_layers and isinstance_re.search(line):
+            if not inside_layers and (isinstance_re.search(line) or duck_re.search(line)):
                 offenders.append(f"{module_name(path)}:{number}: {line.strip()}")
             if granularity_re.search(line) and path.name != "linear.py":
                 offenders.append(f"{module_name(path)}:{number}: {line.strip()}")

@@ -312,3 +312,84 @@ def test_golden_v1_traces_replay_in_pytorch(path):
         raw = {name: data[name] for name in data.files}
     assert replay(raw) == []
     assert replay(load_trace(path)) == []
+
+
+# ---------------------------------------------------------------------------
+# Containers inside containers, and a layer of any kind in last position
+# ---------------------------------------------------------------------------
+
+
+def nested_network(rng, dtype=np.float64):
+    block = Sequential(
+        [
+            SparseLinear.random(6, 5, activation="relu", dtype=dtype, rng=rng),
+            MaskedScale(np.ones(5)),
+        ]
+    )
+    return Sequential(
+        [
+            SparseLinear.random(8, 6, activation="relu", dtype=dtype, rng=rng),
+            block,
+            Linear.random(5, 3, dtype=dtype, rng=rng),
+        ]
+    )
+
+
+def test_a_nested_container_takes_its_masks_and_gives_its_gradients():
+    rng = np.random.default_rng(11)
+    net = nested_network(rng)
+    assert net.n_masks == 3 and net.n_units() == [48, 30, 5]
+    assert [type(la).__name__ for la in net.prunable_layers()] == [
+        "SparseLinear",
+        "SparseLinear",
+        "MaskedScale",
+    ]
+    x, y = toy_data(5, n=4)
+    x = np.ascontiguousarray(x.T)
+    masks = [rng.random(n) < 0.7 for n in net.n_units()]
+    loss, grads, _ = net.loss_and_grads(x, y, masks)
+    assert set(grads) == set(net.params()) and "1.1.scale" in grads
+
+    def f():
+        return net.loss_and_grads(x, y, masks)[0]
+
+    for name, arr in net.params().items():
+        assert_grad_close(grads[name], central_differences(f, arr), name)
+
+
+def test_a_nested_network_trains_compacts_and_checkpoints(tmp_path):
+    config = TrainConfig(density=0.3, lr=0.05, score_lr=0.3, compact_fraction=0.01)
+    init, data, masks = spawn_streams(2)
+    state = init_state(nested_network(init), config, data_rng=data, mask_rng=masks)
+    x, y = toy_data(6)
+    x = np.ascontiguousarray(x.T)
+    for _ in range(6):
+        run_epoch(state, x, y, config, batch_size=8)
+    inner = state.network.layers[1].layers[0]
+    assert inner.nnz < 30  # the nested layer was compacted in place of the old one
+    assert state.score.shape[0] == sum(state.network.n_units())
+    path = tmp_path / "nested.npz"
+    save_checkpoint(path, state, config, epoch=6, phase="sparse", history=[])
+    restored, _ = restore_state(load_checkpoint(path))
+    assert isinstance(restored.network.layers[1], Sequential)
+    for (name, a), b in zip(
+        state.network.params().items(), restored.network.params().values(), strict=True
+    ):
+        np.testing.assert_array_equal(a, b, err_msg=name)
+
+
+def test_any_layer_kind_can_be_last():
+    rng = np.random.default_rng(12)
+    net = Sequential(
+        [
+            SparseLinear.random(8, 6, activation="relu", dtype=np.float64, rng=rng),
+            Linear.random(6, 3, dtype=np.float64, rng=rng),
+            MaskedScale(np.full(3, 2.0)),
+        ]
+    )
+    x = rng.standard_normal((8, 5))
+    out, caches = net.forward(x)
+    dx, grads = net.backward(np.ones_like(out), caches, need_dx=True)
+    assert dx.shape == x.shape and grads["2.scale"].shape == (3,)
+    with pytest.raises(ValueError, match="dout must have shape"):
+        net.backward(np.ones((4, 5)), caches)

@@ -428,3 +428,20 @@ def test_command_line(tmp_path, capsys):
     assert cli_main(["verify", str(ref_path), str(out_path)]) == 0
     assert "OK: all arrays agree" in capsys.readouterr().out
     assert rt.main([str(ref_path), "--fre", str(out_path)]) == 2
+
+
+def test_the_replay_command_line_errors_are_one_line(tmp_path, capsys):
+    from cpusparse.testing.replay_torch import main as replay_main
+
+    assert replay_main([str(tmp_path / "missing.npz")]) == 2
+    (tmp_path / "text.npz").write_text("not a zip")
+    assert replay_main([str(tmp_path / "text.npz")]) == 2
+    from cpusparse.tools.trace import write_trace
+
+    write_trace(tmp_path / "ref.npz", steps=1)
+    assert replay_main([str(tmp_path / "ref.npz"), "--free", str(tmp_path / "no/x.npz")]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("python -m cpusparse") for line in err)
+    assert "no such file" in err[0] and "not a valid .npz" in err[1] and "does not exist" in err[2]
+    assert replay_main([str(tmp_path / "ref.npz"), "--free", str(tmp_path / "free.npz")]) == 0
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["free.npz", "ref.npz", "text.npz"]

@@ -23,7 +23,7 @@ def compute():
             for granularity in ("weight", "neuron"):
                 key = f"{np.dtype(dtype).name}-{n_batch}-{granularity}"
                 layer = SparseLinear.random(
-                    64, 48, density=0.5, granularity=granularity, activation="relu",
+                    64, 48, stored_density=0.5, granularity=granularity, activation="relu",
                     dtype=dtype, rng=rng,
                 )
                 mask = rng.random(layer.n_units) < 0.7

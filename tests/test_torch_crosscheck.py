@@ -87,7 +87,13 @@ def test_mlp_matches_torch_autograd(rng, dtype, granularity, sparse_classifier, 
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])
 def test_sparse_linear_with_live_inputs_matches_torch(rng, dtype, granularity):
     layer = SparseLinear.random(
-        N_IN, 7, density=0.6, granularity=granularity, activation="relu", dtype=dtype, rng=rng
+        N_IN,
+        7,
+        stored_density=0.6,
+        granularity=granularity,
+        activation="relu",
+        dtype=dtype,
+        rng=rng,
     )
     mask = rng.random(layer.n_units) < 0.6
     a = rng.random(N_IN) < 0.6

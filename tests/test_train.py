@@ -397,3 +397,11 @@ def test_a_number_of_masks_that_cannot_fit_in_memory_is_refused():
     net = mlp(6, (7, 5), 3, rng=init)
     with pytest.raises(ValueError, match=r"n_masks=1000000000000 needs .* GiB per step"):
         init_state(net, TrainConfig(n_masks=10**12), data_rng=data, mask_rng=masks)
+
+
+def test_nesterov_needs_sgd_with_momentum():
+    with pytest.raises(ValueError, match="nesterov=True needs optimizer='sgd' and momentum > 0"):
+        TrainConfig(optimizer="sgd", momentum=0.0, nesterov=True)
+    with pytest.raises(ValueError, match="got optimizer='adam'"):
+        TrainConfig(nesterov=True)
+    TrainConfig(optimizer="sgd", nesterov=True)

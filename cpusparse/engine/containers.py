@@ -7,7 +7,6 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .. import _validation
 from .._typing import BoolArray, FloatArray
 from .layers.base import LAYER_TYPES, TRAIN, Layer, Mode, UnitMap, _check_live
 from .losses import softmax_cross_entropy
@@ -105,10 +104,10 @@ class Sequential(Layer):
         # (container, position, unit map) of every prunable leaf, depth-first: the mask
         # order.
         for i, layer in enumerate(self.layers):
-            if isinstance(layer, Sequential):
-                yield from layer._slots()
-            elif layer.units is not None:
+            if layer.units is not None:
                 yield self, i, layer.units
+            elif layer.n_masks:  # a container: its own prunable leaves, in order
+                yield from layer._slots()
 
     def prunable_layers(self) -> list[Layer]:
         """The prunable (leaf) layers in mask order, nested containers included."""
@@ -228,19 +227,18 @@ class Sequential(Layer):
             raise ValueError(
                 f"caches must hold one cache per layer ({len(self.layers)}), got {len(caches)}"
             )
-        last = caches[-1]
-        expected = last.positive.shape if hasattr(last, "positive") else last.out.shape
-        dout = _validation.check_array(dout, "dout", ndim=2, finite=True)
-        if dout.shape != expected:
-            raise ValueError(
-                f"dout must have the forward output's shape {expected}, got {dout.shape}"
-            )
-        if dout.dtype != self.dtype:
+        return self._backward(self._check_dout(dout, caches), caches, need_dx)
+
+    def _check_dout(self, dout: npt.ArrayLike, cache: Any) -> FloatArray:
+        # The last layer knows the shape of the output its cache belongs to.
+        dout = self.layers[-1]._check_dout(dout, cache[-1])
+        dtype = self.dtype
+        if dtype is not None and dout.dtype != dtype:
             raise TypeError(
-                f"dout must have the same dtype as weight ({self.dtype}), got {dout.dtype}; "
+                f"dout must have the same dtype as weight ({dtype}), got {dout.dtype}; "
                 "cast explicitly instead of mixing float32 and float64"
             )
-        return self._backward(np.ascontiguousarray(dout), caches, need_dx)
+        return dout
 
     def _backward(
         self, dout: FloatArray, caches: Sequence[Any], need_dx: bool = False

@@ -417,7 +417,7 @@ def _check_activations(
     x: npt.ArrayLike, n_rows: int | None, name: str, dtype: npt.DTypeLike | None = None
 ) -> FloatArray:
     x = check_array(x, name, ndim=2, finite=True)
-    if x.shape[0] != n_rows:
+    if n_rows is not None and x.shape[0] != n_rows:
         raise ValueError(
             f"{name} must have shape ({n_rows}, n_batch) (feature-major: one column per "
             f"sample), got {x.shape}"

@@ -164,9 +164,11 @@ def project_scores(
         The budget :math:`k \ge 0`, the largest allowed expected number of
         kept units. ``budget >= n`` makes the constraint inactive.
     method : {"exact", "bisection"}, default="exact"
-        ``"exact"`` solves for the threshold exactly from the sorted
-        breakpoints in :math:`O(n \log n)`. ``"bisection"`` is the solver of
-        the authors' code, controlled by ``tol`` and ``max_iter``.
+        ``"exact"`` solves for the threshold exactly: a few passes over the
+        scores bracket it between adjacent breakpoints (sorting them, in
+        :math:`O(n \log n)`, for small arrays and ties that cannot be separated).
+        ``"bisection"`` is the solver of the authors' code, controlled by ``tol``
+        and ``max_iter``.
     tol : float, default=1e-3
         Bisection only: stop when :math:`|\sum_i P(s)_i - k| <` ``tol``.
     max_iter : int, default=20
@@ -215,10 +217,12 @@ def project_scores(
     without breakpoints, with :math:`A` the units in the linear regime
     (:math:`v < s_i < v + 1`) and :math:`U` those clipped at 1,
     :math:`f(v) = |U| + \sum_{i \in A} s_i - v|A|`. The breakpoints in
-    :math:`[0, \max_i s_i]` are sorted, the segment where :math:`f` crosses
-    :math:`k` is found by binary search over them (:math:`O(\log n)`
-    evaluations of :math:`f`, each :math:`O(n)`), and the linear equation is
-    solved there, :math:`v = (|U| + \sum_{A} s_i - k)/|A|`, or :math:`v` is
+    :math:`[0, \max_i s_i]` bracket the root: a bisection of :math:`v` that
+    sets aside every unit whose term is constant or linear on the current
+    interval finds the segment where :math:`f` crosses :math:`k` in about
+    :math:`2n` unit visits (sorting the breakpoints and searching them is the
+    fallback and the tests' oracle, with the same result bit for bit), and the
+    linear equation is solved there, :math:`v = (|U| + \sum_{A} s_i - k)/|A|`, or :math:`v` is
     the breakpoint itself when :math:`f` equals :math:`k` there. The sums are
     taken directly rather than from prefix sums, which cancel catastrophically
     when tiny and large scores are mixed. Where :math:`f` is flat at

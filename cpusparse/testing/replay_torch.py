@@ -24,7 +24,7 @@ import json
 import math
 import re
 import sys
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 __all__ = [
@@ -1201,24 +1201,79 @@ def float32_tolerances(trace: Mapping[str, np.ndarray]) -> dict[str, tuple[float
     }
 
 
-def main(argv: list[str]) -> int:
+def _save_npz(path: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """Write ``arrays`` as an uncompressed ``.npz``, atomically (temporary file, rename)."""
+    import io
+    import os
+    import tempfile
+    import zipfile
+
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+            for name, value in arrays.items():
+                buf = io.BytesIO()
+                np.lib.format.write_array(buf, np.asarray(value), allow_pickle=False)
+                zf.writestr(name + ".npy", buf.getvalue())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def main(argv: Sequence[str] | None = None) -> int:
     """``python -m cpusparse.testing.replay_torch TRACE.npz [--free OUT.npz]``.
 
     Without ``--free``: the stage-isolated :func:`replay`; exit status 0 if it agrees
     with the trace, 1 otherwise. With ``--free OUT.npz``: the free-running
-    :func:`replay_free` (masks resynchronised), written to ``OUT.npz`` for
+    :func:`replay_free` (masks resynchronised), written atomically to ``OUT.npz`` for
     ``cpusparse verify TRACE.npz OUT.npz``; 0 if written, 1 if the trace cannot be
-    run. 2 on a usage error.
+    run. 2 on a usage error (a missing or unreadable trace, an unwritable output). Every
+    error is one line on stderr.
     """
-    if len(argv) not in (1, 3) or (len(argv) == 3 and argv[1] != "--free"):
-        print(
-            "usage: python -m cpusparse.testing.replay_torch TRACE.npz [--free OUT.npz]",
-            file=sys.stderr,
-        )
+    import argparse
+    import os
+    import zipfile
+
+    prog = "python -m cpusparse.testing.replay_torch"
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Replay a cpusparse trace in PyTorch and compare every array.",
+        allow_abbrev=False,
+    )
+    parser.add_argument("trace", metavar="TRACE.npz", help="trace written by cpusparse trace")
+    parser.add_argument(
+        "--free", metavar="OUT.npz", help="run the free-running port and write its trace here"
+    )
+    try:
+        args = parser.parse_args(sys.argv[1:] if argv is None else list(argv))
+    except SystemExit as exc:
+        return 0 if exc.code in (0, None) else 2
+
+    def fail(message: str) -> int:
+        print(f"{prog}: error: {message}", file=sys.stderr)
         return 2
-    with np.load(argv[0], allow_pickle=False) as data:
-        trace = {name: data[name] for name in data.files}
-    if len(argv) == 1:
+
+    if not os.path.isfile(args.trace):
+        return fail(f"{args.trace}: no such file")
+    if not zipfile.is_zipfile(args.trace):
+        return fail(f"{args.trace}: not a valid .npz (zip) archive")
+    if args.free is not None:
+        out_dir = os.path.dirname(os.path.abspath(args.free))
+        if not os.path.isdir(out_dir):
+            return fail(f"--free {args.free}: directory {out_dir} does not exist")
+        if os.path.isdir(args.free) or (
+            os.path.exists(args.free) and not os.path.isfile(args.free)
+        ):
+            return fail(f"--free {args.free}: is not a regular file")
+    try:
+        with np.load(args.trace, allow_pickle=False) as data:
+            trace = {name: data[name] for name in data.files}
+    except (OSError, ValueError) as exc:
+        return fail(f"{args.trace}: cannot be read as a trace ({exc})")
+    if args.free is None:
         failures = replay(trace)
         print("\n".join(failures) if failures else "replay agrees with the trace")
         return 1 if failures else 0
@@ -1226,14 +1281,17 @@ def main(argv: list[str]) -> int:
     if run.errors:
         print("\n".join(run.errors))
         return 1
-    np.savez(argv[2], **run.trace)  # type: ignore[arg-type]  # numpy's stub: allow_pickle
+    try:
+        _save_npz(args.free, run.trace)
+    except OSError as exc:
+        return fail(f"--free {args.free}: {exc.strerror or exc}")
     print(
-        f"wrote {argv[2]}: {len(run.trace)} arrays, {run.n_mask_flips} mask decisions "
-        f"resynchronised; compare with: cpusparse verify {argv[0]} {argv[2]} (float32: "
+        f"wrote {args.free}: {len(run.trace)} arrays, {run.n_mask_flips} mask decisions "
+        f"resynchronised; compare with: cpusparse verify {args.trace} {args.free} (float32: "
         "at float32_tolerances)"
     )
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main())

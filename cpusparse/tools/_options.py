@@ -15,7 +15,14 @@ from typing import TypedDict, TypeVar
 
 from ..training.config import PRESETS, Bool, Choice, Int, Real, options
 
-__all__ = ["add_options", "add_preset", "preset_of", "layer_sizes", "HelpFormatter"]
+__all__ = [
+    "add_options",
+    "add_preset",
+    "preset_of",
+    "layer_sizes",
+    "int_at_least",
+    "HelpFormatter",
+]
 
 _T = TypeVar("_T")
 
@@ -136,3 +143,19 @@ def add_options(
             kwargs["type"] = _none_or(float) if constraint.none else float
             kwargs["metavar"] = "X"
         group.add_argument(option.flag, **kwargs)
+
+
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type``: an int >= ``low``."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
+        return value
+
+    parse.__name__ = "int"
+    return parse

@@ -51,6 +51,7 @@ import numpy as np
 
 from .._typing import BoolArray, RNGLike
 from ..engine.layers.base import STRAIGHT_THROUGH, TRAIN
+from ._options import int_at_least
 
 if TYPE_CHECKING:
     from ..engine.containers import Sequential
@@ -823,20 +824,6 @@ def _density(text: str) -> float:
     return value
 
 
-def _int_at_least(low: int) -> Callable[[str], int]:
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
-        return value
-
-    parse.__name__ = "int"
-    return parse
-
-
 def _arch(text: str) -> tuple[tuple[int, ...], int]:
     try:
         sizes_text, batch_text = text.split(":")
@@ -871,10 +858,10 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="output directory (created if absent; its parent must exist)",
     )
     p.add_argument(
-        "--threads", type=_int_at_least(1), default=1, help="Numba/BLAS/torch threads (default 1)"
+        "--threads", type=int_at_least(1), default=1, help="Numba/BLAS/torch threads (default 1)"
     )
-    p.add_argument("--repeats", type=_int_at_least(1), default=None)
-    p.add_argument("--warmup", type=_int_at_least(0), default=2)
+    p.add_argument("--repeats", type=int_at_least(1), default=None)
+    p.add_argument("--warmup", type=int_at_least(0), default=2)
     p.add_argument("--densities", type=_density, nargs="+", default=None)
     p.add_argument(
         "--granularities", nargs="+", default=["weight", "neuron"], choices=("weight", "neuron")
@@ -887,7 +874,7 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         metavar="SIZES:BATCH",
         help="e.g. 784,1024,1024,10:256 (default: both paper shapes)",
     )
-    p.add_argument("--n-masks", type=_int_at_least(2), default=2, help="K")
+    p.add_argument("--n-masks", type=int_at_least(2), default=2, help="K")
     p.add_argument(
         "--baselines",
         nargs="*",

@@ -68,7 +68,14 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     from ..engine.layers.linear import GRANULARITIES, INITS
     from ..sklearn import _TRAIN_OPTIONS as TRAIN_OPTIONS
     from ..sklearn import SparseMLPClassifier
-    from ._options import HelpFormatter, add_options, add_preset, layer_sizes, preset_of
+    from ._options import (
+        HelpFormatter,
+        add_options,
+        add_preset,
+        int_at_least,
+        layer_sizes,
+        preset_of,
+    )
     from .datasets import DATASETS
 
     defaults = {
@@ -128,26 +135,26 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     run = train.add_argument_group("run")
     run.add_argument(
         "--epochs",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=defaults["max_iter"],
         help="epochs of sparse training",
     )
     run.add_argument(
         "--finetune-epochs",
-        type=_int_at_least(0),
+        type=int_at_least(0),
         default=defaults["finetune_iter"],
         help="epochs on the fixed mask (0 skips)",
     )
     run.add_argument(
         "--batch-size",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=defaults["batch_size"],
         help="mini-batch size",
     )
-    run.add_argument("--seed", type=_int_at_least(0), default=0, help="seed of every random stream")
+    run.add_argument("--seed", type=int_at_least(0), default=0, help="seed of every random stream")
     run.add_argument(
         "--threads",
-        type=_int_at_least(1),
+        type=int_at_least(1),
         default=1,
         help="Numba threads (results do not depend on it)",
     )
@@ -299,22 +306,6 @@ def _dispatch(name: str, argv: list[str]) -> int:
         return getattr(importlib.import_module(module_name), func_name)(argv)
 
     return run_command(f"cpusparse {name}", body)
-
-
-def _int_at_least(low: int) -> Callable[[str], int]:
-    """An argparse ``type``: an int >= ``low``."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {text!r}") from None
-        if value < low:
-            raise argparse.ArgumentTypeError(f"must be an int >= {low}, got {value}")
-        return value
-
-    parse.__name__ = "int"
-    return parse
 
 
 def _file_id(path: str) -> tuple[int, int, int] | None:

@@ -383,11 +383,12 @@ def _load_mnist(path):
         keys = set(arrays)
         if not {"x_train", "y_train"} <= keys:
             raise ValueError(
-                f"{path!r} must contain arrays 'x_train' and 'y_train', got {sorted(keys)}"
+                f"{path!r} must contain arrays 'x_train' and 'y_train', got {_some_names(keys)}"
             )
         if ("x_test" in keys) != ("y_test" in keys):
             raise ValueError(
-                f"{path!r} must contain both 'x_test' and 'y_test' or neither, got {sorted(keys)}"
+                f"{path!r} must contain both 'x_test' and 'y_test' or neither, got "
+                f"{_some_names(keys)}"
             )
         parts = {
             "train": _check_mnist_arrays(
@@ -401,3 +402,9 @@ def _load_mnist(path):
         )
         return parts
     raise ValueError(f"path must be a directory of MNIST IDX files or an .npz file, got {path!r}")
+
+
+def _some_names(names: set[str], limit: int = 6) -> str:
+    """The first few names (sorted) and how many there are, for one-line messages."""
+    shown = ", ".join(repr(name) for name in sorted(names)[:limit])
+    return shown + (f", ... ({len(names)} arrays in all)" if len(names) > limit else "")

@@ -128,7 +128,9 @@ cpusparse trace conventions (format version 2)
   agree. vrpge-sqrt divides by sqrt(s (1 - s)) instead; reinforce is
   1/K sum_k L_k (m_k - s) / (s (1 - s)). dscore is cast to the trace's dtype.
 - Weight gradients are averaged over the K passes (weight_grad=mean) or taken from the
-  first pass (first) and clipped to a global norm clip_norm (if set) before the optimizer.
+  first pass (first) and clipped to a global norm clip_norm (if set) before the optimizer;
+  with clip_scope=weights+scores the score gradient enters that norm (after every weight
+  and bias array) and is scaled with them.
 - Projection: score_projected = clip(score_before_projection - threshold, 0, 1) onto
   {0 <= s <= 1, sum s <= budget}, budget = density * n_units; threshold 0 if clipping is
   feasible.
@@ -317,11 +319,8 @@ def make_trace(**options: object) -> dict[str, np.ndarray]:
         Learning-rate schedule over ``steps``.
     initial_score : float or None
         Initial keep probability (None: ``density``).
-
-    The training options and what they allow are those of
-    :class:`~cpusparse.training.config.TrainConfig`; :data:`TRAIN_DEFAULTS` lists
-    the defaults of traces that differ from it.
-
+    clip_scope : {"weights", "weights+scores"}
+        What ``clip_norm`` clips.
     preset : {"paper", "authors"}, default="paper"
         Start from the named set of training options
         (:data:`~cpusparse.training.config.PRESETS`); explicit options override it.
@@ -329,7 +328,14 @@ def make_trace(**options: object) -> dict[str, np.ndarray]:
     Returns
     -------
     trace : dict of str to ndarray
-        In the order written; the names are documented in ``docs/trace_format.rst``.
+        In the order written; the names are documented on the trace format page
+        (:func:`describe_format`, ``cpusparse trace --describe``).
+
+    Notes
+    -----
+    The training options and what they allow are those of
+    :class:`~cpusparse.training.config.TrainConfig`; :data:`TRAIN_DEFAULTS` lists the
+    defaults of traces that differ from it.
 
     Raises
     ------

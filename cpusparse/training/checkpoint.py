@@ -500,7 +500,7 @@ def restore_state(ckpt: Checkpoint) -> tuple[TrainState, TrainConfig]:
     for name, arr in params.items():
         if not np.all(np.isfinite(arr)):
             raise CheckpointError(f"parameter {name} of the network has non-finite values")
-    weight_opt, score_opt, _ = config.optimizers
+    weight_opt, score_opt, _ = config.optimizers()
     _check_optimizer_state(
         "weight_state",
         ckpt["weight_state"],

@@ -215,7 +215,9 @@ class TrainConfig:
     projection : {"exact", "bisection"}, default="exact"
         Solver of :func:`~cpusparse.method.projection.project_scores`.
     projection_tol, projection_max_iter : float, int, default=1e-3, 20
-        Bisection tolerance and cap (the authors' values).
+        Bisection stopping rule: stop when ``|sum clip(s - v, 0, 1) - k| < tol`` or
+        after ``projection_max_iter`` evaluations (the authors' code uses a tolerance of
+        1e-3 and up to 21 evaluations; see :data:`PRESETS`).
     weight_grad : {"mean", "first"}, default="mean"
         Average the weight gradient over the K passes, or use the first pass only
         (saves K - 1 backward passes). The straight-through estimator needs every
@@ -254,9 +256,13 @@ class TrainConfig:
     )
     projection: str = _option("exact", Choice(PROJECTIONS), "projection onto the budget set")
     projection_tol: float = _option(
-        1e-3, Real(0.0, None, "neither"), "bisection tolerance on the threshold"
+        1e-3,
+        Real(0.0, None, "neither"),
+        "bisection: stop when |sum of projected scores - budget| < tol",
     )
-    projection_max_iter: int = _option(20, Int(1), "bisection steps at most")
+    projection_max_iter: int = _option(
+        20, Int(1), "bisection: evaluations of the threshold at most"
+    )
     weight_grad: str = _option(
         "mean", Choice(WEIGHT_GRADS), "weight gradient: mean over the K passes, or the first"
     )
@@ -290,8 +296,12 @@ class TrainConfig:
         for option in options():
             value = option.constraint.check(getattr(self, option.name), option.name)
             object.__setattr__(self, option.name, value)
+        if self.nesterov and (self.optimizer != "sgd" or self.momentum == 0):
+            raise ValueError(
+                "nesterov=True needs optimizer='sgd' and momentum > 0, got "
+                f"optimizer={self.optimizer!r} and momentum={self.momentum:g}"
+            )
 
-    @functools.cached_property
     def optimizers(
         self,
     ) -> tuple[SGD | Adam, SGD | Adam, tuple[Callable[[int], float], Callable[[int], float]]]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
@@ -13,7 +12,7 @@ from .._validation import check_choice
 from ..engine.layers.base import EVAL
 from ..engine.losses import softmax_cross_entropy
 from ..method.masks import sample_masks
-from .state import split_masks
+from .state import budget_units, split_masks
 from .step import finetune_step, train_step
 
 if TYPE_CHECKING:
@@ -58,7 +57,7 @@ def fixed_mask(
     check_choice(method, "method", ("topk", "best-of-n"))
     score = state.score
     if method == "topk":
-        k = min(int(math.floor(state.budget + 1e-9)), score.shape[0])
+        k = min(budget_units(state.budget), score.shape[0])
         order = np.argsort(-score.astype(np.float64), kind="stable")[:k]
         flat = np.zeros(score.shape[0], dtype=bool)
         flat[order] = True

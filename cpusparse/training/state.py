@@ -36,6 +36,7 @@ __all__ = [
     "split_masks",
     "expected_density",
     "check_parameters_finite",
+    "budget_units",
 ]
 
 
@@ -138,7 +139,7 @@ def init_state(
     if not n_units:
         raise ValueError("network must have at least one prunable (sparse) layer, got none")
     n_total = int(sum(n_units))
-    if math.floor(config.density * n_total + 1e-9) < 1:
+    if budget_units(config.density * n_total) < 1:
         raise ValueError(
             f"density must keep at least one of the {n_total} prunable units, got "
             f"density={config.density:g} (a budget of {config.density * n_total:.3g} units); "
@@ -147,7 +148,7 @@ def init_state(
     _check_mask_memory(config.n_masks, n_total)
     s0 = config.density if config.initial_score is None else config.initial_score
     score, offsets = concat_scores([np.full(n, s0, dtype=network.dtype) for n in n_units])
-    weight_opt, score_opt, _ = config.optimizers
+    weight_opt, score_opt, _ = config.optimizers()
     state = TrainState(
         network=network,
         score=score,
@@ -162,6 +163,16 @@ def init_state(
     )
     state.weight_state = weight_opt.init_state(state.param_list())
     return state
+
+
+def budget_units(budget: float) -> int:
+    """The number of whole units a budget ``k`` keeps: ``floor(k)``, forgiving rounding.
+
+    ``k = density * n`` is computed in floating point, so a budget meant to be an
+    integer can fall just below it (``0.29 * 100 = 28.999999999999996``); a relative
+    tolerance of 1e-12 keeps that unit.
+    """
+    return math.floor(budget * (1.0 + 1e-12) + 1e-12)
 
 
 def _check_mask_memory(n_masks: int, n_units: int) -> None:

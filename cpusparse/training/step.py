@@ -280,7 +280,7 @@ def train_step(
         [*weight_grads, dscore] if with_scores else weight_grads, config.clip_norm
     )
     dscore_step = clipped.pop() if with_scores else dscore
-    weight_opt, score_opt, (lr_w, lr_s) = config.optimizers
+    weight_opt, score_opt, (lr_w, lr_s) = config.optimizers()
     lr, score_lr = lr_w(state.step), lr_s(state.step)
     weight_opt.step(state.param_list(), clipped, state.weight_state, lr=lr)
     score_opt.step([state.score], [dscore_step], state.score_state, lr=score_lr)
@@ -350,7 +350,7 @@ def finetune_step(
     _check_finite(state, np.array([loss]), x, [masks], TRAIN)
     _, grads = net._backward(dlogits, caches)
     flat, _ = clip_grad_norm(list(grads.values()), config.clip_norm)
-    weight_opt, _, (lr_w, _) = config.optimizers
+    weight_opt, _, (lr_w, _) = config.optimizers()
     weight_opt.step(state.param_list(), flat, state.weight_state, lr=lr_w(state.step))
     state.step += 1
     return loss

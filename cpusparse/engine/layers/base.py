@@ -40,7 +40,7 @@ one input through two branches and adds them.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -193,6 +193,15 @@ class Layer(abc.ABC):
         """Floating type of the parameters (None for a layer without parameters)."""
         params = self.params()
         return next(iter(params.values())).dtype if params else None
+
+    def _slots(self) -> Iterator[tuple[Any, int, UnitMap]]:
+        """``(container, position, unit map)`` of each prunable layer inside, in mask order.
+
+        Containers (layers made of layers) override it so that the prunable layers of
+        nested blocks take their place in the mask list; a leaf has none of its own
+        (its container lists it).
+        """
+        return iter(())
 
     # ------------------------------------------------------------------ state
 

@@ -294,7 +294,7 @@ class SparseLinear(Layer):
         n_in: int,
         n_out: int,
         *,
-        density: float = 1.0,
+        stored_density: float = 1.0,
         granularity: str = "weight",
         activation: str | None = None,
         init: str = "uniform",
@@ -308,9 +308,10 @@ class SparseLinear(Layer):
         ----------
         n_in, n_out : int
             Layer size.
-        density : float in (0, 1], default=1.0
-            Fraction of the ``n_out * n_in`` entries stored; 1.0 stores them all
-            (the starting point of training, where masks do the sparsifying).
+        stored_density : float in (0, 1], default=1.0
+            Fraction of the ``n_out * n_in`` entries stored (not the kept fraction
+            the masks sample); 1.0 stores them all, the starting point of training,
+            where masks do the sparsifying.
         granularity, activation
             As in the class.
         init : {"uniform", "kaiming"}, default="uniform"
@@ -324,18 +325,18 @@ class SparseLinear(Layer):
             :math:`d`, ``d`` keeps the scale of the activations as if dense.
         dtype : {numpy.float32, numpy.float64}
         rng : None, int or numpy.random.Generator
-            Draws, in order: the pattern (if ``density < 1``), the weights, the bias.
+            Draws, in order: the pattern (if ``stored_density < 1``), the weights, the bias.
 
         Returns
         -------
         SparseLinear
         """
         rng = check_rng(rng)
-        density = check_density(density)
-        if density == 1.0:
+        stored_density = check_density(stored_density, "stored_density")
+        if stored_density == 1.0:
             indptr, indices = csr.full_pattern((n_out, n_in))
         else:
-            indptr, indices = csr.random_pattern((n_out, n_in), density, rng=rng)
+            indptr, indices = csr.random_pattern((n_out, n_in), stored_density, rng=rng)
         _check_fan_in_scale(fan_in_scale)
         weight = _init_weight(indices.shape[0], n_in * fan_in_scale, init, dtype, rng)
         bias = _init_uniform(n_out, n_in, dtype, rng)
@@ -592,6 +593,8 @@ class Linear(Layer):
         live: BoolArray | None = None,
         mode: Mode = TRAIN,
     ) -> tuple[FloatArray, LinearCache]:
+        if live is not None and not live.all():
+            x = np.where(live[:, None], x, x.dtype.type(0))  # inputs outside live are 0
         out = self.weight @ x
         out += self.bias[:, None]
         if self.activation == "relu":
