@@ -334,3 +334,19 @@ def test_resume_refuses_a_checkpoint_epoch_out_of_range(tmp_path):
         ValueError, match=r"epoch 999 of phase 'sparse', expected an epoch in \[0, 2\]"
     ):
         clf.fit(X, y)
+
+
+def test_classifier_defaults_come_from_the_option_table():
+    # The classifier restates the table's defaults in its signature (scikit-learn needs
+    # them there); only the learning rates are its own, tuned for its cosine schedule.
+    import inspect
+
+    from cpusparse.sklearn import _TRAIN_OPTIONS
+    from cpusparse.training.config import options
+
+    table = {o.name: o.default for o in options()}
+    own = {"learning_rate_init": 0.01, "score_learning_rate": 0.1}
+    signature = inspect.signature(SparseMLPClassifier).parameters
+    for param, name in _TRAIN_OPTIONS.items():
+        expected = own.get(param, table[name])
+        assert signature[param].default == expected, (param, signature[param].default, expected)
