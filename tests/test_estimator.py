@@ -46,7 +46,7 @@ def history_text(history):
 
 
 def test_check_estimator():
-    # The brief's tiny setting (hidden (8,), max_iter=2) cannot pass
+    # The smallest setting (hidden (8,), max_iter=2) cannot pass
     # check_classifiers_train, which requires accuracy > 0.83 on 300 blobs: 8 units
     # at density 0.1 keep 2 weights, and 10 Adam steps at lr 1e-3 do not train.
     # This setting is still small (~2 s for all checks) and needs no tag exemptions.
@@ -63,7 +63,7 @@ def test_check_estimator():
 
 
 def test_check_estimator_tiny_setting():
-    # The setting of the brief: every check passes except the accuracy threshold of
+    # The smallest setting: every check passes except the accuracy threshold of
     # check_classifiers_train (see above), which is declared, not hidden.
     check_estimator(
         SparseMLPClassifier(max_iter=2, finetune_iter=1, hidden_layer_sizes=(8,)),

@@ -10,6 +10,22 @@ from numba import njit
 __all__: list[str] = []
 
 
+# What a unit's term clip(s_i - v, 0, 1) is on an interval [lo, hi] of v.
+_ZERO, _ONE, _LINEAR, _UNDECIDED = 0, 1, 2, 3
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _classify(x, lo, hi):
+    # 0 on the whole interval, 1 on it, s_i - v on it, or a breakpoint inside it.
+    if x <= lo:
+        return _ZERO
+    if x - hi >= 1.0:
+        return _ONE
+    if x >= hi and x - lo <= 1.0:
+        return _LINEAR
+    return _UNDECIDED
+
+
 @njit(cache=True, nogil=True)
 def threshold_bracket(s, budget, work):
     """Narrow the projection's threshold to an interval free of most breakpoints.
@@ -37,15 +53,13 @@ def threshold_bracket(s, budget, work):
     lin_sum = 0.0
     m = 0
     for i in range(n):
-        x = s[i]
-        if x <= lo:
-            continue
-        if x - hi >= 1.0:
+        kind = _classify(s[i], lo, hi)
+        if kind == _ONE:
             n_one += 1
-        elif x >= hi and x - lo <= 1.0:
+        elif kind == _LINEAR:
             n_lin += 1
-            lin_sum += x
-        else:
+            lin_sum += s[i]
+        elif kind == _UNDECIDED:
             work[m] = i
             m += 1
     while m > 0:
@@ -66,15 +80,13 @@ def threshold_bracket(s, budget, work):
         kept = 0
         for j in range(m):
             i = work[j]
-            x = s[i]
-            if x <= lo:
-                continue
-            if x - hi >= 1.0:
+            kind = _classify(s[i], lo, hi)
+            if kind == _ONE:
                 n_one += 1
-            elif x >= hi and x - lo <= 1.0:
+            elif kind == _LINEAR:
                 n_lin += 1
-                lin_sum += x
-            else:
+                lin_sum += s[i]
+            elif kind == _UNDECIDED:
                 work[kept] = i
                 kept += 1
         m = kept
