@@ -438,3 +438,29 @@ def test_vrpge_is_exactly_zero_where_the_masks_agree(scaling, n_masks):
     np.testing.assert_allclose(got[~agree], paper[~agree], rtol=1e-9, atol=1e-12)
     if n_masks > 2:  # with K = 2 the two centred losses cancel exactly in either form
         assert np.abs(paper[:100]).max() > 0  # the paper's form leaves a residue there
+
+
+@pytest.mark.parametrize("scaling", ["exact", "sqrt"])
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+def test_vrpge_kernel_is_the_documented_formula_bit_for_bit(scaling, dtype):
+    # The fused pass does the documented operations in the documented order.
+    rng = np.random.default_rng(5)
+    n, k = 5000, 3
+    score = rng.uniform(0, 1, n).astype(dtype)
+    score[:10] = 0.0
+    score[10:20] = 1.0
+    masks = rng.random((k, n)) < score
+    losses = rng.uniform(1, 3, k)
+    centered = losses - losses.sum() / k
+    mean_mask = masks.sum(axis=0, dtype=np.float64) / k
+    total = np.zeros(n)
+    for j in range(k):
+        total += centered[j] * (masks[j] - mean_mask)
+    s = score.astype(np.float64)
+    var = s * (1.0 - s)
+    denom = var if scaling == "exact" else np.sqrt(var)
+    interior = (s > 0) & (s < 1)
+    want = np.zeros(n)
+    want[interior] = (total / (k - 1))[interior] / denom[interior]
+    got = vrpge_grad(losses, masks, score, scaling=scaling)
+    np.testing.assert_array_equal(got, want.astype(got.dtype))

@@ -27,11 +27,11 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from .._typing import BoolArray, FloatArray
+from ..engine.kernels import scores as _score_kernels
 from .masks import (
     _check_masks,
     _check_scaling,
     _check_score,
-    _divide_by_variance,
     _out_dtype,
     _score_function64,
 )
@@ -264,11 +264,10 @@ def vrpge_grad(
         )
     losses = _check_losses(losses, n_masks)
     centered = losses - losses.sum() / n_masks
-    mean_mask = masks.sum(axis=0, dtype=np.float64) / n_masks
-    total = np.zeros(score.shape[0], dtype=np.float64)
-    for k in range(n_masks):
-        total += centered[k] * (masks[k] - mean_mask)
-    dscore = _divide_by_variance(total / (n_masks - 1), score.astype(np.float64), scaling)
+    dscore = np.empty(score.shape[0], dtype=np.float64)
+    _score_kernels.vrpge_scores(
+        np.ascontiguousarray(masks), centered, score, scaling == "sqrt", dscore
+    )
     return dscore.astype(_out_dtype(score), copy=False)
 
 

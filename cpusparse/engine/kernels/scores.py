@@ -5,6 +5,7 @@ weight granularity: they must cost a few passes over memory, not a sort. Like ev
 kernel, they validate nothing, allocate nothing and draw no random numbers.
 """
 
+import numpy as np
 from numba import njit
 
 __all__: list[str] = []
@@ -110,3 +111,33 @@ def enclosing_breakpoints(s, lo, hi, s_max):
                 if hi <= b < right:
                     right = b
     return left, right
+
+
+@njit(cache=True, nogil=True)
+def vrpge_scores(masks, centered, score, sqrt_scaling, out):
+    """VR-PGE of every unit in one pass: no ``(K, n)`` temporaries.
+
+    ``out[i] = (sum_k c_k (m_ki - mbar_i)) / (K - 1) / d_i`` with
+    ``mbar_i = (sum_k m_ki) / K``, the sum over ``k`` accumulated in order from 0,
+    ``d_i = s_i (1 - s_i)`` (or its square root), all in float64, and 0 where ``s_i``
+    is 0 or 1: the operations, in the order, of ``cpusparse.method.vrpge_grad``.
+    """
+    # NOTE: masks bool (K, n) C-contiguous; centered float64 (K,); score float (n,);
+    # out float64 (n,).
+    n_masks, n = masks.shape
+    for i in range(n):
+        s = float(score[i])
+        if not (s > 0.0 and s < 1.0):
+            out[i] = 0.0
+            continue
+        count = 0
+        for k in range(n_masks):
+            if masks[k, i]:
+                count += 1
+        mbar = count / n_masks
+        total = 0.0
+        for k in range(n_masks):
+            total += centered[k] * ((1.0 if masks[k, i] else 0.0) - mbar)
+        var = s * (1.0 - s)
+        denom = np.sqrt(var) if sqrt_scaling else var
+        out[i] = (total / (n_masks - 1)) / denom
