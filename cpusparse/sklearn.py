@@ -83,6 +83,7 @@ _TRAIN_OPTIONS = {
     "weight_decay": "weight_decay",
     "projection_tol": "projection_tol",
     "projection_max_iter": "projection_max_iter",
+    "finetune_lr": "finetune_lr",
     "weight_grad": "weight_grad",
 }
 
@@ -210,6 +211,9 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         Clip the weight gradients, or weights and scores in one norm (the authors').
     projection_tol, projection_max_iter : float > 0, int >= 1, default=1e-3, 20
         Stopping rule of ``projection="bisection"``.
+    finetune_lr : float > 0 or None, default=None
+        Constant learning rate of the weights in fine-tuning; None continues the
+        cosine schedule.
     sparse_classifier : bool, default=False
         Make the output layer sparse (and prunable) too.
     weight_grad : {"mean", "first"}, default="mean"
@@ -332,6 +336,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         weight_decay: float = 0.0,
         projection_tol: float = 1e-3,
         projection_max_iter: int = 20,
+        finetune_lr: float | None = None,
         sparse_classifier: bool = False,
         weight_grad: str = "mean",
         init: str = "kaiming",
@@ -363,6 +368,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         self.weight_decay = weight_decay
         self.projection_tol = projection_tol
         self.projection_max_iter = projection_max_iter
+        self.finetune_lr = finetune_lr
         self.sparse_classifier = sparse_classifier
         self.weight_grad = weight_grad
         self.init = init
@@ -572,6 +578,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             weight_decay=float(self.weight_decay),
             projection_tol=float(self.projection_tol),
             projection_max_iter=int(self.projection_max_iter),
+            finetune_lr=None if self.finetune_lr is None else float(self.finetune_lr),
             optimizer=self.optimizer,
             lr=float(self.learning_rate_init),
             score_optimizer=self.score_optimizer,

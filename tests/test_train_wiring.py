@@ -164,7 +164,7 @@ def test_the_authors_preset():
         score_estimator="vrpge-sqrt", n_masks=2, projection="bisection", projection_tol=1e-3,
         projection_max_iter=21, clip_norm=3.0, clip_scope="weights+scores", optimizer="sgd",
         lr=0.1, momentum=0.9, nesterov=False, weight_decay=5e-4, score_optimizer="adam",
-        score_lr=0.012, schedule="cosine", weight_grad="mean",
+        score_lr=0.012, schedule="cosine", weight_grad="mean", finetune_lr=1e-3,
     )  # fmt: skip
     for name, value in audited.items():
         assert getattr(config, name) == value, name
@@ -178,3 +178,29 @@ def test_the_authors_preset():
     meta = json.loads(str(trace["meta/config"]))
     assert meta["score_estimator"] == "vrpge-sqrt" and meta["lr"] == 0.05  # explicit wins
     assert meta["clip_norm"] == 3.0 and meta["projection_max_iter"] == 21
+
+
+def test_finetune_lr_is_the_constant_rate_of_the_fixed_mask_phase():
+    from cpusparse.training import finetune_step
+
+    state, config, x, y = problem(
+        optimizer="sgd", momentum=0.0, lr=0.5, schedule="cosine", total_steps=4, finetune_lr=0.02
+    )
+    masks = fixed_mask(state)
+    for _ in range(6):  # past the end of the schedule, where it would be 0
+        before = [p.copy() for p in state.param_list()]
+        finetune_step(state, x, y, masks, config)
+        moved = [
+            float(np.abs(a - b).max()) for a, b in zip(state.param_list(), before, strict=True)
+        ]
+        assert max(moved) > 0
+    # One step at lr 0.02 from the current weights, computed independently.
+    from cpusparse.engine.losses import softmax_cross_entropy
+
+    before = [p.copy() for p in state.param_list()]
+    logits, caches = state.network._forward(x, masks)
+    _, dlogits = softmax_cross_entropy(logits, y)
+    _, grads = state.network._backward(dlogits, caches)
+    finetune_step(state, x, y, masks, config)
+    for p0, p1, g in zip(before, state.param_list(), grads.values(), strict=True):
+        np.testing.assert_allclose(p1, p0 - 0.02 * g, rtol=1e-12, atol=1e-15)

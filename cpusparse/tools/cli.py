@@ -125,7 +125,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     method = train.add_argument_group("training (the options of TrainConfig)")
     table_names = {name: param for param, name in TRAIN_OPTIONS.items()}
-    preset = add_preset(method, preset_of(argv))
+    preset_name = preset_of(argv)
+    preset = add_preset(method, preset_name)
+    # The fit-level settings of a preset: the authors pick the best of 10 sampled masks
+    # and fine-tune for 40 epochs (at finetune_lr, a training option).
+    fit_preset = {"authors": {"fixed_mask": "best-of-n", "finetune_iter": 40}}.get(preset_name, {})
+    defaults = {**defaults, **fit_preset}
     add_options(
         method,
         table_names,
@@ -138,6 +143,12 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         type=int_at_least(1),
         default=defaults["max_iter"],
         help="epochs of sparse training",
+    )
+    run.add_argument(
+        "--fixed-mask",
+        choices=("topk", "best-of-n"),
+        default=defaults["fixed_mask"],
+        help="the final mask: the largest scores, or the most accurate of 10 samples",
     )
     run.add_argument(
         "--finetune-epochs",
@@ -474,6 +485,7 @@ def _train_checked(args: argparse.Namespace) -> int:
         init=args.init,
         max_iter=args.epochs,
         finetune_iter=args.finetune_epochs,
+        fixed_mask=args.fixed_mask,
         batch_size=args.batch_size,
         n_jobs=args.threads,
         random_state=args.seed,

@@ -178,7 +178,7 @@ _RUN_DEFAULTS: _RunOptions = {
 # Training options of the table (cpusparse.training.config) a trace records, with the
 # defaults of traces where they differ from the table's. The schedule runs over the
 # trace's steps and compaction is off, so that stored patterns stay fixed.
-_NOT_TRACED = ("total_steps", "compact_every", "compact_fraction")
+_NOT_TRACED = ("total_steps", "compact_every", "compact_fraction", "finetune_lr")
 TRAIN_DEFAULTS = {"density": 0.5, "n_masks": 3, "lr": 0.01, "score_lr": 0.05}
 """The training-option defaults of traces that differ from :class:`TrainConfig`'s."""
 
@@ -204,7 +204,12 @@ def _options(options):
     name = options.pop("preset", "paper")
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {name!r}")
-    defaults = {**_RUN_DEFAULTS, **_train_defaults(), **PRESETS[name]}
+    traced = _train_defaults()
+    defaults = {
+        **_RUN_DEFAULTS,
+        **traced,
+        **{k: v for k, v in PRESETS[name].items() if k in traced},
+    }
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise TypeError(f"unknown trace options {unknown}; known: {sorted(defaults)}")

@@ -238,6 +238,12 @@ class TrainConfig:
         schedule stays at its minimum (0) after ``total_steps``, so count the
         fine-tuning steps in ``total_steps`` too.
     total_steps : int >= 1, default=1
+    finetune_lr : float > 0 or None, default=None
+        Constant learning rate of the weights in fine-tuning on a fixed mask
+        (:func:`~cpusparse.training.step.finetune_step`); None continues the
+        schedule of the sparse phase. The authors' code fine-tunes at 1e-3 (with
+        the same SGD settings, but a fresh momentum buffer: here the optimizer's
+        state carries on).
     initial_score : float in [0, 1] or None, default=None
         Initial keep probability of every unit; None uses ``density``.
     compact_every, compact_fraction : int, float, default=1, 0.25
@@ -284,6 +290,11 @@ class TrainConfig:
     score_momentum: float = _option(0.9, Real(0.0, 1.0, "left"), "SGD momentum of the scores")
     schedule: str = _option("constant", Choice(SCHEDULES), "learning-rate schedule")
     total_steps: int = _option(1, Int(1), "steps of the schedule")
+    finetune_lr: float | None = _option(
+        None,
+        Real(0.0, None, "neither", none=True),
+        "constant weight learning rate on the fixed mask (None: the schedule goes on)",
+    )
     initial_score: float | None = _option(
         None, Real(0.0, 1.0, none=True), "initial keep probability (None: the density)"
     )
@@ -348,6 +359,7 @@ PRESETS: dict[str, dict[str, Any]] = {
         "score_optimizer": "adam",
         "score_lr": 0.012,
         "schedule": "cosine",
+        "finetune_lr": 1e-3,
     },
 }
 """Named sets of options: ``"paper"`` (the table's defaults, the paper's mathematics) and

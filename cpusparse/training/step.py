@@ -351,6 +351,7 @@ def finetune_step(
     _, grads = net._backward(dlogits, caches)
     flat, _ = clip_grad_norm(list(grads.values()), config.clip_norm)
     weight_opt, _, (lr_w, _) = config.optimizers()
-    weight_opt.step(state.param_list(), flat, state.weight_state, lr=lr_w(state.step))
+    lr = lr_w(state.step) if config.finetune_lr is None else config.finetune_lr
+    weight_opt.step(state.param_list(), flat, state.weight_state, lr=lr)
     state.step += 1
     return loss
