@@ -17,7 +17,7 @@ of all sparse layers. :func:`finetune_step` trains the weights on a fixed mask.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
 import numpy as np
@@ -113,13 +113,13 @@ def _check_finite(
     state: TrainState,
     losses: np.ndarray,
     x: FloatArray,
-    masks: Sequence[Sequence[BoolArray | None]],
+    pass_masks: Callable[[int], Sequence[BoolArray | None]],
     mode: Mode,
 ) -> None:
     """Raise :class:`NonFiniteError` naming the cause if a loss is not finite.
 
-    ``masks`` holds the per-layer masks of each pass. Only the failing case does any
-    work: it finds the first non-finite parameter, or reruns the first failing pass
+    ``pass_masks(k)`` gives the per-layer masks of pass ``k``. Only the failing case
+    does any work: it finds the first non-finite parameter, or reruns the first failing pass
     layer by layer to name the layer whose output overflows.
     """
     if np.all(np.isfinite(losses)):
@@ -138,7 +138,7 @@ def _check_finite(
     k = int(np.flatnonzero(~np.isfinite(losses))[0])
     h, live, pos = x, None, 0
     for i, layer in enumerate(net.layers):
-        h, _, live = layer._run(h, masks[k][pos : pos + layer.n_masks], live, mode)
+        h, _, live = layer._run(h, list(pass_masks(k))[pos : pos + layer.n_masks], live, mode)
         pos += layer.n_masks
         if not np.isfinite(h).all():
             scale = float(np.abs(x).max())
@@ -265,7 +265,7 @@ def train_step(
     losses, weight_grads, mask_grads, per_pass = _mask_passes(
         state, x, y, masks, n_backward, mode, record
     )
-    _check_finite(state, losses, x, [split_masks(state, m) for m in masks], mode)
+    _check_finite(state, losses, x, lambda k: split_masks(state, masks[k]), mode)
     if n_backward > 1:
         for g in weight_grads:
             g /= g.dtype.type(n_backward)
@@ -347,7 +347,7 @@ def finetune_step(
     net = state.network
     logits, caches = net._forward(x, masks)
     loss, dlogits = softmax_cross_entropy(logits, y)
-    _check_finite(state, np.array([loss]), x, [masks], TRAIN)
+    _check_finite(state, np.array([loss]), x, lambda k: masks, TRAIN)
     _, grads = net._backward(dlogits, caches)
     flat, _ = clip_grad_norm(list(grads.values()), config.clip_norm)
     weight_opt, _, (lr_w, _) = config.optimizers()

@@ -52,17 +52,10 @@ def threshold_bracket(s, budget, work):
     n_one = 0  # units at 1 on the whole interval
     n_lin = 0  # units at s_i - v on the whole interval
     lin_sum = 0.0
-    m = 0
+    # Every unit starts undecided; the first bisection step sorts them out.
     for i in range(n):
-        kind = _classify(s[i], lo, hi)
-        if kind == _ONE:
-            n_one += 1
-        elif kind == _LINEAR:
-            n_lin += 1
-            lin_sum += s[i]
-        elif kind == _UNDECIDED:
-            work[m] = i
-            m += 1
+        work[i] = i
+    m = n
     while m > 0:
         mid = 0.5 * (lo + hi)
         if mid <= lo or mid >= hi:
