@@ -335,9 +335,10 @@ def test_concat_split_bad_inputs():
 
 
 # ---------------------------------------------------------------------------
-# The O(n) bracketing path against the sorting oracle
+# The O(n) selection against the sorting oracle
 # ---------------------------------------------------------------------------
 
+from cpusparse.engine.kernels import scores as _score_kernels  # noqa: E402
 from cpusparse.method import projection as _projection  # noqa: E402
 
 
@@ -346,44 +347,99 @@ def _both_thresholds(s, budget):
     return _projection._threshold_exact(s, budget), _projection._threshold_sort(s, budget)
 
 
+def _assert_selection_agrees(s, budget, fast, sort):
+    # Same threshold to rounding (relative to the scale of the scores), the budget met
+    # to 1e-9 relative, and the projections equal to the same rounding.
+    scale = max(1.0, float(np.abs(s).max()))
+    assert abs(fast - sort) <= 1e-12 * scale * (1 + s.size), (fast, sort)
+    total = np.clip(s - fast, 0.0, 1.0).sum()
+    assert abs(total - budget) <= 1e-9 * max(1.0, budget), (total, budget)
+    diff = np.abs(np.clip(s - fast, 0, 1) - np.clip(s - sort, 0, 1)).max()
+    assert diff <= 1e-12 * scale * (1 + s.size)
+
+
 @PROFILE
 @given(score_arrays, budgets)
-def test_bracketing_threshold_is_bit_identical_to_sorting(s, budget):
-    # Force the bracketing path on small arrays: ties, exact breakpoints, 0 and 1.
+def test_selection_threshold_agrees_with_sorting(s, budget):
+    # Force the selection on small arrays: ties, exact breakpoints, 0 and 1.
     if not np.clip(s, 0, 1).sum() > budget:
         return  # clipping alone is feasible: no threshold is searched
-    original = _projection._BRACKET_MIN_SIZE
-    _projection._BRACKET_MIN_SIZE = 0
+    original = _projection._SELECT_MIN_SIZE
+    _projection._SELECT_MIN_SIZE = 0
     try:
         fast, sort = _both_thresholds(s, budget)
     finally:
-        _projection._BRACKET_MIN_SIZE = original
-    assert fast == sort
+        _projection._SELECT_MIN_SIZE = original
+    _assert_selection_agrees(s, budget, fast, sort)
 
 
-@pytest.mark.parametrize(
-    "kind", ["uniform", "ties", "zeros-and-ones", "adam-step", "all-equal", "narrow"]
-)
-def test_bracketing_threshold_on_large_arrays(kind):
+LARGE = ["uniform", "ties", "zeros-and-ones", "adam-step", "all-equal", "narrow", "sorted"]
+
+
+def _large_scores(kind, n=50_000):
     rng = np.random.default_rng(7)
-    n = 50_000
-    s = {
+    return {
         "uniform": rng.uniform(-0.5, 1.5, n),
         "ties": rng.integers(0, 9, n) / 8.0,
         "zeros-and-ones": (rng.random(n) < 0.3).astype(np.float64),
         "adam-step": 0.1 + 0.01 * np.sign(rng.standard_normal(n)) * (rng.random(n) < 0.9),
         "all-equal": np.full(n, 0.37),
         "narrow": 0.5 + 1e-12 * rng.standard_normal(n),
+        "sorted": np.sort(rng.uniform(-1.0, 2.5, n)),
     }[kind]
-    for budget in (0.0, 0.1 * n, 0.25 * n, np.clip(s, 0, 1).sum() * (1 - 1e-9)):
+
+
+@pytest.mark.parametrize("kind", LARGE)
+def test_selection_threshold_on_large_arrays(kind):
+    s = _large_scores(kind)
+    n = s.size
+    for budget in (0.0, 1.0, 0.1 * n, 0.25 * n, np.clip(s, 0, 1).sum() * (1 - 1e-9)):
         if not np.clip(s, 0, 1).sum() > budget:
             continue
         fast, sort = _both_thresholds(s, budget)
-        assert fast == sort, (kind, budget)
-        if kind != "ties":  # the bracket resolves (no fallback to the sort)
-            from cpusparse.engine.kernels import scores
+        _assert_selection_agrees(s, budget, fast, sort)
+        if budget == 0.0:
+            assert fast == sort == s.max()  # every unit at 0, exactly
 
-            _, _, undecided = scores.threshold_bracket(s, budget, np.empty(n, np.int64))
-            assert undecided == 0, (kind, budget)
-        p = np.clip(s - fast, 0.0, 1.0).sum()
-        assert abs(p - budget) <= 1e-9 * max(1.0, budget), (kind, budget, p)
+
+@pytest.mark.parametrize("kind", LARGE)
+def test_selection_on_float32_scores_in_place(kind):
+    # The training step's call: float32 scores, the result written over them.
+    s = _large_scores(kind).astype(np.float32)
+    budget = 0.1 * s.size
+    reference, threshold_ref = project_scores(s.astype(np.float64), budget)
+    out = s.copy()
+    projected, threshold = project_scores(out, budget, out=out)
+    assert projected is out and out.dtype == np.float32
+    if threshold_ref == 0.0:
+        assert threshold == 0.0
+    np.testing.assert_allclose(out, reference.astype(np.float32), rtol=0, atol=1e-6)
+    assert out.astype(np.float64).sum() <= budget * (1 + 1e-6)
+
+
+def test_selection_rounds_visit_few_units_on_tied_scores():
+    # Three distinct values (the first step of training): one round decides every unit,
+    # where a bisection of the interval could never separate the tied groups.
+    s = np.repeat([0.0, 0.1, 0.2], 100_000)
+    work = np.empty(s.size, np.int32)
+    _, _, _, kept = _score_kernels._classify(s, work, s.size, True, 0.0, 0.1)
+    assert kept == 0
+    v = _score_kernels.projection_threshold(s, 0.05 * s.size, 0.2, work)
+    assert abs(np.clip(s - v, 0, 1).sum() - 0.05 * s.size) <= 1e-9 * s.size
+
+
+def test_project_scores_rejects_a_bad_out():
+    s = np.full(5000, 0.5)
+    with pytest.raises(
+        ValueError, match=r"out must be a float64 array of shape \(5000,\), got float32"
+    ):
+        project_scores(s, 10.0, out=np.empty(5000, np.float32))
+    with pytest.raises(ValueError, match="out must be a float64 array.*got list"):
+        project_scores(s[:10], 1.0, out=[0.0] * 10)
+
+
+def test_large_project_scores_rejects_non_finite_scores():
+    s = np.full(5000, 0.5)
+    s[4321] = np.nan
+    with pytest.raises(ValueError, match="score must be finite"):
+        project_scores(s, 10.0)

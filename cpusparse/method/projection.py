@@ -58,31 +58,25 @@ def _clipped_sum(s: npt.NDArray[np.float64], v: float) -> float:
     return float(np.clip(s - v, 0.0, 1.0).sum())
 
 
-# Below this size the sort is as fast as the bracketing pass and simplest.
-_BRACKET_MIN_SIZE = 4096
+# Below this size the sort is as fast as the selection and keeps the NumPy sums.
+_SELECT_MIN_SIZE = 4096
 
 
-def _threshold_exact(s: npt.NDArray[np.float64], budget: float) -> float:
-    """Smallest v >= 0 with sum(clip(s - v, 0, 1)) == budget, in O(n).
+def _threshold_exact(s: FloatArray, budget: float) -> float:
+    """Smallest v >= 0 with sum(clip(s - v, 0, 1)) == budget.
 
-    A Numba pass brackets the root between two adjacent breakpoints of
-    ``f(v) = sum clip(s - v, 0, 1)`` (:func:`~cpusparse.engine.kernels.scores.threshold_bracket`);
-    the bracket is confirmed with the same evaluations of ``f`` as the sorting method
-    and the segment solved by the same formula (:func:`_solve_segment`), so the result
-    is bit-identical to :func:`_threshold_sort`, which remains the fallback (ties that
-    cannot be separated, small arrays) and the tests' oracle.
+    A Numba selection over the breakpoints of ``f(v) = sum clip(s - v, 0, 1)``
+    (:func:`~cpusparse.engine.kernels.scores.projection_threshold`) in expected O(n),
+    with compensated sums; it agrees with :func:`_threshold_sort` to rounding of the
+    threshold. The sort, used below ``_SELECT_MIN_SIZE`` units, is the tests' oracle.
 
-    NOTE: s is 1-D float64 and sum(clip(s, 0, 1)) > budget >= 0 (so max(s) > 0).
+    NOTE: s is 1-D float32 or float64 and sum(clip(s, 0, 1)) > budget >= 0.
     """
-    if s.shape[0] >= _BRACKET_MIN_SIZE:
+    if s.shape[0] >= _SELECT_MIN_SIZE:
+        work = np.empty(s.shape[0], dtype=np.int32 if s.shape[0] < 2**31 else np.int64)
         s_max = float(s.max())
-        work = np.empty(s.shape[0], dtype=np.int64)
-        lo, hi, undecided = _score_kernels.threshold_bracket(s, budget, work)
-        if undecided == 0:
-            left, right = _score_kernels.enclosing_breakpoints(s, lo, hi, s_max)
-            if _clipped_sum(s, left) > budget >= _clipped_sum(s, right):
-                return _solve_segment(s, budget, left, right)
-    return _threshold_sort(s, budget)
+        return float(_score_kernels.projection_threshold(s, budget, s_max, work))
+    return _threshold_sort(s.astype(np.float64, copy=False), budget)
 
 
 def _threshold_sort(s: npt.NDArray[np.float64], budget: float) -> float:
@@ -152,6 +146,7 @@ def project_scores(
     method: str = "exact",
     tol: float = 1e-3,
     max_iter: int = 20,
+    out: FloatArray | None = None,
 ) -> tuple[FloatArray, float]:
     r"""Euclidean projection of ``score`` onto :math:`\{s : 0 \le s \le 1, \sum s \le k\}`.
 
@@ -173,11 +168,14 @@ def project_scores(
         Bisection only: stop when :math:`|\sum_i P(s)_i - k| <` ``tol``.
     max_iter : int, default=20
         Bisection only: the largest number of midpoints evaluated.
+    out : ndarray of shape (n,), optional
+        Where to write the result (it may be ``score`` itself, for an update in
+        place); its dtype must be the result's.
 
     Returns
     -------
     projected : ndarray of shape (n,)
-        A new array, float32 if ``score`` is float32 and float64 otherwise
+        ``out``, or a new array, float32 if ``score`` is float32 and float64 otherwise
         (the computation is done in float64).
     threshold : float
         The shift :math:`v \ge 0` with ``projected = clip(score - v, 0, 1)``;
@@ -217,17 +215,20 @@ def project_scores(
     without breakpoints, with :math:`A` the units in the linear regime
     (:math:`v < s_i < v + 1`) and :math:`U` those clipped at 1,
     :math:`f(v) = |U| + \sum_{i \in A} s_i - v|A|`. The breakpoints in
-    :math:`[0, \max_i s_i]` bracket the root: a bisection of :math:`v` that
-    sets aside every unit whose term is constant or linear on the current
-    interval finds the segment where :math:`f` crosses :math:`k` in about
-    :math:`2n` unit visits (sorting the breakpoints and searching them is the
-    fallback and the tests' oracle, with the same result bit for bit), and the
-    linear equation is solved there, :math:`v = (|U| + \sum_{A} s_i - k)/|A|`, or :math:`v` is
-    the breakpoint itself when :math:`f` equals :math:`k` there. The sums are
-    taken directly rather than from prefix sums, which cancel catastrophically
-    when tiny and large scores are mixed. Where :math:`f` is flat at
-    :math:`k` the threshold is not unique (the projection is); the smallest is
-    returned.
+    :math:`[0, \max_i s_i]` bracket the root. From 4,096 units on, a selection
+    finds the segment where :math:`f` crosses :math:`k` in expected
+    :math:`O(n)`: each round evaluates :math:`f` at the breakpoint of an
+    undecided unit (the median of three) and sets aside every unit whose term
+    is constant or linear on the narrowed interval, so tied scores are decided
+    together. The linear equation is solved there,
+    :math:`v = (|U| + \sum_{A} s_i - k)/|A|`, with compensated float64 sums,
+    and clamped to the segment. Smaller arrays sort the breakpoints and
+    binary-search them (:math:`O(n \log n)`, NumPy's sums; the tests' oracle),
+    which returns the breakpoint itself when :math:`f` equals :math:`k`
+    there. The two agree to rounding of the threshold. Sums are taken directly
+    rather than from prefix sums, which cancel catastrophically when tiny and
+    large scores are mixed. Where :math:`f` is flat at :math:`k` the threshold
+    is not unique (the projection is); the smallest is returned.
 
     **Bisection.** Starting from :math:`[0, \max_i s_i]`, the midpoint is
     evaluated up to ``max_iter`` times, stopping early when
@@ -263,8 +264,6 @@ def project_scores(
     score = _check_real_array(score, "score")
     if score.ndim != 1:
         raise ValueError(f"score must be 1-D, got an array of shape {score.shape}")
-    if not np.all(np.isfinite(score)):
-        raise ValueError("score must be finite, got NaN or inf")
     if not isinstance(budget, numbers.Real) or isinstance(budget, bool | np.bool_):
         raise TypeError(f"budget must be a real number, got {type(budget).__name__}")
     if not np.isfinite(budget) or budget < 0:
@@ -275,18 +274,48 @@ def project_scores(
     if max_iter < 1:
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
 
-    out_dtype = np.float32 if score.dtype == np.float32 else np.float64
-    s = score.astype(np.float64)
+    out_dtype = np.dtype(np.float32 if score.dtype == np.float32 else np.float64)
+    if out is not None and (
+        not isinstance(out, np.ndarray) or out.shape != score.shape or out.dtype != out_dtype
+    ):
+        got = (
+            f"{out.dtype} array of shape {out.shape}"
+            if isinstance(out, np.ndarray)
+            else type(out).__name__
+        )
+        raise ValueError(f"out must be a {out_dtype} array of shape {score.shape}, got {got}")
     budget = float(budget)
+    if score.shape[0] >= _SELECT_MIN_SIZE and score.dtype in (np.float32, np.float64):
+        # One compensated pass for the check and the feasibility test, one for the result.
+        total, _, finite = _score_kernels.clipped_sum(score)
+        if not finite:
+            raise ValueError("score must be finite, got NaN or inf")
+        threshold = 0.0
+        if total > budget:
+            threshold = _find_threshold(score, budget, method, tol, max_iter)
+        out = np.empty(score.shape, dtype=out_dtype) if out is None else out
+        _score_kernels.shift_clip(score, threshold, out)
+        return out, threshold
+    if not np.all(np.isfinite(score)):
+        raise ValueError("score must be finite, got NaN or inf")
+    s = score.astype(np.float64)
     clipped = np.clip(s, 0.0, 1.0)
     if clipped.sum() <= budget:
-        return clipped.astype(out_dtype, copy=False), 0.0
-    if method == "exact":
-        threshold = _threshold_exact(s, budget)
+        projected, threshold = clipped, 0.0
     else:
-        threshold = _threshold_bisection(s, budget, float(tol), int(max_iter))
-    projected = np.clip(s - threshold, 0.0, 1.0)
-    return projected.astype(out_dtype, copy=False), float(threshold)
+        threshold = _find_threshold(s, budget, method, tol, max_iter)
+        projected = np.clip(s - threshold, 0.0, 1.0)
+    if out is None:
+        return projected.astype(out_dtype, copy=False), threshold
+    out[:] = projected
+    return out, threshold
+
+
+def _find_threshold(s: FloatArray, budget: float, method: str, tol: float, max_iter: int) -> float:
+    """The threshold of the chosen method. NOTE: sum(clip(s, 0, 1)) > budget >= 0."""
+    if method == "exact":
+        return _threshold_exact(s, budget)
+    return _threshold_bisection(s.astype(np.float64, copy=False), budget, float(tol), int(max_iter))
 
 
 def concat_scores(scores: Iterable[npt.ArrayLike]) -> tuple[FloatArray, IndexArray]:

@@ -6,104 +6,198 @@ kernel, they validate nothing, allocate nothing and draw no random numbers.
 """
 
 import numpy as np
-from numba import njit
+from numba import njit, prange
 
 __all__: list[str] = []
 
 
-# What a unit's term clip(s_i - v, 0, 1) is on an interval [lo, hi] of v.
-_ZERO, _ONE, _LINEAR, _UNDECIDED = 0, 1, 2, 3
+@njit(cache=True, nogil=True, inline="always")
+def _inner_breakpoint(x, lo, hi):
+    # A breakpoint of unit x's term inside (lo, hi), if it has one; else lo or hi.
+    if lo < x < hi:
+        return x
+    return min(max(x - 1.0, lo), hi)
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _classify(x, lo, hi):
-    # 0 on the whole interval, 1 on it, s_i - v on it, or a breakpoint inside it.
-    if x <= lo:
-        return _ZERO
-    if x - hi >= 1.0:
-        return _ONE
-    if x >= hi and x - lo <= 1.0:
-        return _LINEAR
-    return _UNDECIDED
+def _term(x, v):
+    # clip(x - v, 0, 1)
+    t = x - v
+    if t >= 1.0:
+        return 1.0
+    if t <= 0.0:
+        return 0.0
+    return t
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _unit(s, work, j, first):
+    # The score of the j-th undecided unit (in the first round every unit is undecided).
+    return float(s[j]) if first else float(s[work[j]])
+
+
+# Sample size of a selection round, and the ranks kept on each side of the estimate.
+_SAMPLE, _MARGIN = 1024, 48
 
 
 @njit(cache=True, nogil=True)
-def threshold_bracket(s, budget, work):
-    """Narrow the projection's threshold to an interval free of most breakpoints.
+def _pivots(s, work, m, first, lo, hi, base, n_lin, budget, seed):
+    """Two breakpoints that likely bracket the root (Floyd and Rivest's sampling).
 
-    ``f(v) = sum_i clip(s_i - v, 0, 1)`` decreases, piecewise linearly, with
-    breakpoints at the ``s_i`` and ``s_i - 1``. Starting from ``[0, max s]``, bisect
-    ``v`` keeping ``f(lo) > budget >= f(hi)``; every unit whose term is constant or
-    linear on the current interval goes into running totals and leaves the work list,
-    so each bisection step only visits the units with a breakpoint inside
-    ``(lo, hi)``: about ``2n`` visits in all instead of one pass per step.
-
-    Returns ``(lo, hi, m)``: the interval and the number of undecided units left in
-    ``work[:m]`` (their indices): 0, unless ``lo`` and ``hi`` became adjacent floats
-    first (the root sits on a breakpoint shared by tied scores).
+    From a sample of the undecided units, estimate f at the sample's sorted breakpoints
+    and take the ones ``_MARGIN`` ranks either side of where the estimate crosses the
+    budget.
     """
-    # NOTE: s float64 1-D, f(0) > budget >= 0 (so max s > 0); work int64 of len(s).
-    n = s.shape[0]
-    hi = 0.0
-    for i in range(n):
-        if s[i] > hi:
-            hi = s[i]
-    lo = 0.0
+    r = min(m, _SAMPLE)
+    xs = np.empty(r)
+    bps = np.empty(r)
+    for j in range(r):
+        seed = (seed * 1103515245 + 12345) % 2147483648
+        x = _unit(s, work, (j * m) // r + seed % max(m // r, 1), first)
+        xs[j] = x
+        bps[j] = _inner_breakpoint(x, lo, hi)
+    bps.sort()
+    scale = m / r
+    a, b = 0, r - 1  # binary search for the first breakpoint whose estimate is <= budget
+    while a < b:
+        mid = (a + b) // 2
+        v = bps[mid]
+        est = base - v * n_lin
+        for j in range(r):
+            est += scale * _term(xs[j], v)
+        if est > budget:
+            a = mid + 1
+        else:
+            b = mid
+    return bps[max(a - _MARGIN, 0)], bps[min(a + _MARGIN, r - 1)]
+
+
+@njit(cache=True, nogil=True)
+def _evaluate(s, work, m, first, p, q):
+    # The undecided units' parts of f(p) and f(q), in two lanes each (fixed order).
+    fp0 = fp1 = fq0 = fq1 = 0.0
+    half = m // 2
+    for j in range(half):
+        x0 = _unit(s, work, 2 * j, first)
+        x1 = _unit(s, work, 2 * j + 1, first)
+        fp0 += min(max(x0 - p, 0.0), 1.0)
+        fp1 += min(max(x1 - p, 0.0), 1.0)
+        fq0 += min(max(x0 - q, 0.0), 1.0)
+        fq1 += min(max(x1 - q, 0.0), 1.0)
+    if m % 2:
+        x = _unit(s, work, m - 1, first)
+        fp0 += min(max(x - p, 0.0), 1.0)
+        fq0 += min(max(x - q, 0.0), 1.0)
+    return fp0 + fp1, fq0 + fq1
+
+
+@njit(cache=True, nogil=True)
+def _classify(s, work, m, first, lo, hi):
+    """Sort the m undecided units by their term on ``[lo, hi]``.
+
+    A term is 0, 1, linear, or still undecided (a breakpoint inside); the last are
+    compacted into ``work[:kept]``. Returns ``(n_one, n_lin, lin_sum, kept)``,
+    ``lin_sum`` in two lanes.
+    """
+    n_one = 0
+    n_lin = 0
+    lin0 = lin1 = 0.0
+    kept = 0
+    for j in range(m):
+        i = j if first else work[j]
+        x = float(s[i])
+        x1 = x - 1.0
+        one = x1 >= hi
+        linear = (x >= hi) & (x1 <= lo)
+        undecided = (x > lo) & ~one & ~linear
+        n_one += one
+        n_lin += linear
+        if j % 2:
+            lin1 += x if linear else 0.0
+        else:
+            lin0 += x if linear else 0.0
+        work[kept] = i  # kept <= j: the entry was read already
+        kept += undecided
+    return n_one, n_lin, lin0 + lin1, kept
+
+
+@njit(cache=True, nogil=True)
+def projection_threshold(s, budget, s_max, work):
+    """The threshold ``v`` with ``sum_i clip(s_i - v, 0, 1) = budget``, in O(n).
+
+    ``f(v) = sum_i clip(s_i - v, 0, 1)`` decreases, piecewise linearly, with breakpoints
+    at the ``s_i`` and ``s_i - 1``. A selection over the breakpoints keeps an interval
+    ``[lo, hi]`` with ``f(lo) > budget >= f(hi)``, starting from ``[0, max s]``. Each
+    round takes two breakpoints of undecided units that likely bracket the root (from a
+    sample of 1,024 of them, as in Floyd and Rivest's selection), evaluates ``f`` at both,
+    narrows the interval, and moves every unit whose term is now constant (0 or 1) or
+    linear on the whole interval into running totals: a round usually keeps a few
+    percent of the units, and a group of tied scores is decided at once (a bisection
+    of the interval could not separate them). When no breakpoint is left inside,
+    ``f`` is linear on ``[lo, hi]``, ``f(v) = n_1 + sum_A s_i - v |A|`` (``n_1`` units
+    at 1, ``A`` the linear ones), solved for ``v`` and clamped to ``[lo, hi]``. Sums are
+    float64, accumulated in a fixed order.
+    """
+    # NOTE: s float 1-D (read as float64), sum clip(s, 0, 1) > budget >= 0, so
+    # s_max = max s > 0; work an int array of len(s) (scratch).
+    if budget == 0.0:
+        return s_max  # f > 0 below max s and f(max s) = 0
+    lo, hi = 0.0, s_max
     n_one = 0  # units at 1 on the whole interval
     n_lin = 0  # units at s_i - v on the whole interval
     lin_sum = 0.0
-    # Every unit starts undecided; the first bisection step sorts them out.
-    for i in range(n):
-        work[i] = i
-    m = n
+    m = s.shape[0]
+    first = True
+    seed = 12345
     while m > 0:
-        mid = 0.5 * (lo + hi)
-        if mid <= lo or mid >= hi:
-            break
-        total = n_one + lin_sum - mid * n_lin
-        for j in range(m):
-            t = s[work[j]] - mid
-            if t >= 1.0:
-                total += 1.0
-            elif t > 0.0:
-                total += t
-        if total > budget:
-            lo = mid
+        # f(v) = base - v n_lin + the undecided units' terms.
+        base = n_one + lin_sum
+        p, q = _pivots(s, work, m, first, lo, hi, base, n_lin, budget, seed)
+        seed = (seed * 69069 + 1) % 2147483648
+        fp, fq = _evaluate(s, work, m, first, p, q)
+        fp += base - p * n_lin
+        fq += base - q * n_lin
+        if fq > budget:
+            lo = q
+        elif fp > budget:
+            lo, hi = p, q
         else:
-            hi = mid
-        kept = 0
-        for j in range(m):
-            i = work[j]
-            kind = _classify(s[i], lo, hi)
-            if kind == _ONE:
-                n_one += 1
-            elif kind == _LINEAR:
-                n_lin += 1
-                lin_sum += s[i]
-            elif kind == _UNDECIDED:
-                work[kept] = i
-                kept += 1
-        m = kept
-    return lo, hi, m
+            hi = p
+        ones, lins, lin, m = _classify(s, work, m, first, lo, hi)
+        n_one += ones
+        n_lin += lins
+        lin_sum += lin
+        first = False
+    if n_lin == 0:  # pragma: no cover - f is not flat where it crosses the budget
+        return hi
+    v = ((n_one - budget) + lin_sum) / n_lin
+    return min(max(v, lo), hi)
 
 
 @njit(cache=True, nogil=True)
-def enclosing_breakpoints(s, lo, hi, s_max):
-    """The largest breakpoint ``<= lo`` and the smallest ``>= hi`` of ``f``.
+def clipped_sum(s):
+    """``(sum_i clip(s_i, 0, 1), max_i s_i, all finite)`` in one pass.
 
-    Breakpoints are ``0``, ``max s`` and every ``s_i`` and ``s_i - 1`` in ``[0, max s]``.
+    The sum is float64 in four lanes (unit ``i`` in lane ``i % 4``), added in order.
     """
-    # NOTE: s float64 1-D; 0 <= lo <= hi <= s_max.
-    left = 0.0
-    right = s_max
-    for i in range(s.shape[0]):
-        for b in (s[i], s[i] - 1.0):
-            if 0.0 <= b <= s_max:
-                if left < b <= lo:
-                    left = b
-                if hi <= b < right:
-                    right = b
-    return left, right
+    acc = np.zeros(4)
+    top = -np.inf
+    bad = 0.0  # x - x is 0 for finite x and NaN otherwise
+    n = s.shape[0]
+    for i in range(n):
+        x = float(s[i])
+        bad += x - x
+        top = max(top, x)
+        acc[i % 4] += min(max(x, 0.0), 1.0)
+    return ((acc[0] + acc[1]) + (acc[2] + acc[3])), top, bad == 0.0
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def shift_clip(s, v, out):
+    """``out[i] = clip(s_i - v, 0, 1)`` computed in float64, stored in out's dtype."""
+    # NOTE: s float 1-D, out float 1-D of the same length (may be s itself).
+    for i in prange(s.shape[0]):
+        out[i] = min(max(float(s[i]) - v, 0.0), 1.0)
 
 
 @njit(cache=True, nogil=True)
