@@ -162,7 +162,7 @@ def test_help_shows_every_default_once(command, capsys):
 def test_trace_describe_prints_the_installed_format_page(capsys):
     assert main(["trace", "--describe"]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("Golden traces: format and replay") and "format version 2" in out
+    assert out.startswith("Golden traces: format and replay") and "format version 3" in out
 
 
 def test_preset_sets_the_defaults_of_train_and_trace(tmp_path, capsys):

@@ -308,15 +308,88 @@ def test_same_seed_same_masks_and_uniforms():
     assert not np.array_equal(m1, m3)
 
 
-def test_draw_order_is_replayable():
+def test_numpy_draw_order_is_replayable():
     score = np.linspace(0, 1, 13, dtype=np.float32)
-    masks, uniforms = sample_masks(score, 4, rng=np.random.default_rng(9), return_uniforms=True)
+    masks, uniforms = sample_masks(
+        score, 4, rng=np.random.default_rng(9), return_uniforms=True, draw="numpy"
+    )
     replay = np.random.default_rng(9).random((4, 13))
     np.testing.assert_array_equal(uniforms, replay)
     assert uniforms.dtype == np.float64 and uniforms.flags.c_contiguous
     np.testing.assert_array_equal(masks, replay < score.astype(np.float64))
     assert masks.dtype == np.bool_
     assert not masks[:, 0].any() and masks[:, -1].all()
+
+
+_PHILOX_M, _PHILOX_W = (0xD2511F53, 0xCD9E8D57), (0x9E3779B9, 0xBB67AE85)
+
+
+def _philox_reference(counter, key):
+    # Philox4x32-10 in plain Python integers, from Salmon et al. (2011), section 3.
+    c, k = list(counter), list(key)
+    for _ in range(10):
+        p0, p1 = _PHILOX_M[0] * c[0], _PHILOX_M[1] * c[2]
+        c = [(p1 >> 32) ^ c[1] ^ k[0], p1 & 0xFFFFFFFF, (p0 >> 32) ^ c[3] ^ k[1], p0 & 0xFFFFFFFF]
+        k = [(k[0] + _PHILOX_W[0]) & 0xFFFFFFFF, (k[1] + _PHILOX_W[1]) & 0xFFFFFFFF]
+    return c
+
+
+# Random123's tests/kat_vectors, the three "philox4x32 10" lines: counter, key, result.
+PHILOX_KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((0xFFFFFFFF,) * 4, (0xFFFFFFFF,) * 2, (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    (
+        (0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344),
+        (0xA4093822, 0x299F31D0),
+        (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1),
+    ),
+]
+
+
+@pytest.mark.parametrize("counter, key, expected", PHILOX_KAT)
+def test_philox_known_answers(counter, key, expected):
+    from cpusparse.engine.kernels import philox
+
+    out = np.empty(4, np.uint32)
+    philox.philox4x32_10(np.array(counter, np.uint64), np.array(key, np.uint64), out)
+    assert tuple(int(w) for w in out) == expected
+    assert tuple(_philox_reference(counter, key)) == expected
+
+
+@pytest.mark.parametrize("n", [1, 3, 4, 13, 1021, 4 * 256 + 5, 3 * 4 * 256])
+def test_philox_draw_order_is_replayable(n):
+    # The documented layout, rebuilt from the reference: key from one integers() draw,
+    # units 4c..4c+3 of mask k from counter (c, 0, k, 0); every chunk boundary and tail.
+    score = np.linspace(0, 1, n, dtype=np.float32)
+    masks, uniforms = sample_masks(score, 3, rng=np.random.default_rng(9), return_uniforms=True)
+    key = int(np.random.default_rng(9).integers(0, 2**64, dtype=np.uint64))
+    k0, k1 = key & 0xFFFFFFFF, key >> 32
+    units = [0, n // 2, n - 1] + list(range(min(n, 9)))
+    for k in range(3):
+        for i in units:
+            word = _philox_reference((i // 4, 0, k, 0), (k0, k1))[i % 4]
+            assert uniforms[k, i] == word * 2.0**-32
+    assert uniforms.dtype == np.float64 and uniforms.shape == (3, n)
+    np.testing.assert_array_equal(masks, uniforms < score.astype(np.float64))
+    # Without the uniforms: the same masks from the same key.
+    again = sample_masks(score, 3, rng=np.random.default_rng(9))
+    np.testing.assert_array_equal(again, masks)
+    assert not masks[:, 0].any() and (n == 1 or masks[:, -1].all())
+
+
+def test_sample_masks_rejects_an_unknown_draw():
+    with pytest.raises(ValueError, match=r"draw must be one of \('philox', 'numpy'\), got 'mt'"):
+        sample_masks([0.5], 2, rng=0, draw="mt")
+
+
+@pytest.mark.parametrize("draw", ["philox", "numpy"])
+def test_sample_masks_frequencies_of_both_draws(draw):
+    score = np.array([0.0, 1e-3, 0.1, 0.5, 0.8, 1.0])
+    n_masks = 40_000
+    freq = sample_masks(score, n_masks, rng=3, draw=draw).mean(axis=0)
+    se = np.sqrt(score * (1 - score) / n_masks)
+    assert np.all(np.abs(freq - score) <= N_SE * se + 1e-12)
+    assert freq[0] == 0.0 and freq[-1] == 1.0
 
 
 def test_generator_state_advances():

@@ -315,6 +315,42 @@ def test_golden_v1_traces_replay_in_pytorch(path):
 
 
 # ---------------------------------------------------------------------------
+# Golden traces written by cpusparse 0.2 before the Philox draw (format version 2)
+# ---------------------------------------------------------------------------
+
+GOLDEN_V2 = sorted(DATA.glob("golden_v2_*.npz"))
+
+
+def test_there_are_version_2_golden_traces():
+    assert len(GOLDEN_V2) >= 2
+
+
+@pytest.mark.parametrize("path", GOLDEN_V2, ids=lambda p: p.stem)
+def test_golden_v2_trace_reruns_bit_for_bit_with_its_own_draw(path):
+    # load_trace marks them mask_draw="numpy" (their draw), so a rerun of their options
+    # reproduces every array, bit for bit; with the Philox draw the masks differ.
+    ref = load_trace(path)
+    assert int(ref["meta/upgraded_from"]) == 2
+    options = json.loads(str(ref["meta/options"]))
+    assert options["mask_draw"] == "numpy"
+    assert json.loads(str(ref["meta/config"]))["mask_draw"] == "numpy"
+    trace = make_trace(**options)
+    report = compare_traces(ref, trace, rtol=0, atol=0)
+    assert report.ok, report.format()
+    philox = make_trace(**{**options, "mask_draw": "philox"})
+    assert not np.array_equal(philox["step0/layer0/uniforms"], ref["step0/layer0/uniforms"])
+
+
+@pytest.mark.parametrize("path", GOLDEN_V2, ids=lambda p: p.stem)
+def test_golden_v2_traces_replay_in_pytorch(path):
+    replay = pytest.importorskip("cpusparse.testing.replay_torch").replay
+    with np.load(path, allow_pickle=False) as data:
+        raw = {name: data[name] for name in data.files}
+    assert replay(raw) == []
+    assert replay(load_trace(path)) == []
+
+
+# ---------------------------------------------------------------------------
 # Containers inside containers, and a layer of any kind in last position
 # ---------------------------------------------------------------------------
 

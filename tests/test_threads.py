@@ -50,6 +50,16 @@ def compute():
                     results[f"{prefix}-logits"] = logits
                     for name, arr in net_grads.items():
                         results[f"{prefix}-{name}"] = arr
+    # The score-vector passes: the Philox masks and the projection (its parallel apply).
+    from cpusparse.method import project_scores, sample_masks
+
+    score = rng.random(300_001).astype(np.float32)
+    masks, uniforms = sample_masks(score, 3, rng=5, return_uniforms=True)
+    results["philox-masks"] = masks
+    results["philox-uniforms"] = uniforms
+    projected, threshold = project_scores(score * 1.5 - 0.2, 0.1 * score.size)
+    results["projection"] = projected
+    results["threshold"] = np.array(threshold)
     return results
 """
 

@@ -11,6 +11,7 @@ import pytest
 
 from cpusparse.tools.cli import main
 from cpusparse.tools.trace import (
+    FORMAT_VERSION,
     OUTSIDE_UNIFORM,
     TraceError,
     compare_traces,
@@ -59,7 +60,7 @@ def test_round_trip(tmp_path):
         assert loaded[name].shape == value.shape, name
         assert np.array_equal(loaded[name], value), name
     with np.load(path, allow_pickle=False) as data:  # plain numpy reads it, no pickles
-        assert int(data["meta/format_version"]) == 2
+        assert int(data["meta/format_version"]) == FORMAT_VERSION == 3
         assert data["step1/layer0/masks"].dtype == np.bool_
     assert os.listdir(tmp_path) == ["t.npz"]  # the temporary file is gone
 
@@ -95,14 +96,38 @@ def test_bit_identical_when_written_twice(tmp_path):
     assert not np.array_equal(ta["step0/layer0/uniforms"], tc["step0/layer0/uniforms"])
 
 
-def test_draw_order_and_pattern_conventions():
-    # The documented conventions, replayed with plain NumPy: masks stream = 3rd child of
-    # SeedSequence(seed); one (K, n_units) draw per step over array[pattern] per layer.
-    trace = make_trace(**{**SMALL, "steps": 3}, seed=7, stored_density=0.6, n_masks=3)
+def _philox_uniforms(key, n_masks, n):
+    # The documented draw, rebuilt from NumPy's Generator and the Philox kernel's KAT-tested
+    # block function, one counter at a time.
+    from cpusparse.engine.kernels.philox import philox4x32_10
+
+    k0, k1 = key & 0xFFFFFFFF, key >> 32
+    words = np.empty(4, np.uint32)
+    u = np.empty((n_masks, n))
+    for k in range(n_masks):
+        for c in range((n + 3) // 4):
+            philox4x32_10(np.array([c, 0, k, 0], np.uint64), np.array([k0, k1], np.uint64), words)
+            take = min(4, n - 4 * c)
+            u[k, 4 * c : 4 * c + take] = words[:take] * 2.0**-32
+    return u
+
+
+@pytest.mark.parametrize("mask_draw", ["philox", "numpy"])
+def test_draw_order_and_pattern_conventions(mask_draw):
+    # The documented conventions, replayed: masks stream = 3rd child of SeedSequence(seed);
+    # per step one key (philox) or one (K, n_units) draw (numpy) over array[pattern].
+    trace = make_trace(
+        **{**SMALL, "steps": 3}, seed=7, stored_density=0.6, n_masks=3, mask_draw=mask_draw
+    )
+    assert json.loads(str(trace["meta/options"]))["mask_draw"] == mask_draw
     mask_rng = np.random.default_rng(np.random.SeedSequence(7).spawn(3)[2])
     n_units = int(trace["meta/n_units"])
     for s in range(3):
-        expected = mask_rng.random((3, n_units))
+        if mask_draw == "numpy":
+            expected = mask_rng.random((3, n_units))
+        else:
+            key = int(mask_rng.integers(0, 2**64, dtype=np.uint64))
+            expected = _philox_uniforms(key, 3, n_units)
         flat = []
         for layer in (0, 1):
             pre = f"step{s}/layer{layer}"
@@ -360,4 +385,4 @@ def test_docs_list_every_array():
             generic = re.sub(r"step\d+", "step<s>", re.sub(r"layer\d+", "layer<l>", name))
             assert generic in documented, f"{generic} is not documented in trace_format.rst"
     assert "literalinclude:: ../cpusparse/testing/replay_torch.py" in docs_page
-    assert "format version 2" in text and "(m_k - \\bar m)" in text
+    assert "format version 3" in text and "(m_k - \\bar m)" in text

@@ -5,7 +5,9 @@ Each prunable unit :math:`i` carries a keep probability :math:`s_i \in [0, 1]`
 independently, with :math:`p(m \mid s) = \prod_i s_i^{m_i} (1 - s_i)^{1 - m_i}` [1]_.
 
 Random numbers are drawn in exactly one place, :func:`sample_masks`, in one
-documented order, so another implementation can replay the same masks.
+documented order, so another implementation can replay the same masks: by default a
+counter-based generator (Philox4x32-10), whose uniforms any thread can compute for any
+block of units.
 :func:`score_function` is :math:`\nabla_s \log p(m \mid s)`, the building block of
 every score-function estimator (:mod:`cpusparse.method.estimators`).
 
@@ -25,11 +27,15 @@ import numpy as np
 
 from .._typing import BoolArray, FloatArray, RNGLike
 from .._validation import check_rng
+from ..engine.kernels import philox
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["sample_masks", "score_function", "SCALINGS"]
+__all__ = ["sample_masks", "score_function", "SCALINGS", "DRAWS"]
+
+DRAWS = ("philox", "numpy")
+"""How :func:`sample_masks` draws its uniforms (see its Notes)."""
 
 SCALINGS = ("exact", "sqrt")
 """Scalings of the score function: the paper's ``s(1-s)``, the authors' ``sqrt(s(1-s))``."""
@@ -103,23 +109,39 @@ def sample_masks(
     *,
     rng: RNGLike = None,
     return_uniforms: Literal[False] = False,
+    draw: str = "philox",
 ) -> BoolArray: ...
 
 
 @overload
 def sample_masks(
-    score: npt.ArrayLike, n_masks: int, *, rng: RNGLike = None, return_uniforms: Literal[True]
+    score: npt.ArrayLike,
+    n_masks: int,
+    *,
+    rng: RNGLike = None,
+    return_uniforms: Literal[True],
+    draw: str = "philox",
 ) -> tuple[BoolArray, npt.NDArray[np.float64]]: ...
 
 
 @overload
 def sample_masks(
-    score: npt.ArrayLike, n_masks: int, *, rng: RNGLike = None, return_uniforms: bool
+    score: npt.ArrayLike,
+    n_masks: int,
+    *,
+    rng: RNGLike = None,
+    return_uniforms: bool,
+    draw: str = "philox",
 ) -> BoolArray | tuple[BoolArray, npt.NDArray[np.float64]]: ...
 
 
 def sample_masks(
-    score: npt.ArrayLike, n_masks: int, *, rng: RNGLike = None, return_uniforms: bool = False
+    score: npt.ArrayLike,
+    n_masks: int,
+    *,
+    rng: RNGLike = None,
+    return_uniforms: bool = False,
+    draw: str = "philox",
 ) -> BoolArray | tuple[BoolArray, npt.NDArray[np.float64]]:
     r"""Draw ``n_masks`` independent Bernoulli masks with keep probabilities ``score``.
 
@@ -133,6 +155,11 @@ def sample_masks(
         Source of randomness; see :func:`~cpusparse.check_rng`.
     return_uniforms : bool, default=False
         Also return the uniforms the masks were thresholded from.
+    draw : {"philox", "numpy"}, default="philox"
+        How the uniforms are drawn (see Notes): a counter-based generator keyed by
+        one draw from `rng` (parallel, no ``(n_masks, n)`` float array unless
+        ``return_uniforms``), or one bulk ``rng.random`` call (the only draw of
+        cpusparse 0.1, trace format versions 1 and 2).
 
     Returns
     -------
@@ -144,20 +171,34 @@ def sample_masks(
     Notes
     -----
     The draw order is part of the interface so that another implementation
-    (for instance a GPU port) can replay exactly the same masks: one call
+    (for instance a GPU port) can replay exactly the same masks. With
+    ``draw="philox"`` one 64-bit key is drawn,
+
+    .. code-block:: python
+
+        key = int(rng.integers(0, 2**64, dtype=np.uint64))
+        k0, k1 = key & 0xFFFFFFFF, key >> 32
+
+    and the uniforms of units ``4c, ..., 4c + 3`` of mask ``k`` are the four
+    32-bit output words of Philox4x32-10 [2]_ (the generator of Random123 and of
+    cuRAND's ``curand_Philox4x32_10``) on the counter
+    ``(c mod 2**32, c // 2**32, k, 0)`` with the key ``(k0, k1)``, each times
+    :math:`2^{-32}`, so that :math:`u \in [0, 1)` takes multiples of
+    :math:`2^{-32}`. With ``draw="numpy"``,
 
     .. code-block:: python
 
         u = rng.random((n_masks, n))  # float64, C order
-        masks = u < score.astype(np.float64)
 
     so row :math:`k` holds sample :math:`k` and the uniforms are consumed
-    row-major. Since :math:`u \in [0, 1)`,
+    row-major. Either way ``masks = u < score.astype(np.float64)`` and, since
+    :math:`u \in [0, 1)`,
 
     .. math::
 
-        P(m_{ki} = 1) = P(u_{ki} < s_i) = s_i ,
+        P(m_{ki} = 1) = P(u_{ki} < s_i) = s_i
 
+    (to :math:`2^{-32}` for Philox: :math:`\lceil 2^{32} s_i \rceil / 2^{32}`);
     a unit with :math:`s_i = 0` is never kept and one with :math:`s_i = 1` is
     always kept. The comparison is done in float64 even for float32 scores.
 
@@ -165,6 +206,8 @@ def sample_masks(
     ----------
     .. [1] X. Zhou et al., "Efficient Neural Network Training via Forward and
        Backward Propagation Sparsification", NeurIPS 2021. arXiv:2111.05685.
+    .. [2] J. K. Salmon, M. A. Moraes, R. O. Dror and D. E. Shaw, "Parallel random
+       numbers: as easy as 1, 2, 3", SC 2011.
 
     Examples
     --------
@@ -183,12 +226,35 @@ def sample_masks(
         raise TypeError(f"n_masks must be an int, got {type(n_masks).__name__}")
     if n_masks < 1:
         raise ValueError(f"n_masks must be >= 1, got {n_masks}")
-    generator = check_rng(rng)
-    uniforms = generator.random((int(n_masks), score.shape[0]))
-    masks = uniforms < score.astype(np.float64)
+    if draw not in DRAWS:
+        raise ValueError(f"draw must be one of {DRAWS}, got {draw!r}")
+    masks, uniforms = _sample(score, int(n_masks), check_rng(rng), draw, return_uniforms)
     if return_uniforms:
         return masks, uniforms
     return masks
+
+
+def _sample(
+    score: np.ndarray, n_masks: int, generator: np.random.Generator, draw: str, with_uniforms: bool
+) -> tuple[BoolArray, npt.NDArray[np.float64]]:
+    """:func:`sample_masks` without validation (the training step's call).
+
+    The uniforms are an empty array unless ``with_uniforms`` (or ``draw="numpy"``).
+    """
+    if draw == "numpy":
+        uniforms = generator.random((n_masks, score.shape[0]))
+        return uniforms < score.astype(np.float64), uniforms
+    key = int(generator.integers(0, 2**64, dtype=np.uint64))
+    k0, k1 = np.uint64(key & 0xFFFFFFFF), np.uint64(key >> 32)
+    if score.dtype not in (np.float32, np.float64):
+        score = score.astype(np.float64)
+    masks = np.empty((n_masks, score.shape[0]), dtype=np.bool_)
+    philox.philox_masks(score, k0, k1, masks)
+    if not with_uniforms:
+        return masks, np.empty((0, 0))
+    uniforms = np.empty((n_masks, score.shape[0]), dtype=np.float64)
+    philox.philox_uniforms(k0, k1, uniforms)
+    return masks, uniforms
 
 
 def score_function(

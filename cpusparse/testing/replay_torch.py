@@ -171,7 +171,7 @@ def replay(trace: Mapping[str, np.ndarray]) -> list[str]:
     if "meta/upgraded_from" in trace:
         version = int(trace["meta/upgraded_from"])
     else:
-        version = int(trace["meta/format_version"]) if "meta/format_version" in trace else 2
+        version = int(trace["meta/format_version"]) if "meta/format_version" in trace else 3
     if estimator not in ("vrpge", "vrpge-sqrt", "reinforce"):
         return [
             f"meta/config: score estimator {estimator!r} is not replayed (only vrpge, "
@@ -547,7 +547,7 @@ def replay_free(trace: Mapping[str, np.ndarray], *, resync_masks: bool = True) -
     Parameters
     ----------
     trace : dict of str to ndarray
-        A reference trace of format version 2 (or without ``meta/format_version``).
+        A reference trace of format version 2 or 3 (or without ``meta/format_version``).
     resync_masks : bool, default=True
         Use the reference's masks (when ``trace`` has them) instead of the port's own.
         In float32 a decision ``u < s`` flips when the port's score differs from the
@@ -571,15 +571,16 @@ def replay_free(trace: Mapping[str, np.ndarray], *, resync_masks: bool = True) -
     gradient norm and the projection are computed in float64; the score gradient in
     float64 and cast to the trace's dtype.
     """
-    # An upgraded trace (cpusparse's load_trace) says version 2 but keeps version 1 values.
-    version = int(trace.get("meta/upgraded_from", trace.get("meta/format_version", 2)))
-    if version != 2:
+    # An upgraded trace (cpusparse's load_trace) says version 3 but keeps version 1 values.
+    # Versions 2 and 3 differ only in how the uniforms were drawn, which are inputs here.
+    version = int(trace.get("meta/upgraded_from", trace.get("meta/format_version", 3)))
+    if version not in (2, 3):
         return FreeRun(
             {},
             {},
             [
                 f"meta/format_version: the trace's values are of format version {version}; "
-                "replay_free runs version 2 (VR-PGE with the mean mask)"
+                "replay_free runs versions 2 and 3 (VR-PGE with the mean mask)"
             ],
         )
     inputs = free_run_inputs(trace, masks=True)
@@ -613,7 +614,7 @@ def replay_free(trace: Mapping[str, np.ndarray], *, resync_masks: bool = True) -
         int(patterns[i].sum()) if weight_units[i] else layers[i]["n_out"] for i in prunable
     )
     out: dict[str, np.ndarray] = {
-        "meta/format_version": np.array(2, dtype=np.int64),
+        "meta/format_version": np.array(3, dtype=np.int64),
         "meta/dtype": np.array(dtype_name),
         "meta/n_steps": np.array(n_steps, dtype=np.int64),
         "meta/n_units": np.array(n_units, dtype=np.int64),

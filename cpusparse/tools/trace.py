@@ -83,11 +83,17 @@ __all__ = [
     "main_verify",
 ]
 
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 """Version of the trace layout (``meta/format_version``); bumped on any change."""
 
-READABLE_VERSIONS = (1, 2)
+READABLE_VERSIONS = (1, 2, 3)
 """Versions :func:`load_trace` reads; older ones are upgraded by :func:`upgrade_trace`.
+
+Version 3 (cpusparse 0.2): the uniforms of the masks come from Philox4x32-10 keyed by
+one 64-bit draw of the masks stream per step (``mask_draw="philox"``, see
+:func:`~cpusparse.method.sample_masks`); versions 1 and 2 drew them with one bulk
+``rng.random((K, n_units))`` call, and are upgraded with ``mask_draw="numpy"`` in
+``meta/config`` and ``meta/options``, so that they are rerun with their own draw.
 
 Version 2 (cpusparse 0.2): the VR-PGE score gradient is computed as
 ``1/(K-1) sum_k (L_k - mean L)(m_k - mean m) / (s (1 - s))`` (exactly 0 where the K
@@ -108,16 +114,20 @@ OUTSIDE_UNIFORM = 1.0
 """Value of ``uniforms`` outside the stored pattern (never below a score)."""
 
 CONVENTIONS = """\
-cpusparse trace conventions (format version 2)
+cpusparse trace conventions (format version 3)
 - Inputs x are stored batch-major, (n_batch, n_in), like PyTorch; the engine itself is
   feature-major. Weights are (n_out, n_in); a layer computes x @ W.T + b.
 - Every per-layer array is dense: entries outside the stored pattern are 0 (False for
   masks, 1.0 for uniforms, so that masks == (uniforms < score) holds everywhere).
 - Random streams: SeedSequence(seed).spawn(4) -> [init, data order, masks, synthetic data].
-- Masks: one draw per step, u = default_rng(masks stream).random((K, n_units)) (float64,
-  C order), masks = u < score.astype(float64). The flat unit vector concatenates the
-  prunable layers in order; a weight-granularity layer contributes array[pattern]
-  (row-major over the stored entries), a neuron-granularity layer its n_out units.
+- Masks: per step, key = int(rng.integers(0, 2**64, dtype=uint64)) from the masks stream
+  (default_rng), k0, k1 = key & 0xFFFFFFFF, key >> 32; the uniforms of flat units 4c..4c+3
+  of pass k are the four words of Philox4x32-10(counter=(c mod 2**32, c // 2**32, k, 0),
+  key=(k0, k1)) times 2**-32, and masks = u < score.astype(float64). With
+  mask_draw=numpy (versions 1-2): u = rng.random((K, n_units)) (float64, C order). The
+  flat unit vector concatenates the prunable layers in order; a weight-granularity layer
+  contributes array[pattern] (row-major over the stored entries), a neuron-granularity
+  layer its n_out units.
 - Mini-batches: one data_rng.permutation(n_data) per epoch, cut into batch_size chunks.
 - Neuron granularity: out = m * relu(x @ W.T + b) (the bias is dropped with the unit).
 - Loss: mean softmax cross-entropy over the batch; losses are float64.
@@ -595,7 +605,8 @@ def upgrade_trace(arrays: dict[str, np.ndarray], *, where: str = "trace") -> dic
     Version 1 traces (cpusparse 0.1) name ``*_grad_per_pass`` ``*_grad_per_sample``
     and use ``n_samples``, ``estimator`` and ``init_density`` in ``meta/config`` and
     ``meta/options``; their values are kept as they are (their VR-PGE score gradients
-    hold rounding residues where all masks agree, see :data:`READABLE_VERSIONS`). A
+    hold rounding residues where all masks agree, see :data:`READABLE_VERSIONS`).
+    Versions 1 and 2 get ``mask_draw="numpy"`` in both, the draw they were made with. A
     trace without ``meta/format_version`` (e.g. written by another port) is taken as
     the current version.
 
@@ -628,6 +639,7 @@ def upgrade_trace(arrays: dict[str, np.ndarray], *, where: str = "trace") -> dic
         if name in ("meta/config", "meta/options"):
             meta = json.loads(str(value))
             meta = {_V1_RENAMED_KEYS.get(k, k): v for k, v in meta.items()}
+            meta.setdefault("mask_draw", "numpy")  # the only draw before version 3
             value = _json(meta)
         out[name.replace("_grad_per_sample", "_grad_per_pass")] = value
     out["meta/format_version"] = np.array(FORMAT_VERSION, dtype=np.int64)

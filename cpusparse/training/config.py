@@ -23,6 +23,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from ..method.estimators import SCORE_ESTIMATORS
+from ..method.masks import DRAWS as MASK_DRAWS
 from ..method.projection import METHODS as PROJECTIONS
 from .optim import SGD, Adam, constant_schedule, cosine_schedule
 
@@ -205,6 +206,11 @@ class TrainConfig:
         Kept fraction of the prunable units; the budget is ``k = density * n``.
     n_masks : int >= 2, default=2
         Number :math:`K` of masks (forward passes) per step.
+    mask_draw : {"philox", "numpy"}, default="philox"
+        How the uniforms of the masks are drawn (:func:`~cpusparse.method.sample_masks`):
+        Philox4x32-10 keyed by one 64-bit draw per step, computed in parallel without
+        storing them, or one bulk ``rng.random((K, n))`` draw (cpusparse 0.1 and 0.2,
+        trace format versions 1 and 2, which replay bit for bit with it).
     score_estimator : str, default="vrpge"
         Score-gradient estimator, a name of
         :data:`~cpusparse.method.estimators.SCORE_ESTIMATORS`: ``"vrpge"`` (the
@@ -257,6 +263,12 @@ class TrainConfig:
 
     density: float = _option(0.1, Real(0.0, 1.0, "right"), "kept fraction of the prunable units")
     n_masks: int = _option(2, Int(2), "K: masks (forward passes) per step")
+    mask_draw: str = _option(
+        "philox",
+        Choice(MASK_DRAWS),
+        "uniforms of the masks: philox (counter-based, parallel) or numpy (one bulk "
+        "rng.random draw, as in trace format versions 1 and 2)",
+    )
     score_estimator: str = _option(
         "vrpge", Choice(tuple(SCORE_ESTIMATORS)), "score-gradient estimator"
     )

@@ -7,7 +7,7 @@ probabilities of every prunable layer (layer ``l`` owns
 :func:`~cpusparse.method.projection.concat_scores`), the optimizer states, the step
 counter and two random streams spawned from one seed: ``data_rng`` (the order of the
 samples in each epoch) and ``mask_rng`` (the uniforms of
-:func:`~cpusparse.method.masks.sample_masks`, one ``(K, n)`` draw per step over the
+:func:`~cpusparse.method.masks.sample_masks`, keyed by one draw per step, over the
 flat score vector). A third stream, spawned first, initialises the weights.
 """
 

@@ -26,7 +26,7 @@ from .._typing import BoolArray, FloatArray
 from ..engine.layers.base import STRAIGHT_THROUGH, TRAIN, Mode
 from ..engine.losses import softmax_cross_entropy
 from ..method.estimators import get_score_estimator
-from ..method.masks import sample_masks
+from ..method.masks import _sample as sample_masks
 from ..method.projection import project_scores
 from .compaction import maybe_compact
 from .optim import clip_grad_norm
@@ -225,7 +225,8 @@ def train_step(
     Notes
     -----
     1. Draw :math:`K` masks :math:`m_k \sim \text{Bernoulli}(s)` over all prunable
-       units at once (one ``(K, n)`` draw of uniforms from ``mask_rng``).
+       units at once (:func:`~cpusparse.method.sample_masks`, keyed by one draw from
+       ``mask_rng``).
     2. Run :math:`K` sparse forward passes on the same batch: losses :math:`L_k`.
     3. Weight gradient: the sparse backward of each pass (only active entries),
        averaged over the passes (or the first pass only).
@@ -257,7 +258,7 @@ def train_step(
     score_before = state.score.copy() if record else None
 
     # 1. K independent masks from the keep probabilities s.
-    masks, uniforms = sample_masks(state.score, K, rng=state.mask_rng, return_uniforms=True)
+    masks, uniforms = sample_masks(state.score, K, state.mask_rng, config.mask_draw, record)
 
     # 2.-3. K forward passes on the same batch; sparse backward for the weights.
     mode = STRAIGHT_THROUGH if estimator.mask_gradient else TRAIN
@@ -292,14 +293,14 @@ def train_step(
     before_projection = state.score.copy() if record else None
 
     # 6. Project s back onto the budget set.
-    projected, threshold = project_scores(
+    _, threshold = project_scores(
         state.score,
         state.budget,
         method=config.projection,
         tol=config.projection_tol,
         max_iter=config.projection_max_iter,
+        out=state.score,
     )
-    state.score[:] = projected
     state.step += 1
 
     kept = maybe_compact(state, config)
