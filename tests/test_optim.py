@@ -505,3 +505,76 @@ def test_reprs():
         "SGD(lr=0.5, momentum=0.9, nesterov=False, weight_decay=0.0)"
     )
     assert repr(Adam()).startswith("Adam(lr=0.001, betas=(0.9, 0.999)")
+
+
+# ---------------------------------------------------------------------------
+# The element-wise kernels are the NumPy expressions of the docstrings, bit for bit
+# ---------------------------------------------------------------------------
+
+
+def _adam_numpy(p, g, m, v, t, lr, beta1, beta2, eps, wd):
+    cast = p.dtype.type
+    d = g + cast(wd) * p if wd != 0.0 else g
+    m += cast(1.0 - beta1) * (d - m)
+    v *= cast(beta2)
+    v += cast(1.0 - beta2) * (d * d)
+    denom = np.sqrt(v) / cast(np.sqrt(1.0 - beta2**t))
+    denom += cast(eps)
+    p -= cast(lr / (1.0 - beta1**t)) * m / denom
+
+
+def _sgd_numpy(p, g, buf, lr, momentum, nesterov, wd):
+    cast = p.dtype.type
+    d = g + cast(wd) * p if wd != 0.0 else g
+    if momentum != 0.0:
+        buf *= cast(momentum)
+        buf += d
+        d = d + cast(momentum) * buf if nesterov else buf
+    p -= cast(lr) * d
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize("wd", [0.0, 5e-4])
+def test_adam_kernel_is_the_numpy_expression_bit_for_bit(dtype, wd):
+    rng = np.random.default_rng(4)
+    p = rng.standard_normal((37, 29)).astype(dtype)
+    ref_p, ref_m, ref_v = p.copy(), np.zeros_like(p), np.zeros_like(p)
+    opt = Adam(lr=0.03, betas=(0.8, 0.99), eps=1e-6, weight_decay=wd)
+    state = opt.init_state([p])
+    for t in range(1, 6):
+        g = (rng.standard_normal(p.shape) * 10.0 ** rng.integers(-4, 4, p.shape)).astype(dtype)
+        opt.step([p], [g], state)
+        _adam_numpy(ref_p, g, ref_m, ref_v, t, 0.03, 0.8, 0.99, 1e-6, wd)
+        assert np.array_equal(p, ref_p) and np.array_equal(state[0]["exp_avg"], ref_m)
+        assert np.array_equal(state[0]["exp_avg_sq"], ref_v)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@pytest.mark.parametrize(
+    "momentum, nesterov, wd", [(0.0, False, 0.0), (0.9, False, 1e-3), (0.9, True, 0.0)]
+)
+def test_sgd_kernel_is_the_numpy_expression_bit_for_bit(dtype, momentum, nesterov, wd):
+    rng = np.random.default_rng(5)
+    p = rng.standard_normal(101).astype(dtype)
+    ref_p, ref_buf = p.copy(), np.zeros_like(p)
+    opt = SGD(lr=0.1, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    state = opt.init_state([p])
+    for _ in range(4):
+        g = rng.standard_normal(p.shape).astype(dtype)
+        opt.step([p], [g], state)
+        _sgd_numpy(ref_p, g, ref_buf, 0.1, momentum, nesterov, wd)
+        assert np.array_equal(p, ref_p)
+        if momentum:
+            assert np.array_equal(state[0]["momentum_buffer"], ref_buf)
+
+
+def test_optimizers_refuse_a_parameter_they_cannot_update_in_place():
+    p = np.ones((6, 4))[:, ::2]  # a strided view
+    g = np.ones_like(p)
+    for opt in (Adam(), SGD(momentum=0.9)):
+        with pytest.raises(ValueError, match=r"must be C-contiguous \(updated in place\)"):
+            opt.step([p], [g], opt.init_state([p]))
+    grad_view = np.ones((3, 4))[:, ::2]  # a strided gradient is fine: it is only read
+    q = np.zeros((3, 2))
+    Adam(lr=0.1).step([q], [grad_view], Adam().init_state([q]))
+    assert np.allclose(q, -0.1)

@@ -25,6 +25,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 from .._typing import FloatArray
+from ..engine.kernels import elementwise as _elementwise
 
 __all__ = [
     "SGD",
@@ -58,6 +59,21 @@ def _check_scalar(
         hi = "inf" if high is None else f"{high:g}"
         raise ValueError(f"{name} must be finite and in {left}{lo}, {hi}{right}, got {value!r}")
     return value
+
+
+def _flat_views(*arrays: np.ndarray) -> list[np.ndarray]:
+    """1-D views of C-contiguous arrays, for the element-wise kernels.
+
+    NOTE: the kernels update the parameter and state arrays in place, so these must
+    be views; a non-contiguous one is refused rather than silently updated in a copy.
+    """
+    for a in arrays:
+        if not a.flags.c_contiguous:
+            raise ValueError(
+                f"optimizer arrays must be C-contiguous (updated in place), got an array "
+                f"of shape {a.shape} with strides {a.strides}"
+            )
+    return [a.reshape(-1) for a in arrays]
 
 
 def _check_params(params: Sequence[FloatArray], name: str = "params") -> list[FloatArray]:
@@ -242,7 +258,7 @@ class SGD:
         Parameters
         ----------
         params : list of ndarray
-            Parameter arrays, updated in place.
+            Parameter arrays, C-contiguous, updated in place.
         grads : list of ndarray
             Gradients, same shapes and dtypes as `params`; not modified.
         state : list of dict
@@ -255,13 +271,17 @@ class SGD:
         params, grads = _check_step_args(params, grads, state, self._state_keys())
         for p, g, s in zip(params, grads, state, strict=True):
             cast = p.dtype.type
-            d = g + cast(self.weight_decay) * p if self.weight_decay != 0.0 else g
-            if self.momentum != 0.0:
-                buf = s["momentum_buffer"]
-                buf *= cast(self.momentum)
-                buf += d
-                d = d + cast(self.momentum) * buf if self.nesterov else buf
-            p -= cast(lr) * d
+            buf = s["momentum_buffer"] if self.momentum != 0.0 else np.empty(0, p.dtype)
+            flat_p, flat_buf = _flat_views(p, buf)
+            _elementwise.sgd_update(
+                flat_p,
+                np.ascontiguousarray(g).reshape(-1),
+                flat_buf,
+                cast(lr),
+                cast(self.weight_decay),
+                cast(self.momentum),
+                self.nesterov,
+            )
 
 
 class Adam:
@@ -382,7 +402,7 @@ class Adam:
         Parameters
         ----------
         params : list of ndarray
-            Parameter arrays, updated in place.
+            Parameter arrays, C-contiguous, updated in place.
         grads : list of ndarray
             Gradients, same shapes and dtypes as `params`; not modified.
         state : list of dict
@@ -398,15 +418,21 @@ class Adam:
             cast = p.dtype.type
             s["step"] += 1
             t = int(s["step"])
-            d = g + cast(self.weight_decay) * p if self.weight_decay != 0.0 else g
-            m, v = s["exp_avg"], s["exp_avg_sq"]
-            m += cast(1.0 - beta1) * (d - m)
-            v *= cast(beta2)
-            v += cast(1.0 - beta2) * (d * d)
-            step_size = lr / (1.0 - beta1**t)
-            denom = np.sqrt(v) / cast(math.sqrt(1.0 - beta2**t))
-            denom += cast(self.eps)
-            p -= cast(step_size) * m / denom
+            # One pass per array: the NumPy expressions of the Notes, element by element.
+            flat_p, flat_m, flat_v = _flat_views(p, s["exp_avg"], s["exp_avg_sq"])
+            _elementwise.adam_update(
+                flat_p,
+                np.ascontiguousarray(g).reshape(-1),
+                flat_m,
+                flat_v,
+                cast(self.weight_decay),
+                cast(1.0 - beta1),
+                cast(beta2),
+                cast(1.0 - beta2),
+                cast(lr / (1.0 - beta1**t)),
+                cast(math.sqrt(1.0 - beta2**t)),
+                cast(self.eps),
+            )
 
 
 def compact_state(state_i: dict[str, np.ndarray], keep: npt.ArrayLike) -> dict[str, np.ndarray]:
