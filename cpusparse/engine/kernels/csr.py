@@ -38,7 +38,13 @@ from .intrinsics import TILE_VECS, _dot, _dot4, _dot8, _init_8z, _init_x, _init_
 __all__: list[str] = []
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, inline="always")
+def _keeps(k, j, entry_mask, use_entry_mask, col_mask, use_col_mask):
+    # Whether stored entry k (in column j) of a kept row is active.
+    return (not use_entry_mask or entry_mask[k]) and (not use_col_mask or col_mask[j])
+
+
+@njit(cache=True, nogil=True, parallel=True)
 def active_pattern(
     indptr,
     indices,
@@ -56,28 +62,33 @@ def active_pattern(
 ):
     """Compact the stored entries kept by the masks; return their number.
 
-    One pass over the stored entries of the kept rows.
+    Two parallel passes over the stored entries of the kept rows: one counts each
+    row's active entries (their prefix sum is ``a_indptr``), the other writes them in
+    stored order, so the result does not depend on the number of threads.
     """
     # NOTE: a_indptr has n_out + 1 slots; a_indices, a_data, a_pos have room for nnz.
     n_out = indptr.shape[0] - 1
-    c = 0
+    for o in prange(n_out):
+        count = 0
+        if not use_row_mask or row_mask[o]:
+            for k in range(indptr[o], indptr[o + 1]):
+                count += _keeps(k, indices[k], entry_mask, use_entry_mask, col_mask, use_col_mask)
+        a_indptr[o + 1] = count
     a_indptr[0] = 0
     for o in range(n_out):
-        if use_row_mask and not row_mask[o]:
-            a_indptr[o + 1] = c
+        a_indptr[o + 1] += a_indptr[o]
+    for o in prange(n_out):
+        c = a_indptr[o]
+        if c == a_indptr[o + 1]:
             continue
         for k in range(indptr[o], indptr[o + 1]):
-            if use_entry_mask and not entry_mask[k]:
-                continue
             j = indices[k]
-            if use_col_mask and not col_mask[j]:
-                continue
-            a_indices[c] = j
-            a_data[c] = data[k]
-            a_pos[c] = k
-            c += 1
-        a_indptr[o + 1] = c
-    return c
+            if _keeps(k, j, entry_mask, use_entry_mask, col_mask, use_col_mask):
+                a_indices[c] = j
+                a_data[c] = data[k]
+                a_pos[c] = k
+                c += 1
+    return a_indptr[n_out]
 
 
 @njit(cache=True, nogil=True, inline="always")

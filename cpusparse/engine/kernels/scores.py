@@ -200,7 +200,7 @@ def shift_clip(s, v, out):
         out[i] = min(max(float(s[i]) - v, 0.0), 1.0)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=True)
 def vrpge_scores(masks, centered, score, sqrt_scaling, out):
     """VR-PGE of every unit in one pass: no ``(K, n)`` temporaries.
 
@@ -212,7 +212,7 @@ def vrpge_scores(masks, centered, score, sqrt_scaling, out):
     # NOTE: masks bool (K, n) C-contiguous; centered float64 (K,); score float (n,);
     # out float64 (n,).
     n_masks, n = masks.shape
-    for i in range(n):
+    for i in prange(n):
         s = float(score[i])
         if not (s > 0.0 and s < 1.0):
             out[i] = 0.0
