@@ -1,28 +1,77 @@
-"""Thread control for the Numba kernels (private module)."""
+"""Thread control for the Numba kernels (private module).
+
+**Threading layer.** Numba runs its parallel kernels on Intel TBB when the ``tbb``
+package is installed (a dependency of cpusparse on Linux x86-64), else on OpenMP,
+else on its own ``workqueue``. TBB is the one that is both thread-safe (Dask's and
+joblib's thread workers may call kernels concurrently; ``workqueue`` is not) and
+fork-safe (process pools that fork; GNU OpenMP is not), and its idle workers sleep
+instead of spinning, so they neither slow a busy machine down nor fight PyTorch's
+OpenMP threads in the same process. :func:`threading_layer` says which one runs;
+``NUMBA_THREADING_LAYER`` overrides the choice, as for any Numba program.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Iterator
 
 import numba
+import numpy as np
+
+__all__ = ["effective_n_jobs", "numba_threads", "threading_layer"]
 
 
-@contextlib.contextmanager
-def numba_threads(n_jobs: int | None) -> Iterator[int]:
-    """Run the enclosed kernels on ``n_jobs`` threads (None: 1), then restore.
+def effective_n_jobs(n_jobs: int | None) -> int:
+    """The number of threads ``n_jobs`` asks for, as in scikit-learn.
 
-    Results do not depend on the number of threads: every reduction of the Numba
-    kernels has a fixed order, and BLAS (the dense layers' products, the gradient
-    norm's dot products), whose results can change with its thread count, runs on
-    one thread inside. Only the speed depends on ``n_jobs``. One thread is the
-    default because Numba's OpenMP workers busy-wait, which slows everything down
-    many times over when the machine's cores are already busy.
+    None means 1; -1 means every core Numba may use (``NUMBA_NUM_THREADS``, by default
+    the machine's cores), -2 all but one, and so on; positive values are capped at
+    that number.
     """
     # numba.config sets NUMBA_NUM_THREADS from the environment at import time, in a
     # way type checkers cannot see: read it from the module's namespace.
     max_threads: int = vars(numba.config)["NUMBA_NUM_THREADS"]
-    n = 1 if n_jobs is None else min(int(n_jobs), max_threads)
+    if n_jobs is None:
+        return 1
+    n = int(n_jobs)
+    if n == 0:
+        raise ValueError("n_jobs == 0 has no meaning; use None or 1 for one thread, -1 for all")
+    if n < 0:
+        return max(max_threads + 1 + n, 1)
+    return min(n, max_threads)
+
+
+def threading_layer() -> str:
+    """The Numba threading layer the kernels run on (``"tbb"``, ``"omp"``, ``"workqueue"``).
+
+    Runs a tiny parallel kernel first if none has run yet (Numba picks the layer on
+    the first parallel launch).
+    """
+    try:
+        return str(numba.threading_layer())
+    except ValueError:  # no parallel region has run yet
+        _touch(np.zeros(2))
+        return str(numba.threading_layer())
+
+
+@numba.njit(parallel=True)
+def _touch(a):  # pragma: no cover - compiled
+    # The smallest parallel kernel: makes Numba choose its threading layer.
+    for i in numba.prange(a.shape[0]):
+        a[i] = 0.0
+
+
+@contextlib.contextmanager
+def numba_threads(n_jobs: int | None) -> Iterator[int]:
+    """Run the enclosed kernels on ``n_jobs`` threads (see :func:`effective_n_jobs`).
+
+    Results do not depend on the number of threads: every reduction of the Numba
+    kernels has a fixed order, and BLAS (the dense layers' products, the gradient
+    norm's dot products), whose results can change with its thread count, runs on
+    one thread inside. Only the speed depends on ``n_jobs``.
+    """
+    n = effective_n_jobs(n_jobs)
     from threadpoolctl import threadpool_limits
 
     previous = numba.get_num_threads()
@@ -32,3 +81,9 @@ def numba_threads(n_jobs: int | None) -> Iterator[int]:
             yield n
     finally:
         numba.set_num_threads(previous)
+
+
+if "NUMBA_THREADING_LAYER" not in os.environ:
+    # The default order, stated: TBB first (see the module docstring).
+    # (set through setattr: numba.config fills its names in at import time).
+    setattr(numba.config, "THREADING_LAYER_PRIORITY", ["tbb", "omp", "workqueue"])  # noqa: B010

@@ -225,8 +225,9 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         Floating type of parameters and activations.
     n_jobs : int or None, default=None
         Number of threads of the Numba kernels during ``fit`` and ``predict``;
-        None means 1 (results are bit-identical for any value). More threads
-        help only on large layers and an otherwise idle machine.
+        None means 1 and -1 all cores, -2 all but one, as in scikit-learn (results
+        are bit-identical for any value). One thread is the default so that a fit
+        inside a process pool or a grid search does not oversubscribe the machine.
     random_state : int, RandomState instance or None, default=None
         Seed of the three random streams (initialisation, data order, masks)
         and of the validation split. Fixed: training is bit-reproducible,
@@ -393,7 +394,11 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         "sparse_classifier": ["boolean"],
         "init": [StrOptions(set(INITS))],
         "dtype": [StrOptions({"float32", "float64"}), type],
-        "n_jobs": [Interval(Integral, 1, None, closed="left"), None],
+        "n_jobs": [
+            Interval(Integral, 1, None, closed="left"),
+            Interval(Integral, None, -1, closed="right"),
+            None,
+        ],
         "random_state": [
             Interval(Integral, 0, None, closed="left"),
             np.random.RandomState,

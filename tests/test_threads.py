@@ -118,3 +118,70 @@ def test_results_do_not_depend_on_set_num_threads():
     finally:
         numba.set_num_threads(before)
     _assert_identical(one, two, "set_num_threads(1) vs (2)")
+
+
+# ---------------------------------------------------------------------------
+# n_jobs and the threading layer
+# ---------------------------------------------------------------------------
+
+
+def test_effective_n_jobs_follows_scikit_learn():
+    from cpusparse._threads import effective_n_jobs
+
+    cores = numba.config.NUMBA_NUM_THREADS
+    assert effective_n_jobs(None) == 1
+    assert effective_n_jobs(1) == 1
+    assert effective_n_jobs(-1) == cores
+    assert effective_n_jobs(-2) == max(cores - 1, 1)
+    assert effective_n_jobs(-1000) == 1
+    assert effective_n_jobs(10_000) == cores
+    with pytest.raises(ValueError, match="n_jobs == 0 has no meaning"):
+        effective_n_jobs(0)
+
+
+def test_the_kernels_run_on_tbb_where_it_is_a_dependency():
+    import importlib.metadata
+    import platform
+
+    from cpusparse._threads import threading_layer
+
+    layer = threading_layer()
+    assert layer in ("tbb", "omp", "workqueue")
+    if platform.system() == "Linux" and platform.machine() == "x86_64":
+        importlib.metadata.version("tbb")  # installed with cpusparse
+        if "NUMBA_THREADING_LAYER" not in os.environ:
+            assert layer == "tbb"
+
+
+def test_concurrent_fits_in_threads_match_serial_fits():
+    # Thread workers (Dask's, joblib's threading backend) may run kernels concurrently;
+    # the threading layer must allow it and the results must not change.
+    import threading
+
+    from sklearn.datasets import load_digits
+
+    from cpusparse import SparseMLPClassifier
+
+    X, y = load_digits(return_X_y=True)
+    X = X[:400] / 16.0
+    y = y[:400]
+
+    def fit(seed):
+        clf = SparseMLPClassifier(
+            (32,), max_iter=2, finetune_iter=0, random_state=seed, n_jobs=-1
+        ).fit(X, y)
+        return clf.predict_proba(X)
+
+    serial = [fit(seed) for seed in (0, 1)]
+    results = [None, None]
+
+    def work(i):
+        results[i] = fit(i)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, serial, strict=True):
+        assert np.array_equal(got, want)

@@ -145,6 +145,26 @@ def add_options(
         group.add_argument(option.flag, **kwargs)
 
 
+def thread_count(text: str) -> int:
+    """An argparse ``type``: threads as ``n_jobs`` takes them (an int >= 1, -1 or "all")."""
+    if text.strip().lower() == "all":
+        return -1
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"must be an int >= 1, or -1 or 'all' for every core, got {text!r}"
+        ) from None
+    if value < 1 and value != -1:
+        raise argparse.ArgumentTypeError(
+            f"must be an int >= 1, or -1 or 'all' for every core, got {value}"
+        )
+    return value
+
+
+thread_count.__name__ = "threads"
+
+
 def int_at_least(low: int) -> Callable[[str], int]:
     """An argparse ``type``: an int >= ``low``."""
 

@@ -75,6 +75,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         int_at_least,
         layer_sizes,
         preset_of,
+        thread_count,
     )
     from .datasets import DATASETS
 
@@ -165,9 +166,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     run.add_argument("--seed", type=int_at_least(0), default=0, help="seed of every random stream")
     run.add_argument(
         "--threads",
-        type=int_at_least(1),
+        type=thread_count,
         default=1,
-        help="Numba threads (results do not depend on it)",
+        help="Numba threads, or 'all' (results do not depend on it)",
     )
     out = train.add_argument_group("output")
     out.add_argument("--json", metavar="PATH", help="write metrics, history and config as JSON")
