@@ -264,11 +264,12 @@ def vrpge_grad(
         )
     losses = _check_losses(losses, n_masks)
     centered = losses - losses.sum() / n_masks
-    dscore = np.empty(score.shape[0], dtype=np.float64)
+    # Computed in float64, rounded once to the output dtype as it is stored.
+    dscore = np.empty(score.shape[0], dtype=_out_dtype(score))
     _score_kernels.vrpge_scores(
         np.ascontiguousarray(masks), centered, score, scaling == "sqrt", dscore
     )
-    return dscore.astype(_out_dtype(score), copy=False)
+    return dscore
 
 
 # ---------------------------------------------------------------------------

@@ -65,7 +65,7 @@ def droppable_fraction(state: TrainState, dead: BoolArray) -> float:
             raise RuntimeError("internal error: a prunable layer has a unit map")
         per_unit = layer.units.stored_per_unit()
         stored += int(per_unit.sum())
-        dropped += int(per_unit[layer_dead].sum())
+        dropped += int(per_unit.sum(where=layer_dead))  # no copy of the dead units' counts
     return dropped / stored if stored else 0.0
 
 

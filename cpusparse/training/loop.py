@@ -9,6 +9,7 @@ import numpy as np
 
 from .._typing import BoolArray, FloatArray, RNGLike
 from .._validation import check_choice
+from ..engine.kernels import elementwise as _elementwise
 from ..engine.layers.base import EVAL
 from ..engine.losses import softmax_cross_entropy
 from ..method.masks import sample_masks
@@ -167,11 +168,9 @@ def run_epoch(
             info = train_step(state, xb, yb, config)
             loss = float(info.losses.mean())
             densities.append(info.realised_density)
-            g = info.dscore.astype(np.float64)
             if g_sum is None or g_sq is None:  # both, at the first step
-                g_sum, g_sq = np.zeros_like(g), np.zeros_like(g)
-            g_sum += g
-            g_sq += g * g
+                g_sum, g_sq = np.zeros(info.dscore.shape), np.zeros(info.dscore.shape)
+            _elementwise.accumulate_moments(info.dscore, g_sum, g_sq)  # in float64
             g_count += 1
             if info.kept is not None:  # dead units have gradient 0 from now on
                 g_sum, g_sq = g_sum[info.kept], g_sq[info.kept]

@@ -40,3 +40,13 @@ def sgd_update(p, g, buf, lr, decay, momentum, nesterov):
             buf[i] = b
             d = d + momentum * b if nesterov else b
         p[i] = p[i] - lr * d
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def accumulate_moments(g, total, total_sq):
+    """``total += g`` and ``total_sq += g * g`` in float64, in place, in one pass."""
+    # NOTE: g float (n,); total, total_sq float64 (n,).
+    for i in prange(g.shape[0]):
+        x = float(g[i])
+        total[i] += x
+        total_sq[i] += x * x

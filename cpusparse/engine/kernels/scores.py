@@ -210,7 +210,7 @@ def vrpge_scores(masks, centered, score, sqrt_scaling, out):
     is 0 or 1: the operations, in the order, of ``cpusparse.method.vrpge_grad``.
     """
     # NOTE: masks bool (K, n) C-contiguous; centered float64 (K,); score float (n,);
-    # out float64 (n,).
+    # out float (n,): the float64 result is rounded to its dtype as it is stored.
     n_masks, n = masks.shape
     for i in prange(n):
         s = float(score[i])
