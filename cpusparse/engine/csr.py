@@ -290,19 +290,31 @@ def _select_active(
     # Unvalidated: the caller checked lengths and dtypes.
     nnz = indices.shape[0]
     a_indptr = np.empty(shape[0] + 1, dtype=INDEX_DTYPE)
-    a_indices = np.empty(nnz, dtype=INDEX_DTYPE)
-    a_data = np.empty(nnz, dtype=data.dtype)
-    a_pos = np.empty(nnz, dtype=INDEX_DTYPE)
     dummy = _empty_bool()
-    count = _kernels.active_pattern(
+    entries = dummy if entry_mask is None else entry_mask
+    cols = dummy if col_mask is None else col_mask
+    count = _kernels.active_counts(
         indptr,
         indices,
-        data,
-        dummy if entry_mask is None else entry_mask,
+        entries,
         entry_mask is not None,
         dummy if row_mask is None else row_mask,
         row_mask is not None,
-        dummy if col_mask is None else col_mask,
+        cols,
+        col_mask is not None,
+        a_indptr,
+    )
+    # Allocated at their exact size: a pass's temporaries follow the active entries.
+    a_indices = np.empty(count, dtype=INDEX_DTYPE)
+    a_data = np.empty(count, dtype=data.dtype)
+    a_pos = np.empty(count, dtype=INDEX_DTYPE)
+    _kernels.active_fill(
+        indptr,
+        indices,
+        data,
+        entries,
+        entry_mask is not None,
+        cols,
         col_mask is not None,
         a_indptr,
         a_indices,
@@ -311,9 +323,9 @@ def _select_active(
     )
     return ActivePattern(
         a_indptr,
-        a_indices[:count],
-        a_data[:count],
-        a_pos[:count],
+        a_indices,
+        a_data,
+        a_pos,
         (shape[0], shape[1]),
         nnz,
         row_mask,

@@ -266,13 +266,16 @@ def train_step(
     losses, weight_grads, mask_grads, per_pass = _mask_passes(
         state, x, y, masks, n_backward, mode, record
     )
-    _check_finite(state, losses, x, lambda k: split_masks(state, masks[k]), mode)
+    _check_finite(state, losses, x, lambda k, m=masks: split_masks(state, m[k]), mode)
     if n_backward > 1:
         for g in weight_grads:
             g /= g.dtype.type(n_backward)
 
     # 4. Score gradient (VR-PGE by default): from the K losses and masks alone.
     dscore = estimator.grad(losses, masks, state.score, mask_grads)
+    realised = float(np.count_nonzero(masks)) / (K * state.n_units_initial)
+    step_masks = masks if record else None
+    del masks, mask_grads  # the step's largest temporaries go as soon as they are used
 
     # 5. Clip (the weight gradients, or weights and scores in one norm), then one step
     #    of each optimizer.
@@ -285,6 +288,8 @@ def train_step(
     lr, score_lr = lr_w(state.step), lr_s(state.step)
     weight_opt.step(state.param_list(), clipped, state.weight_state, lr=lr)
     score_opt.step([state.score], [dscore_step], state.score_state, lr=score_lr)
+    recorded_grads = [g.copy() for g in weight_grads] if record else []
+    del clipped, weight_grads, dscore_step
     if not np.isfinite(state.score).all():
         raise NonFiniteError(
             f"the scores are not finite after the score step at step {state.step}: the score "
@@ -304,18 +309,19 @@ def train_step(
     state.step += 1
 
     kept = maybe_compact(state, config)
-    realised = float(masks.sum()) / (K * state.n_units_initial)
     step_record = None
     if record:
-        if not (score_before is not None and before_projection is not None):
+        if not (
+            score_before is not None and before_projection is not None and step_masks is not None
+        ):
             raise RuntimeError("internal error: copied above")
         step_record = StepRecord(
             score=score_before,
             uniforms=uniforms,
-            masks=masks,
+            masks=step_masks,
             losses=losses.copy(),
             weight_grads_per_pass=per_pass,
-            weight_grads=[g.copy() for g in weight_grads],
+            weight_grads=recorded_grads,
             grad_norm=grad_norm,
             dscore=dscore.copy(),
             lr=lr,

@@ -45,10 +45,9 @@ def _keeps(k, j, entry_mask, use_entry_mask, col_mask, use_col_mask):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def active_pattern(
+def active_counts(
     indptr,
     indices,
-    data,
     entry_mask,
     use_entry_mask,
     row_mask,
@@ -56,17 +55,14 @@ def active_pattern(
     col_mask,
     use_col_mask,
     a_indptr,
-    a_indices,
-    a_data,
-    a_pos,
 ):
-    """Compact the stored entries kept by the masks; return their number.
+    """Row pointer of the stored entries kept by the masks; return their number.
 
-    Two parallel passes over the stored entries of the kept rows: one counts each
-    row's active entries (their prefix sum is ``a_indptr``), the other writes them in
-    stored order, so the result does not depend on the number of threads.
+    The first of two parallel passes of the active-pattern selection: each row's count
+    of active entries, then their prefix sum into ``a_indptr``; the caller allocates the
+    active arrays at their exact size and :func:`active_fill` writes them.
     """
-    # NOTE: a_indptr has n_out + 1 slots; a_indices, a_data, a_pos have room for nnz.
+    # NOTE: a_indptr has n_out + 1 slots.
     n_out = indptr.shape[0] - 1
     for o in prange(n_out):
         count = 0
@@ -77,10 +73,33 @@ def active_pattern(
     a_indptr[0] = 0
     for o in range(n_out):
         a_indptr[o + 1] += a_indptr[o]
+    return a_indptr[n_out]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def active_fill(
+    indptr,
+    indices,
+    data,
+    entry_mask,
+    use_entry_mask,
+    col_mask,
+    use_col_mask,
+    a_indptr,
+    a_indices,
+    a_data,
+    a_pos,
+):
+    """Write the active entries of every row, in stored order, from :func:`active_counts`.
+
+    Rows are independent, so the result does not depend on the number of threads.
+    """
+    # NOTE: a_indices, a_data, a_pos have a_indptr[-1] slots.
+    n_out = indptr.shape[0] - 1
     for o in prange(n_out):
         c = a_indptr[o]
         if c == a_indptr[o + 1]:
-            continue
+            continue  # dropped row, or no active entry
         for k in range(indptr[o], indptr[o + 1]):
             j = indices[k]
             if _keeps(k, j, entry_mask, use_entry_mask, col_mask, use_col_mask):
@@ -88,7 +107,6 @@ def active_pattern(
                 a_data[c] = data[k]
                 a_pos[c] = k
                 c += 1
-    return a_indptr[n_out]
 
 
 @njit(cache=True, nogil=True, inline="always")
