@@ -266,7 +266,11 @@ def train_step(
     losses, weight_grads, mask_grads, per_pass = _mask_passes(
         state, x, y, masks, n_backward, mode, record
     )
-    _check_finite(state, losses, x, lambda k, m=masks: split_masks(state, m[k]), mode)
+
+    def pass_masks(k: int, masks: BoolArray = masks) -> list[BoolArray]:
+        return split_masks(state, masks[k])
+
+    _check_finite(state, losses, x, pass_masks, mode)
     if n_backward > 1:
         for g in weight_grads:
             g /= g.dtype.type(n_backward)
@@ -275,7 +279,7 @@ def train_step(
     dscore = estimator.grad(losses, masks, state.score, mask_grads)
     realised = float(np.count_nonzero(masks)) / (K * state.n_units_initial)
     step_masks = masks if record else None
-    del masks, mask_grads  # the step's largest temporaries go as soon as they are used
+    del masks, pass_masks, mask_grads  # the step's largest temporaries go once used
 
     # 5. Clip (the weight gradients, or weights and scores in one norm), then one step
     #    of each optimizer.
