@@ -515,10 +515,12 @@ def test_vrpge_is_exactly_zero_where_the_masks_agree(scaling, n_masks):
 
 @pytest.mark.parametrize("scaling", ["exact", "sqrt"])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
-def test_vrpge_kernel_is_the_documented_formula_bit_for_bit(scaling, dtype):
-    # The fused pass does the documented operations in the documented order.
-    rng = np.random.default_rng(5)
-    n, k = 5000, 3
+@pytest.mark.parametrize("k", [2, 3, 4, 5])
+def test_vrpge_kernel_is_the_documented_formula_bit_for_bit(scaling, dtype, k):
+    # The fused pass does the documented operations in the documented order (K = 2 and
+    # 4 divide by powers of two, K = 3 and 5 do not; n spans several chunks and a tail).
+    rng = np.random.default_rng(5 + k)
+    n = 5001
     score = rng.uniform(0, 1, n).astype(dtype)
     score[:10] = 0.0
     score[10:20] = 1.0
@@ -537,3 +539,4 @@ def test_vrpge_kernel_is_the_documented_formula_bit_for_bit(scaling, dtype):
     want[interior] = (total / (k - 1))[interior] / denom[interior]
     got = vrpge_grad(losses, masks, score, scaling=scaling)
     np.testing.assert_array_equal(got, want.astype(got.dtype))
+    assert np.array_equal(np.signbit(got), np.signbit(want.astype(got.dtype)))  # zeros too

@@ -39,9 +39,12 @@ __all__: list[str] = []
 
 
 @njit(cache=True, nogil=True, inline="always")
-def _keeps(k, j, entry_mask, use_entry_mask, col_mask, use_col_mask):
-    # Whether stored entry k (in column j) of a kept row is active.
-    return (not use_entry_mask or entry_mask[k]) and (not use_col_mask or col_mask[j])
+def _keeps_flat(k, j, entry_mask, use_entry_mask, col_mask, use_col_mask):
+    # Whether stored entry k (in column j) of a kept row is active, as 0 or 1 without
+    # branches (a mask that is not used is read at index 0).
+    e = entry_mask[k if use_entry_mask else 0] | (not use_entry_mask)
+    c = col_mask[j if use_col_mask else 0] | (not use_col_mask)
+    return e & c
 
 
 @njit(cache=True, nogil=True, parallel=True)
@@ -68,7 +71,9 @@ def active_counts(
         count = 0
         if not use_row_mask or row_mask[o]:
             for k in range(indptr[o], indptr[o + 1]):
-                count += _keeps(k, indices[k], entry_mask, use_entry_mask, col_mask, use_col_mask)
+                count += _keeps_flat(
+                    k, indices[k], entry_mask, use_entry_mask, col_mask, use_col_mask
+                )
         a_indptr[o + 1] = count
     a_indptr[0] = 0
     for o in range(n_out):
@@ -98,15 +103,20 @@ def active_fill(
     n_out = indptr.shape[0] - 1
     for o in prange(n_out):
         c = a_indptr[o]
-        if c == a_indptr[o + 1]:
+        end = a_indptr[o + 1]
+        if c == end:
             continue  # dropped row, or no active entry
+        # (A branch-free fill, writing every entry and advancing past kept ones, was
+        # slower here: 2.0 against 1.5 ms for 1 M stored entries at density 0.1.)
         for k in range(indptr[o], indptr[o + 1]):
             j = indices[k]
-            if _keeps(k, j, entry_mask, use_entry_mask, col_mask, use_col_mask):
+            if _keeps_flat(k, j, entry_mask, use_entry_mask, col_mask, use_col_mask):
                 a_indices[c] = j
                 a_data[c] = data[k]
                 a_pos[c] = k
                 c += 1
+                if c == end:
+                    break  # the row's last active entry
 
 
 @njit(cache=True, nogil=True, inline="always")
