@@ -63,9 +63,8 @@ def droppable_fraction(state: TrainState, dead: BoolArray) -> float:
     for layer, layer_dead in zip(layers, _per_layer(state, dead), strict=True):
         if not (layer.units is not None):
             raise RuntimeError("internal error: a prunable layer has a unit map")
-        per_unit = layer.units.stored_per_unit()
-        stored += int(per_unit.sum())
-        dropped += int(per_unit.sum(where=layer_dead))  # no copy of the dead units' counts
+        stored += layer.units.stored_by(np.ones_like(layer_dead))
+        dropped += layer.units.stored_by(layer_dead)
     return dropped / stored if stored else 0.0
 
 

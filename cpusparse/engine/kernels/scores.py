@@ -72,38 +72,59 @@ def _pivots(s, work, m, first, lo, hi, base, n_lin, budget, seed):
     return bps[max(a - _MARGIN, 0)], bps[min(a + _MARGIN, r - 1)]
 
 
-@njit(cache=True, nogil=True)
-def _evaluate(s, work, m, first, p, q):
-    # The undecided units' parts of f(p) and f(q), in two lanes each (fixed order).
+# Units per chunk of the projection's parallel passes: a fixed partition, so that the
+# partial sums, added in chunk order, do not depend on the number of threads.
+_CHUNK = 16384
+
+
+@njit(cache=True, nogil=True, inline="always")
+def _evaluate_range(s, work, start, stop, first, p, q):
+    # Units start .. stop - 1's parts of f(p) and f(q), in two lanes each.
     fp0 = fp1 = fq0 = fq1 = 0.0
-    half = m // 2
-    for j in range(half):
-        x0 = _unit(s, work, 2 * j, first)
-        x1 = _unit(s, work, 2 * j + 1, first)
+    j = start
+    while j + 1 < stop:
+        x0 = _unit(s, work, j, first)
+        x1 = _unit(s, work, j + 1, first)
         fp0 += min(max(x0 - p, 0.0), 1.0)
         fp1 += min(max(x1 - p, 0.0), 1.0)
         fq0 += min(max(x0 - q, 0.0), 1.0)
         fq1 += min(max(x1 - q, 0.0), 1.0)
-    if m % 2:
-        x = _unit(s, work, m - 1, first)
+        j += 2
+    if j < stop:
+        x = _unit(s, work, j, first)
         fp0 += min(max(x - p, 0.0), 1.0)
         fq0 += min(max(x - q, 0.0), 1.0)
     return fp0 + fp1, fq0 + fq1
 
 
-@njit(cache=True, nogil=True)
-def _classify(s, work, m, first, lo, hi):
-    """Sort the m undecided units by their term on ``[lo, hi]``.
+@njit(cache=True, nogil=True, parallel=True)
+def _evaluate(s, work, m, first, p, q):
+    """The m undecided units' parts of f(p) and f(q): chunk sums added in chunk order."""
+    n_chunks = (m + _CHUNK - 1) // _CHUNK
+    fp_parts = np.empty(n_chunks)
+    fq_parts = np.empty(n_chunks)
+    for c in prange(n_chunks):
+        fp_parts[c], fq_parts[c] = _evaluate_range(
+            s, work, c * _CHUNK, min((c + 1) * _CHUNK, m), first, p, q
+        )
+    fp = fq = 0.0
+    for c in range(n_chunks):
+        fp += fp_parts[c]
+        fq += fq_parts[c]
+    return fp, fq
 
-    A term is 0, 1, linear, or still undecided (a breakpoint inside); the last are
-    compacted into ``work[:kept]``. Returns ``(n_one, n_lin, lin_sum, kept)``,
-    ``lin_sum`` in two lanes.
-    """
+
+@njit(cache=True, nogil=True, inline="always")
+def _classify_range(s, work, start, stop, first, lo, hi):
+    # Units start .. stop - 1 sorted by their term on [lo, hi]; the undecided ones are
+    # compacted into work[start:start + kept]. The linear units' scores are summed in
+    # two Kahan-compensated lanes (the threshold is solved from this sum, and a plain
+    # sum of many equal scores drifts by more than the budget's 1e-9).
     n_one = 0
     n_lin = 0
-    lin0 = lin1 = 0.0
-    kept = 0
-    for j in range(m):
+    sum0 = sum1 = comp0 = comp1 = 0.0
+    kept = start
+    for j in range(start, stop):
         i = j if first else work[j]
         x = float(s[i])
         x1 = x - 1.0
@@ -112,13 +133,60 @@ def _classify(s, work, m, first, lo, hi):
         undecided = (x > lo) & ~one & ~linear
         n_one += one
         n_lin += linear
+        term = x if linear else 0.0
         if j % 2:
-            lin1 += x if linear else 0.0
+            y = term - comp1
+            t = sum1 + y
+            comp1 = (t - sum1) - y
+            sum1 = t
         else:
-            lin0 += x if linear else 0.0
+            y = term - comp0
+            t = sum0 + y
+            comp0 = (t - sum0) - y
+            sum0 = t
         work[kept] = i  # kept <= j: the entry was read already
         kept += undecided
-    return n_one, n_lin, lin0 + lin1, kept
+    return n_one, n_lin, sum0, sum1, -(comp0 + comp1), kept - start
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def _classify(s, work, m, first, lo, hi):
+    """Sort the m undecided units by their term on ``[lo, hi]``.
+
+    A term is 0, 1, linear, or still undecided (a breakpoint inside); the last are
+    compacted into ``work[:kept]``, in order. Returns ``(n_one, n_lin, lin_sum, kept)``;
+    chunks run in parallel, their totals are added in chunk order.
+    """
+    n_chunks = (m + _CHUNK - 1) // _CHUNK
+    ones = np.empty(n_chunks, dtype=np.int64)
+    lins = np.empty(n_chunks, dtype=np.int64)
+    sums = np.empty((n_chunks, 3))  # two lane sums and their compensation
+    kept = np.empty(n_chunks, dtype=np.int64)
+    for c in prange(n_chunks):
+        ones[c], lins[c], sums[c, 0], sums[c, 1], sums[c, 2], kept[c] = _classify_range(
+            s, work, c * _CHUNK, min((c + 1) * _CHUNK, m), first, lo, hi
+        )
+    n_one = 0
+    n_lin = 0
+    lin_sum = 0.0
+    lin_comp = 0.0  # Neumaier compensation over the chunks' parts
+    total = 0
+    for c in range(n_chunks):  # the chunks' undecided units, moved together in order
+        n_one += ones[c]
+        n_lin += lins[c]
+        for part in range(3):
+            x = sums[c, part]
+            u = lin_sum + x
+            if abs(lin_sum) >= abs(x):
+                lin_comp += (lin_sum - u) + x
+            else:
+                lin_comp += (x - u) + lin_sum
+            lin_sum = u
+        base = c * _CHUNK
+        for t in range(kept[c]):
+            work[total + t] = work[base + t]
+        total += kept[c]
+    return n_one, n_lin, lin_sum + lin_comp, total
 
 
 @njit(cache=True, nogil=True)
@@ -174,22 +242,41 @@ def projection_threshold(s, budget, s_max, work):
     return min(max(v, lo), hi)
 
 
-@njit(cache=True, nogil=True)
+@njit(cache=True, nogil=True, parallel=True)
 def clipped_sum(s):
-    """``(sum_i clip(s_i, 0, 1), max_i s_i, all finite)`` in one pass.
+    """``(sum_i clip(s_i, 0, 1), max_i s_i, all finite)`` in one parallel pass.
 
-    The sum is float64 in four lanes (unit ``i`` in lane ``i % 4``), added in order.
+    Each chunk sums in two lanes (unit ``i`` in lane ``i % 2``); the chunks' sums are
+    added in chunk order, so the result does not depend on the number of threads.
     """
-    acc = np.zeros(4)
-    top = -np.inf
-    bad = 0.0  # x - x is 0 for finite x and NaN otherwise
     n = s.shape[0]
-    for i in range(n):
-        x = float(s[i])
-        bad += x - x
-        top = max(top, x)
-        acc[i % 4] += min(max(x, 0.0), 1.0)
-    return ((acc[0] + acc[1]) + (acc[2] + acc[3])), top, bad == 0.0
+    n_chunks = (n + _CHUNK - 1) // _CHUNK
+    sums = np.empty(n_chunks)
+    tops = np.empty(n_chunks)
+    bad = np.empty(n_chunks)
+    for c in prange(n_chunks):
+        acc0 = acc1 = 0.0
+        top = -np.inf
+        nan = 0.0  # x - x is 0 for finite x and NaN otherwise
+        for i in range(c * _CHUNK, min((c + 1) * _CHUNK, n)):
+            x = float(s[i])
+            nan += x - x
+            top = max(top, x)
+            if i % 2:
+                acc1 += min(max(x, 0.0), 1.0)
+            else:
+                acc0 += min(max(x, 0.0), 1.0)
+        sums[c] = acc0 + acc1
+        tops[c] = top
+        bad[c] = nan
+    total = 0.0
+    top = -np.inf
+    finite = True
+    for c in range(n_chunks):
+        total += sums[c]
+        top = max(top, tops[c])
+        finite = finite and bad[c] == 0.0
+    return total, top, finite
 
 
 @njit(cache=True, nogil=True, parallel=True)

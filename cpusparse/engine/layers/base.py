@@ -119,6 +119,11 @@ class UnitMap(abc.ABC):
     def stored_per_unit(self) -> npt.NDArray[np.integer]:
         """Number of stored weights each unit owns, shape ``(n_units,)``."""
 
+    def stored_by(self, units: BoolArray) -> int:
+        """Number of stored weights the units where ``units`` is True own together."""
+        per_unit = self.stored_per_unit()
+        return int(per_unit.sum(where=units))
+
     @abc.abstractmethod
     def compaction(self, dead: BoolArray) -> tuple[BoolArray, dict[str, BoolArray]]:
         """What compaction keeps when the units ``dead`` can never be sampled again.

@@ -93,6 +93,10 @@ class WeightUnits(UnitMap):
         """Number of stored weights each unit owns, shape ``(n_units,)``."""
         return np.ones(self.n_units, dtype=np.int64)
 
+    def stored_by(self, units: BoolArray) -> int:
+        """Number of stored weights of the units where ``units`` is True: one each."""
+        return int(np.count_nonzero(units))
+
     def compaction(self, dead: BoolArray) -> tuple[BoolArray, dict[str, BoolArray]]:
         """Units and entries kept when ``dead`` units go (see :meth:`UnitMap.compaction`)."""
         keep = ~dead
