@@ -472,3 +472,19 @@ def test_several_thread_counts_give_one_table_each(tmp_path):
     md = (tmp_path / "bench.md").read_text()
     assert "(1 and 2 threads," in md
     assert "## MLP 8-6-4, batch 4, 1 thread(s)" in md and "## MLP 8-6-4, batch 4, 2 thread(s)" in md
+
+
+def test_thread_rows_let_openmp_workers_sleep(monkeypatch):
+    import sys
+
+    from cpusparse.tools import bench
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    monkeypatch.delitem(sys.modules, "torch", raising=False)
+    bench._quiet_openmp([1])
+    assert "OMP_WAIT_POLICY" not in os.environ  # one thread: nothing spins
+    bench._quiet_openmp([1, 2])
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    bench._quiet_openmp([2])
+    assert os.environ["OMP_WAIT_POLICY"] == "ACTIVE"  # the user's choice stands
