@@ -138,8 +138,9 @@ def test_neuron_mask_gives_exact_zero_activations(rng, sparse_classifier):
         assert np.any(h[masks[k]] != 0)
     # The next layer skips the dropped inputs: no active entry in a dropped column.
     for k, i in enumerate(net.prunable[1 : len(HIDDEN)], start=1):
-        active = caches[i].active
-        assert not np.any(np.isin(active.indices, np.flatnonzero(~masks[k - 1])))
+        kept_inputs = caches[i].cols  # the block path's input columns
+        assert not np.any(np.isin(kept_inputs, np.flatnonzero(~masks[k - 1])))
+        assert np.isin(np.flatnonzero(masks[k - 1]), kept_inputs).all()
     _, grads = net.backward(np.ones_like(out) / out.size, caches)
     grads = by_layer(grads, len(net.layers))
     for k, i in enumerate(net.prunable[: len(HIDDEN)]):

@@ -93,7 +93,9 @@ Version 3 (cpusparse 0.2): the uniforms of the masks come from Philox4x32-10 key
 one 64-bit draw of the masks stream per step (``mask_draw="philox"``, see
 :func:`~cpusparse.method.sample_masks`); versions 1 and 2 drew them with one bulk
 ``rng.random((K, n_units))`` call, and are upgraded with ``mask_draw="numpy"`` in
-``meta/config`` and ``meta/options``, so that they are rerun with their own draw.
+``meta/config`` and ``meta/options``, so that they are rerun with their own draw. Version
+3 also computes neuron-granularity layers as dense products on the kept block (BLAS):
+their values agree with earlier versions to rounding, not bit for bit.
 
 Version 2 (cpusparse 0.2): the VR-PGE score gradient is computed as
 ``1/(K-1) sum_k (L_k - mean L)(m_k - mean m) / (s (1 - s))`` (exactly 0 where the K

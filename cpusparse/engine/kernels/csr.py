@@ -333,3 +333,38 @@ def compact_indptr(indptr, keep, new_indptr):
                 c += 1
         new_indptr[o + 1] = c
     return c
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def gather_block(indptr, indices, data, rows, col_pos, block):
+    """``block[r, col_pos[j]] = W[rows[r], j]`` for the stored entries of the kept rows.
+
+    The kept rows and columns of a CSR weight as a dense block for BLAS; ``block`` is
+    zero on entry (entries not stored stay 0) and ``col_pos[j]`` is -1 for a column
+    that is not kept.
+    """
+    # NOTE: rows int (kr,), col_pos int (n_in,), block (kr, kc) C-contiguous, zeroed.
+    for r in prange(rows.shape[0]):
+        o = rows[r]
+        out = block[r]
+        for k in range(indptr[o], indptr[o + 1]):
+            p = col_pos[indices[k]]
+            if p >= 0:
+                out[p] = data[k]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def scatter_block(indptr, indices, rows, col_pos, dblock, dweight):
+    """``dweight[k] = dblock[r, col_pos[j]]`` for the stored entries of the kept rows.
+
+    The inverse of :func:`gather_block` for the weight gradient; ``dweight`` is zero on
+    entry (the entries of dropped rows and columns stay 0).
+    """
+    # NOTE: as gather_block; dweight (nnz,) zeroed.
+    for r in prange(rows.shape[0]):
+        o = rows[r]
+        src = dblock[r]
+        for k in range(indptr[o], indptr[o + 1]):
+            p = col_pos[indices[k]]
+            if p >= 0:
+                dweight[k] = src[p]

@@ -18,6 +18,7 @@ import numpy as np
 from ..._typing import BoolArray, FloatArray, IndexArray, RNGLike
 from ..._validation import check_array, check_choice, check_density, check_rng, check_same_dtype
 from .. import csr
+from ..kernels import csr as _kernels
 from .base import TRAIN, Layer, Mode, UnitMap
 
 if TYPE_CHECKING:
@@ -114,6 +115,22 @@ class WeightUnits(UnitMap):
         """Output features that may be nonzero (see :meth:`Layer.live_outputs`)."""
         return None
 
+    def forward(
+        self, layer: SparseLinear, x: FloatArray, mask: BoolArray | None, live: BoolArray | None
+    ) -> tuple[FloatArray, SparseLinearCache]:
+        """The masked product on the active entries (the CSR kernels)."""
+        return layer._csr_forward(x, mask, live)
+
+    def backward(
+        self, layer: SparseLinear, dout: FloatArray, cache: Any, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        """Backward of :meth:`forward`: SDDMM at the active entries, transposed product."""
+        if not isinstance(cache, SparseLinearCache):
+            raise TypeError(
+                f"cache must come from this layer's forward, got {type(cache).__name__}"
+            )
+        return layer._csr_backward(dout, cache, need_dx)
+
     def straight_through_forward(
         self, layer: SparseLinear, x: FloatArray, mask: BoolArray
     ) -> tuple[FloatArray, SparseLinearCache]:
@@ -181,6 +198,56 @@ class NeuronUnits(UnitMap):
         """Output features that may be nonzero (see :meth:`Layer.live_outputs`)."""
         return mask
 
+    def forward(
+        self, layer: SparseLinear, x: FloatArray, mask: BoolArray | None, live: BoolArray | None
+    ) -> tuple[FloatArray, BlockCache]:
+        """The kept sub-network as a dense product: BLAS on the kept block.
+
+        The kept rows (``mask``) and the live input columns (``live``: inputs the
+        previous layer did not drop) are gathered into a dense block, entries that are
+        not stored as 0, and multiplied with the live rows of ``x`` by BLAS
+        (``numpy.matmul``); the cost is ``kept_out * kept_in * n_batch`` at BLAS speed.
+        Dropped rows output exactly 0.
+        """
+        rows = _kept(mask, layer.n_out)
+        cols = _kept(live, layer.n_in)
+        col_pos = np.full(layer.n_in, -1, dtype=csr.INDEX_DTYPE)
+        col_pos[cols] = np.arange(cols.shape[0])
+        block = np.zeros((rows.shape[0], cols.shape[0]), dtype=layer.dtype)
+        _kernels.gather_block(layer.indptr, layer.indices, layer.weight, rows, col_pos, block)
+        x_kept = x if cols.shape[0] == layer.n_in else x[cols]
+        pre = block @ x_kept
+        pre += layer.bias[rows, None]
+        if layer.activation == "relu":
+            np.maximum(pre, 0, out=pre)
+        out = np.zeros((layer.n_out, x.shape[1]), dtype=layer.dtype)
+        out[rows] = pre
+        return out, BlockCache(x_kept, out, pre, rows, cols, col_pos, block)
+
+    def backward(
+        self, layer: SparseLinear, dout: FloatArray, cache: Any, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        """Backward of :meth:`forward`, on the same block (BLAS for both products)."""
+        if not isinstance(cache, BlockCache):
+            raise TypeError(
+                f"cache must come from this layer's forward, got {type(cache).__name__}"
+            )
+        dpre = dout[cache.rows]
+        if layer.activation == "relu":
+            dpre *= cache.pre > 0
+        dbias = np.zeros(layer.n_out, dtype=layer.dtype)
+        dbias[cache.rows] = dpre.sum(axis=1)
+        dblock = dpre @ cache.x.T
+        dweight = np.zeros(layer.nnz, dtype=layer.dtype)
+        _kernels.scatter_block(
+            layer.indptr, layer.indices, cache.rows, cache.col_pos, dblock, dweight
+        )
+        dx = None
+        if need_dx:
+            dx = np.zeros((layer.n_in, dout.shape[1]), dtype=layer.dtype)
+            dx[cache.cols] = cache.block.T @ dpre
+        return dx, {"weight": dweight, "bias": dbias}
+
     def straight_through_forward(
         self, layer: SparseLinear, x: FloatArray, mask: BoolArray
     ) -> tuple[FloatArray, SparseLinearCache]:
@@ -216,6 +283,30 @@ GRANULARITIES: dict[str, type[WeightUnits] | type[NeuronUnits]] = {
 """The unit maps of :class:`SparseLinear` by granularity name."""
 
 
+def _kept(mask: BoolArray | None, n: int) -> IndexArray:
+    # Indices where mask is True (all of range(n) without a mask).
+    if mask is None:
+        return np.arange(n, dtype=csr.INDEX_DTYPE)
+    return np.flatnonzero(mask).astype(csr.INDEX_DTYPE, copy=False)
+
+
+class BlockCache(NamedTuple):
+    """What the block path of a neuron-granularity :class:`SparseLinear` keeps.
+
+    ``x`` is the input's live rows, ``out`` the layer's output, ``pre`` its kept rows,
+    ``block`` the dense ``(kept_out, kept_in)`` weight block; ``rows``, ``cols`` and
+    ``col_pos`` say where they sit in the layer.
+    """
+
+    x: FloatArray
+    out: FloatArray
+    pre: FloatArray
+    rows: IndexArray
+    cols: IndexArray
+    col_pos: IndexArray
+    block: FloatArray
+
+
 class SparseLinearCache(NamedTuple):
     """What :meth:`SparseLinear.backward` needs from the forward pass.
 
@@ -235,7 +326,13 @@ class SparseLinear(Layer):
 
     ``out = act((W * m) @ x + b)`` for weight granularity and
     ``out = m * act(W @ x + b)`` (a dropped unit outputs exactly 0) for neuron
-    granularity. Forward and backward touch only the active entries.
+    granularity. Forward and backward touch only the active entries: with weight
+    granularity through the CSR kernels (fixed-order sums, bit-identical for any number
+    of threads); with neuron granularity the kept sub-network is a narrower dense
+    layer, so the kept rows and live input columns are gathered into a dense block
+    and multiplied by BLAS (OpenBLAS's results were the same for 1 and 2 threads
+    here, which it does not promise; :class:`~cpusparse.SparseMLPClassifier` runs BLAS
+    on one thread).
 
     Parameters
     ----------
@@ -420,11 +517,24 @@ class SparseLinear(Layer):
         mask: BoolArray | None = None,
         live: BoolArray | None = None,
         mode: Mode = TRAIN,
-    ) -> tuple[FloatArray, SparseLinearCache]:
+    ) -> tuple[FloatArray, SparseLinearCache | BlockCache]:
         if mode.straight_through:
             if mask is None:
                 mask = np.ones(self.units.n_units, dtype=bool)
             return self.units.straight_through_forward(self, x, mask)
+        return self.units.forward(self, x, mask, live)
+
+    def _backward(
+        self, dout: FloatArray, cache: SparseLinearCache | BlockCache, need_dx: bool = True
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        if isinstance(cache, SparseLinearCache) and cache.mask is not None:
+            return self.units.straight_through_backward(self, dout, cache, need_dx)
+        return self.units.backward(self, dout, cache, need_dx)
+
+    def _csr_forward(
+        self, x: FloatArray, mask: BoolArray | None, live: BoolArray | None
+    ) -> tuple[FloatArray, SparseLinearCache]:
+        # The masked CSR product on the active entries.
         entry_mask, row_mask = self.units.masks(mask)
         active = csr._select_active(
             self.indptr, self.indices, self.weight, self.shape, entry_mask, row_mask, live
@@ -432,11 +542,9 @@ class SparseLinear(Layer):
         out = csr._masked_matmul(active, x, self.bias, self.activation == "relu")
         return out, SparseLinearCache(x, out, active)
 
-    def _backward(
-        self, dout: FloatArray, cache: SparseLinearCache, need_dx: bool = True
+    def _csr_backward(
+        self, dout: FloatArray, cache: SparseLinearCache, need_dx: bool
     ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
-        if cache.mask is not None:
-            return self.units.straight_through_backward(self, dout, cache, need_dx)
         dx, dweight, dbias = csr._masked_matmul_backward(
             cache.active, cache.x, dout, cache.out, self.activation == "relu", need_dx
         )
