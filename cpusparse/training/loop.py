@@ -59,7 +59,8 @@ def fixed_mask(
     score = state.score
     if method == "topk":
         k = min(budget_units(state.budget), score.shape[0])
-        order = np.argsort(-score.astype(np.float64), kind="stable")[:k]
+        # (Negation and the order are exact in the scores' own dtype: no float64 copy.)
+        order = np.argsort(-score, kind="stable")[:k]
         flat = np.zeros(score.shape[0], dtype=bool)
         flat[order] = True
         flat &= score > 0
