@@ -6,14 +6,14 @@ else on its own ``workqueue``. TBB is the one that is both thread-safe (Dask's a
 joblib's thread workers may call kernels concurrently; ``workqueue`` is not) and
 fork-safe (process pools that fork; GNU OpenMP is not), and its idle workers sleep
 instead of spinning, so they neither slow a busy machine down nor fight PyTorch's
-OpenMP threads in the same process. :func:`threading_layer` says which one runs;
-``NUMBA_THREADING_LAYER`` overrides the choice, as for any Numba program.
+OpenMP threads in the same process. That is Numba's own default order; cpusparse does
+not change it, so ``NUMBA_THREADING_LAYER`` and ``NUMBA_THREADING_LAYER_PRIORITY``
+work as for any Numba program. :func:`threading_layer` says which layer runs.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 import numba
@@ -81,9 +81,3 @@ def numba_threads(n_jobs: int | None) -> Iterator[int]:
             yield n
     finally:
         numba.set_num_threads(previous)
-
-
-if "NUMBA_THREADING_LAYER" not in os.environ:
-    # The default order, stated: TBB first (see the module docstring).
-    # (set through setattr: numba.config fills its names in at import time).
-    setattr(numba.config, "THREADING_LAYER_PRIORITY", ["tbb", "omp", "workqueue"])  # noqa: B010

@@ -282,3 +282,25 @@ def test_huge_learning_rate_keeps_previous_checkpoint(tmp_path, data):
     with pytest.raises(NonFiniteError, match=r"non-finite loss .* at step \d+"):
         clf.fit(X, y)
     assert path.read_bytes() == before
+
+
+def test_a_version_2_checkpoint_resumes_with_its_own_mask_draw(tmp_path):
+    # Version 2 checkpoints predate mask_draw: they were drawn with rng.random, and a
+    # resumed run must keep drawing that way to stay bit-identical.
+    state, config, _, _ = small_state()
+    good = tmp_path / "good.npz"
+    save_checkpoint(good, state, config, epoch=0, phase="sparse", history=[])
+    with np.load(good) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    meta = json.loads(str(arrays["meta"]))
+    assert meta["format_version"] == FORMAT_VERSION == 3
+    assert meta["config"]["mask_draw"] == "philox"
+    meta["format_version"] = 2
+    del meta["config"]["mask_draw"]
+    arrays["meta"] = np.array(json.dumps(meta))
+    old = tmp_path / "v2.npz"
+    np.savez(old, **arrays)
+    _, restored = restore_state(load_checkpoint(old))
+    assert restored.mask_draw == "numpy"
+    _, current = restore_state(load_checkpoint(good))
+    assert current.mask_draw == "philox"

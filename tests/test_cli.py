@@ -180,3 +180,34 @@ def test_preset_sets_the_defaults_of_train_and_trace(tmp_path, capsys):
     assert main(["train", "--preset", "authors", "--help"]) == 0
     help_text = " ".join(capsys.readouterr().out.split())
     assert "score-gradient estimator (default: vrpge-sqrt)" in help_text
+
+
+def test_train_threads_take_all_and_negative_counts(tmp_path, capsys):
+    out = tmp_path / "run.json"
+    assert (
+        main(
+            [
+                "train",
+                "--threads",
+                "all",
+                "--epochs",
+                "1",
+                "--finetune-epochs",
+                "0",
+                "--quiet",
+                "--json",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    assert (
+        main(["train", "--threads", "-2", "--epochs", "1", "--finetune-epochs", "0", "--quiet"])
+        == 0
+    )
+    capsys.readouterr()
+    assert (
+        main(["train", "--threads", "0", "--epochs", "1", "--finetune-epochs", "0", "--quiet"]) == 2
+    )
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--threads: must be an int >= 1, or 'all'" in err[0]

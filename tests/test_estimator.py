@@ -350,3 +350,14 @@ def test_classifier_defaults_come_from_the_option_table():
     for param, name in _TRAIN_OPTIONS.items():
         expected = own.get(param, table[name])
         assert signature[param].default == expected, (param, signature[param].default, expected)
+
+
+def test_negative_n_jobs_count_from_all_cores_and_zero_is_refused(digits):
+    X_train, _, y_train, _ = digits
+    small = dict(hidden_layer_sizes=(16,), max_iter=1, finetune_iter=0, random_state=0)
+    ref = SparseMLPClassifier(**small).fit(X_train, y_train).predict_proba(X_train)
+    for n_jobs in (-1, -2):
+        got = SparseMLPClassifier(**small, n_jobs=n_jobs).fit(X_train, y_train)
+        np.testing.assert_array_equal(got.predict_proba(X_train), ref)
+    with pytest.raises(ValueError, match="n_jobs"):
+        SparseMLPClassifier(**small, n_jobs=0).fit(X_train, y_train)

@@ -578,3 +578,18 @@ def test_optimizers_refuse_a_parameter_they_cannot_update_in_place():
     q = np.zeros((3, 2))
     Adam(lr=0.1).step([q], [grad_view], Adam().init_state([q]))
     assert np.allclose(q, -0.1)
+
+
+def test_accumulate_moments_is_the_numpy_expression():
+    from cpusparse.engine.kernels.elementwise import accumulate_moments
+
+    rng = np.random.default_rng(8)
+    total, total_sq = np.zeros(1001), np.zeros(1001)
+    ref, ref_sq = np.zeros(1001), np.zeros(1001)
+    for dtype in (np.float32, np.float64, np.float32):
+        g = (rng.standard_normal(1001) * 1e3).astype(dtype)
+        accumulate_moments(g, total, total_sq)
+        g64 = g.astype(np.float64)
+        ref += g64
+        ref_sq += g64 * g64
+    assert np.array_equal(total, ref) and np.array_equal(total_sq, ref_sq)

@@ -159,9 +159,9 @@ def project_scores(
         The budget :math:`k \ge 0`, the largest allowed expected number of
         kept units. ``budget >= n`` makes the constraint inactive.
     method : {"exact", "bisection"}, default="exact"
-        ``"exact"`` solves for the threshold exactly: a few passes over the
-        scores bracket it between adjacent breakpoints (sorting them, in
-        :math:`O(n \log n)`, for small arrays and ties that cannot be separated).
+        ``"exact"`` solves for the threshold exactly: a selection over the
+        breakpoints brackets it between adjacent ones in a few passes over the
+        scores (below 4,096 scores, sorting them, in :math:`O(n \log n)`).
         ``"bisection"`` is the solver of the authors' code, controlled by ``tol``
         and ``max_iter``.
     tol : float, default=1e-3
@@ -217,15 +217,17 @@ def project_scores(
     :math:`f(v) = |U| + \sum_{i \in A} s_i - v|A|`. The breakpoints in
     :math:`[0, \max_i s_i]` bracket the root. From 4,096 units on, a selection
     finds the segment where :math:`f` crosses :math:`k` in expected
-    :math:`O(n)`: each round evaluates :math:`f` at the breakpoint of an
-    undecided unit (the median of three) and sets aside every unit whose term
+    :math:`O(n)`: each round evaluates :math:`f` at two breakpoints of
+    undecided units that likely bracket the root (drawn from a sample of them,
+    after Floyd and Rivest) and sets aside every unit whose term
     is constant or linear on the narrowed interval, so tied scores are decided
     together. The linear equation is solved there,
     :math:`v = (|U| + \sum_{A} s_i - k)/|A|`, with compensated float64 sums,
     and clamped to the segment. Smaller arrays sort the breakpoints and
     binary-search them (:math:`O(n \log n)`, NumPy's sums; the tests' oracle),
     which returns the breakpoint itself when :math:`f` equals :math:`k`
-    there. The two agree to rounding of the threshold. Sums are taken directly
+    there. The two agree to rounding of the threshold (so, from 4,096 units on,
+    thresholds differ from cpusparse 0.1's in the last bits). Sums are taken directly
     rather than from prefix sums, which cancel catastrophically when tiny and
     large scores are mixed. Where :math:`f` is flat at :math:`k` the threshold
     is not unique (the projection is); the smallest is returned.
@@ -275,18 +277,11 @@ def project_scores(
         raise ValueError(f"max_iter must be >= 1, got {max_iter}")
 
     out_dtype = np.dtype(np.float32 if score.dtype == np.float32 else np.float64)
-    if out is not None and (
-        not isinstance(out, np.ndarray) or out.shape != score.shape or out.dtype != out_dtype
-    ):
-        got = (
-            f"{out.dtype} array of shape {out.shape}"
-            if isinstance(out, np.ndarray)
-            else type(out).__name__
-        )
-        raise ValueError(f"out must be a {out_dtype} array of shape {score.shape}, got {got}")
+    if out is not None:
+        _check_out(out, score, out_dtype)
     budget = float(budget)
     if score.shape[0] >= _SELECT_MIN_SIZE and score.dtype in (np.float32, np.float64):
-        # One compensated pass for the check and the feasibility test, one for the result.
+        # One pass for the check and the feasibility test, one for the result.
         total, _, finite = _score_kernels.clipped_sum(score)
         if not finite:
             raise ValueError("score must be finite, got NaN or inf")
@@ -309,6 +304,31 @@ def project_scores(
         return projected.astype(out_dtype, copy=False), threshold
     out[:] = projected
     return out, threshold
+
+
+def _check_out(out: object, score: np.ndarray, out_dtype: np.dtype) -> None:
+    """Check the ``out`` of :func:`project_scores`.
+
+    It must be a writeable array of the result's shape and dtype, and either ``score``
+    itself or an array that shares no memory with it.
+    """
+    if not isinstance(out, np.ndarray) or out.shape != score.shape or out.dtype != out_dtype:
+        got = (
+            f"{out.dtype} array of shape {out.shape}"
+            if isinstance(out, np.ndarray)
+            else type(out).__name__
+        )
+        raise ValueError(f"out must be a {out_dtype} array of shape {score.shape}, got {got}")
+    if not out.flags.writeable:
+        raise ValueError("out must be writeable, got a read-only array")
+    same = (
+        out.__array_interface__["data"][0] == score.__array_interface__["data"][0]
+        and out.strides == score.strides
+    )
+    if not same and np.may_share_memory(out, score):
+        raise ValueError(
+            "out must be score itself or not overlap it, got a view of score in another layout"
+        )
 
 
 def _find_threshold(s: FloatArray, budget: float, method: str, tol: float, max_iter: int) -> float:

@@ -146,18 +146,22 @@ def add_options(
 
 
 def thread_count(text: str) -> int:
-    """An argparse ``type``: threads as ``n_jobs`` takes them (an int >= 1, -1 or "all")."""
+    """An argparse ``type``: threads as ``n_jobs`` takes them.
+
+    An int >= 1, or a negative one counted from all cores as in scikit-learn (-1 or
+    ``all`` is every core, -2 all but one).
+    """
     if text.strip().lower() == "all":
         return -1
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(
-            f"must be an int >= 1, or -1 or 'all' for every core, got {text!r}"
+            f"must be an int >= 1, or 'all' or a negative int counted from all cores, got {text!r}"
         ) from None
-    if value < 1 and value != -1:
+    if value == 0:
         raise argparse.ArgumentTypeError(
-            f"must be an int >= 1, or -1 or 'all' for every core, got {value}"
+            "must be an int >= 1, or 'all' or a negative int counted from all cores, got 0"
         )
     return value
 

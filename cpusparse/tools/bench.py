@@ -1787,9 +1787,11 @@ def _arch(text: str) -> tuple[tuple[int, ...], int]:
 
 
 def _threads(text: str) -> int:
-    """An argparse ``type``: an int >= 1, or ``all`` (:func:`os.cpu_count`)."""
+    """An argparse ``type``: an int >= 1, or ``all`` (every core Numba may use)."""
     if text.strip().lower() == "all":
-        return os.cpu_count() or 1
+        from .._threads import effective_n_jobs
+
+        return effective_n_jobs(-1)
     try:
         value = int(text)
     except ValueError:

@@ -61,14 +61,20 @@ from .state import TrainState
 
 __all__ = [
     "FORMAT_VERSION",
+    "READABLE_VERSIONS",
     "CheckpointError",
     "save_checkpoint",
     "load_checkpoint",
     "restore_state",
 ]
 
-FORMAT_VERSION = 2
-"""Version of the checkpoint layout; :func:`load_checkpoint` refuses any other."""
+FORMAT_VERSION = 3
+"""Version of the checkpoint layout."""
+
+READABLE_VERSIONS = (2, 3)
+"""Versions :func:`load_checkpoint` reads. Version 3 records ``mask_draw`` in the
+configuration; a version 2 checkpoint was written when the masks were drawn with one
+bulk ``rng.random`` call, so it resumes with ``mask_draw="numpy"`` (bit for bit)."""
 
 PHASES = ("sparse", "finetune")
 
@@ -240,11 +246,13 @@ def load_checkpoint(path: str | os.PathLike[str]) -> Checkpoint:
         version = meta["format_version"]
     except (KeyError, ValueError, TypeError) as exc:
         raise CheckpointError(f"{where} is not a cpusparse checkpoint: no valid metadata") from exc
-    if version != FORMAT_VERSION or isinstance(version, bool):
+    if version not in READABLE_VERSIONS or isinstance(version, bool):
         raise CheckpointError(
             f"{where} has checkpoint format version {version!r}; this cpusparse "
-            f"({_version()}) reads version {FORMAT_VERSION} only"
+            f"({_version()}) reads versions {', '.join(map(str, READABLE_VERSIONS))}"
         )
+    if version == 2 and isinstance(meta.get("config"), dict):
+        meta["config"].setdefault("mask_draw", "numpy")  # the only draw of version 2
     try:
         _check_meta(meta, arrays)
         return _unpack(meta, arrays)

@@ -73,7 +73,7 @@ def compact(state: TrainState, dead: BoolArray) -> BoolArray:
 
     Scores, the layers' stored patterns and the optimizer states of their
     parameters and of the scores are compacted together. The random draws do
-    change: later steps draw ``(K, n)`` uniforms for the smaller ``n``. Runs are
+    change: later steps draw the uniforms of the smaller ``n``. Runs are
     bit-reproducible for given compaction settings.
 
     Parameters

@@ -26,7 +26,7 @@ from .._typing import BoolArray, FloatArray
 from ..engine.layers.base import STRAIGHT_THROUGH, TRAIN, Mode
 from ..engine.losses import softmax_cross_entropy
 from ..method.estimators import get_score_estimator
-from ..method.masks import _sample as sample_masks
+from ..method.masks import _sample as sample_masks_unchecked
 from ..method.projection import project_scores
 from .compaction import maybe_compact
 from .optim import clip_grad_norm
@@ -258,7 +258,11 @@ def train_step(
     score_before = state.score.copy() if record else None
 
     # 1. K independent masks from the keep probabilities s.
-    masks, uniforms = sample_masks(state.score, K, state.mask_rng, config.mask_draw, record)
+    masks, uniforms = sample_masks_unchecked(
+        state.score, K, state.mask_rng, config.mask_draw, record
+    )
+    if not record:
+        del uniforms  # (drawn in bulk by mask_draw="numpy"; not kept)
 
     # 2.-3. K forward passes on the same batch; sparse backward for the weights.
     mode = STRAIGHT_THROUGH if estimator.mask_gradient else TRAIN
@@ -279,6 +283,7 @@ def train_step(
     dscore = estimator.grad(losses, masks, state.score, mask_grads)
     realised = float(np.count_nonzero(masks)) / (K * state.n_units_initial)
     step_masks = masks if record else None
+    step_uniforms = uniforms if record else None
     del masks, pass_masks, mask_grads  # the step's largest temporaries go once used
 
     # 5. Clip (the weight gradients, or weights and scores in one norm), then one step
@@ -316,12 +321,15 @@ def train_step(
     step_record = None
     if record:
         if not (
-            score_before is not None and before_projection is not None and step_masks is not None
+            score_before is not None
+            and before_projection is not None
+            and step_masks is not None
+            and step_uniforms is not None
         ):
             raise RuntimeError("internal error: copied above")
         step_record = StepRecord(
             score=score_before,
-            uniforms=uniforms,
+            uniforms=step_uniforms,
             masks=step_masks,
             losses=losses.copy(),
             weight_grads_per_pass=per_pass,

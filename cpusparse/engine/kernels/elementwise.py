@@ -47,6 +47,6 @@ def accumulate_moments(g, total, total_sq):
     """``total += g`` and ``total_sq += g * g`` in float64, in place, in one pass."""
     # NOTE: g float (n,); total, total_sq float64 (n,).
     for i in prange(g.shape[0]):
-        x = float(g[i])
+        x = np.float64(g[i])
         total[i] += x
         total_sq[i] += x * x

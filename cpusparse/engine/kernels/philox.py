@@ -125,13 +125,13 @@ def philox_masks(score, k0, k1, out):
             if 4 * (start + m) <= n:
                 for j in range(m):
                     i = 4 * (start + j)
-                    row[i] = words[0, j] * _SCALE < float(score[i])
-                    row[i + 1] = words[1, j] * _SCALE < float(score[i + 1])
-                    row[i + 2] = words[2, j] * _SCALE < float(score[i + 2])
-                    row[i + 3] = words[3, j] * _SCALE < float(score[i + 3])
+                    row[i] = words[0, j] * _SCALE < np.float64(score[i])
+                    row[i + 1] = words[1, j] * _SCALE < np.float64(score[i + 1])
+                    row[i + 2] = words[2, j] * _SCALE < np.float64(score[i + 2])
+                    row[i + 3] = words[3, j] * _SCALE < np.float64(score[i + 3])
             else:  # the last chunk, with a partial block
                 for j in range(m):
                     for w in range(4):
                         i = 4 * (start + j) + w
                         if i < n:
-                            row[i] = words[w, j] * _SCALE < float(score[i])
+                            row[i] = words[w, j] * _SCALE < np.float64(score[i])
