@@ -249,11 +249,9 @@ def _sample(
     if score.dtype not in (np.float32, np.float64):
         score = score.astype(np.float64)
     masks = np.empty((n_masks, score.shape[0]), dtype=np.bool_)
-    philox.philox_masks(score, k0, k1, masks)
-    if not with_uniforms:
-        return masks, np.empty((0, 0))
-    uniforms = np.empty((n_masks, score.shape[0]), dtype=np.float64)
-    philox.philox_uniforms(k0, k1, uniforms)
+    shape = masks.shape if with_uniforms else (0, 0)
+    uniforms = np.empty(shape, dtype=np.float64)
+    philox.philox_masks(score, k0, k1, masks, uniforms, with_uniforms)
     return masks, uniforms
 
 

@@ -88,9 +88,14 @@ def _philox_chunk(start, m, k, k0, k1, c0, c1, c2, c3):
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def philox_uniforms(k0, k1, out):
-    """``out[k, i]``: the uniform of unit ``i`` in mask ``k`` (float64 in [0, 1))."""
-    # NOTE: k0, k1 uint64 below 2^32; out float64 (K, n) C-contiguous.
+def philox_masks(score, k0, k1, out, uniforms, store_uniforms):
+    """``out[k, i] = uniform(k, i) < score[i]`` (compared in float64).
+
+    With ``store_uniforms`` the uniforms (float64 in [0, 1)) go to ``uniforms`` too;
+    otherwise they are never stored (``uniforms`` may then be empty).
+    """
+    # NOTE: score float (n,); k0, k1 uint64 below 2^32; out bool (K, n) and uniforms
+    # float64 (K, n) or empty, C-contiguous.
     n_masks, n = out.shape
     n_blocks = (n + 3) // 4
     n_chunks = (n_blocks + _CHUNK - 1) // _CHUNK
@@ -101,27 +106,13 @@ def philox_uniforms(k0, k1, out):
             start = chunk * _CHUNK
             m = min(_CHUNK, n_blocks - start)
             _philox_chunk(start, m, np.uint64(k), k0, k1, words[0], words[1], words[2], words[3])
-            for j in range(m):
-                for w in range(4):
-                    i = 4 * (start + j) + w
-                    if i < n:
-                        row[i] = words[w, j] * _SCALE
-
-
-@njit(cache=True, nogil=True, parallel=True)
-def philox_masks(score, k0, k1, out):
-    """``out[k, i] = uniform(k, i) < score[i]`` (compared in float64), no uniforms stored."""
-    # NOTE: score float (n,); k0, k1 uint64 below 2^32; out bool (K, n) C-contiguous.
-    n_masks, n = out.shape
-    n_blocks = (n + 3) // 4
-    n_chunks = (n_blocks + _CHUNK - 1) // _CHUNK
-    for k in range(n_masks):
-        row = out[k]
-        for chunk in prange(n_chunks):
-            words = np.empty((4, _CHUNK), dtype=np.uint64)
-            start = chunk * _CHUNK
-            m = min(_CHUNK, n_blocks - start)
-            _philox_chunk(start, m, np.uint64(k), k0, k1, words[0], words[1], words[2], words[3])
+            if store_uniforms:
+                u_row = uniforms[k]
+                for j in range(m):
+                    for w in range(4):
+                        i = 4 * (start + j) + w
+                        if i < n:
+                            u_row[i] = words[w, j] * _SCALE
             if 4 * (start + m) <= n:
                 for j in range(m):
                     i = 4 * (start + j)
