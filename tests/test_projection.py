@@ -488,3 +488,11 @@ def test_large_project_scores_rejects_non_finite_scores():
     s[4321] = np.nan
     with pytest.raises(ValueError, match="score must be finite"):
         project_scores(s, 10.0)
+
+
+@pytest.mark.parametrize("n", [10, 5000])
+def test_the_threshold_is_a_python_float(n):
+    s = np.linspace(-0.5, 1.5, n)
+    for budget in (1.0, 10.0 * n):  # active and inactive budgets
+        _, v = project_scores(s, budget)
+        assert type(v) is float

@@ -287,7 +287,7 @@ def project_scores(
             raise ValueError("score must be finite, got NaN or inf")
         threshold = 0.0
         if total > budget:
-            threshold = _find_threshold(score, budget, method, tol, max_iter)
+            threshold = float(_find_threshold(score, budget, method, tol, max_iter))
         out = np.empty(score.shape, dtype=out_dtype) if out is None else out
         _score_kernels.shift_clip(score, threshold, out)
         return out, threshold
@@ -298,7 +298,7 @@ def project_scores(
     if clipped.sum() <= budget:
         projected, threshold = clipped, 0.0
     else:
-        threshold = _find_threshold(s, budget, method, tol, max_iter)
+        threshold = float(_find_threshold(s, budget, method, tol, max_iter))
         projected = np.clip(s - threshold, 0.0, 1.0)
     if out is None:
         return projected.astype(out_dtype, copy=False), threshold
