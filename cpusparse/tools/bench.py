@@ -1638,8 +1638,10 @@ def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
         ax.set_ylabel("ms per training iteration")
         ax.set_title(f"MLP {arch}, batch {rs[0]['n_batch']}, {threads} thread(s)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    # One legend for all panels, below them, so that it hides no line.
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     from .._io import atomic_write
 
     extension = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
