@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     from tqdm.auto import tqdm
 
+    from .engine.containers import Sequential
     from .training.checkpoint import Checkpoint
     from .training.state import TrainState
 
@@ -503,17 +504,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         config = self._train_config(data.y_train.shape[0])
         if ckpt is None:
             init_rng, data_rng, mask_rng = spawn_streams(entropy)
-            network = mlp(
-                X.shape[1],
-                hidden,
-                classes.shape[0],
-                granularity=self.granularity,
-                sparse_classifier=bool(self.sparse_classifier),
-                init=self.init,
-                density=float(self.density),
-                dtype=dtype,
-                rng=init_rng,
-            )
+            network = self._network(X.shape[1], hidden, classes.shape[0], dtype, init_rng)
             n_units = sum(network.n_units())
             if budget_units(self.density * n_units) < 1:
                 raise ValueError(
@@ -567,6 +558,27 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             x_val, y_val = np.ascontiguousarray(X[val_idx].T), y_enc[val_idx]
             return _Data(np.ascontiguousarray(X[train_idx].T), y_enc[train_idx], x_val, y_val)
         return _Data(np.ascontiguousarray(X.T), y_enc, None, None)
+
+    def _network(
+        self,
+        n_features: int,
+        hidden: tuple[int, ...],
+        n_classes: int,
+        dtype: np.dtype,
+        rng: np.random.Generator,
+    ) -> Sequential:
+        """The untrained network of these parameters (:func:`~cpusparse.models.mlp`)."""
+        return mlp(
+            n_features,
+            hidden,
+            n_classes,
+            granularity=self.granularity,
+            sparse_classifier=bool(self.sparse_classifier),
+            init=self.init,
+            density=float(self.density),
+            dtype=dtype,
+            rng=rng,
+        )
 
     def _train_config(self, n_train: int) -> TrainConfig:
         """The training step's options: a cosine schedule over both phases."""

@@ -1003,24 +1003,13 @@ def _classifier_state(
     data: FitData, config: FitConfig, *, hidden: Sequence[int], epochs: int, seed: int
 ) -> tuple[TrainState, TrainConfig]:
     """The training state and options ``SparseMLPClassifier.fit`` starts from."""
-    from ..models import mlp
     from ..training import init_state, spawn_streams
 
     clf = _classifier(config, hidden=hidden, epochs=epochs, threads=1, seed=seed)
     hidden_sizes, dtype = clf._check_params()
     train_config = clf._train_config(data.x_train.shape[0])
     init_rng, data_rng, mask_rng = spawn_streams(seed)
-    network = mlp(
-        data.x_train.shape[1],
-        hidden_sizes,
-        data.n_classes,
-        granularity=clf.granularity,
-        sparse_classifier=bool(clf.sparse_classifier),
-        init=clf.init,
-        density=float(clf.density),
-        dtype=dtype,
-        rng=init_rng,
-    )
+    network = clf._network(data.x_train.shape[1], hidden_sizes, data.n_classes, dtype, init_rng)
     state = init_state(network, train_config, data_rng=data_rng, mask_rng=mask_rng)
     return state, train_config
 
