@@ -64,12 +64,15 @@ def _touch(a):  # pragma: no cover - compiled
 
 @contextlib.contextmanager
 def numba_threads(n_jobs: int | None) -> Iterator[int]:
-    """Run the enclosed kernels on ``n_jobs`` threads (see :func:`effective_n_jobs`).
+    """Run the enclosed kernels, Numba's and BLAS's, on ``n_jobs`` threads.
 
-    Results do not depend on the number of threads: every reduction of the Numba
-    kernels has a fixed order, and BLAS (the dense layers' products, the gradient
-    norm's dot products), whose results can change with its thread count, runs on
-    one thread inside. Only the speed depends on ``n_jobs``.
+    See :func:`effective_n_jobs` for the count. The Numba kernels' results do not
+    depend on the number of threads: every reduction has a fixed order. BLAS (the
+    dense blocks of neuron and channel masks, the dense layers, the gradient norm's
+    dot products) makes no such promise; OpenBLAS splits a product over the rows and
+    columns of its output, not over the summed dimension, and its results for 1 and
+    2 threads were the same on every shape measured here (``cpusparse bench`` and
+    the tests check it again), but another BLAS or CPU may differ in the last bits.
     """
     n = effective_n_jobs(n_jobs)
     from threadpoolctl import threadpool_limits
@@ -77,7 +80,7 @@ def numba_threads(n_jobs: int | None) -> Iterator[int]:
     previous = numba.get_num_threads()
     numba.set_num_threads(n)
     try:
-        with threadpool_limits(limits=1, user_api="blas"):
+        with threadpool_limits(limits=n, user_api="blas"):
             yield n
     finally:
         numba.set_num_threads(previous)

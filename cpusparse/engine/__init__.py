@@ -7,8 +7,22 @@ kinds) <- :mod:`~cpusparse.engine.containers`; :mod:`~cpusparse.engine.losses` s
 apart. Nothing here knows about scores, estimators or training.
 """
 
-from .containers import Sequential
-from .layers import Layer, Linear, Mode, ReLU, SparseLinear, UnitMap
+from .containers import Residual, Sequential
+from .layers import (
+    AvgPool2d,
+    BatchNorm1d,
+    BatchNorm2d,
+    Conv2d,
+    Flatten,
+    GlobalAvgPool2d,
+    Layer,
+    Linear,
+    MaxPool2d,
+    Mode,
+    ReLU,
+    SparseLinear,
+    UnitMap,
+)
 from .losses import softmax, softmax_cross_entropy
 
 __all__ = [
@@ -19,6 +33,14 @@ __all__ = [
     "Linear",
     "ReLU",
     "Sequential",
+    "Residual",
+    "Conv2d",
+    "BatchNorm1d",
+    "BatchNorm2d",
+    "MaxPool2d",
+    "AvgPool2d",
+    "GlobalAvgPool2d",
+    "Flatten",
     "softmax",
     "softmax_cross_entropy",
 ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
@@ -14,7 +14,7 @@ from .losses import softmax_cross_entropy
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["Sequential"]
+__all__ = ["Sequential", "Residual", "ResidualCache"]
 
 
 class Sequential(Layer):
@@ -229,6 +229,17 @@ class Sequential(Layer):
             )
         return self._backward(self._check_dout(dout, caches), caches, need_dx)
 
+    def _check_input(self, x: npt.ArrayLike) -> FloatArray:
+        # The first layer knows its input layout (features or images).
+        x = self.layers[0]._check_input(x)
+        dtype = self.dtype
+        if dtype is not None and x.dtype != dtype:
+            raise TypeError(
+                f"x must have the same dtype as weight ({dtype}), got {x.dtype}; "
+                "cast explicitly instead of mixing float32 and float64"
+            )
+        return x
+
     def _check_dout(self, dout: npt.ArrayLike, cache: Any) -> FloatArray:
         # The last layer knows the shape of the output its cache belongs to.
         dout = self.layers[-1]._check_dout(dout, cache[-1])
@@ -313,3 +324,243 @@ class Sequential(Layer):
     def __repr__(self) -> str:
         inner = ",\n  ".join(repr(layer) for layer in self.layers)
         return f"Sequential([\n  {inner},\n])"
+
+
+class ResidualCache(NamedTuple):
+    """What :meth:`Residual.backward` needs: the branches' caches and the sum's sign."""
+
+    main: list[object]
+    shortcut: list[object] | None
+    positive: BoolArray | None
+    out: FloatArray
+
+
+def _prefixed(index: int, named: dict[str, Any]) -> dict[str, Any]:
+    return {f"{index}.{name}": value for name, value in named.items()}
+
+
+def _unprefixed(index: int, named: dict[str, Any]) -> dict[str, Any]:
+    prefix = f"{index}."
+    return {k[len(prefix) :]: v for k, v in named.items() if k.startswith(prefix)}
+
+
+class Residual(Layer):
+    r"""A residual block: ``out = act(main(x) + shortcut(x))``.
+
+    ``main`` and ``shortcut`` are lists of layers, each run as a :class:`Sequential`;
+    ``shortcut=None`` is the identity. The block takes the masks
+    of the main branch, then those of the shortcut (:attr:`n_masks`), and its
+    parameters are keyed ``"0.<main key>"`` and ``"1.<shortcut key>"``.
+
+    Known zeros: an output channel is known to be zero only where *both* inputs of
+    the add are, so with an identity shortcut a channel dropped by the main branch is
+    live after the add (its value is the shortcut's); the authors mask the second
+    convolution and a 1 x 1 projection shortcut independently, and so does this block.
+
+    Parameters
+    ----------
+    main : Layer or list of Layer
+        E.g. ``[Conv2d 3x3, BatchNorm2d, ReLU, Conv2d 3x3, BatchNorm2d]``.
+    shortcut : Layer, list of Layer or None, default=None
+        None: the identity; else e.g. ``[Conv2d 1x1 with stride, BatchNorm2d]``.
+    activation : {"relu", None}, default="relu"
+        Applied after the add.
+
+    Examples
+    --------
+    >>> from cpusparse.engine.layers.conv import Conv2d
+    >>> block = Residual([Conv2d.random(2, 2, 3, padding=1, rng=0, dtype=np.float64)])
+    >>> out, cache = block.forward(np.ones((2, 3, 4, 4)), [np.array([True, False])])
+    >>> out.shape, block.n_masks, list(block.params())
+    ((2, 3, 4, 4), 1, ['0.0.weight', '0.0.bias'])
+    """
+
+    def __init__(
+        self,
+        main: Layer | Iterable[Layer],
+        shortcut: Layer | Iterable[Layer] | None = None,
+        *,
+        activation: str | None = "relu",
+    ) -> None:
+        self.main = Sequential(main)
+        self.shortcut = None if shortcut is None else Sequential(shortcut)
+        if activation not in ("relu", None):
+            raise ValueError(f"activation must be 'relu' or None, got {activation!r}")
+        self.activation = activation
+        branches = [self.main] + ([] if self.shortcut is None else [self.shortcut])
+        dtypes = {b.dtype for b in branches if b.dtype is not None}
+        if len(dtypes) > 1:
+            raise TypeError(f"both branches must share one dtype, got {sorted(map(str, dtypes))}")
+        widths_in = {b.n_in for b in branches if b.n_in is not None}
+        widths_out = {b.n_out for b in branches if b.n_out is not None}
+        if self.shortcut is None and self.main.n_in is not None:
+            widths_out.add(self.main.n_in)
+        if len(widths_in) > 1 or len(widths_out) > 1:
+            raise ValueError(
+                "the branches must take and give the same number of channels, got "
+                f"main {self.main.n_in} -> {self.main.n_out}, shortcut "
+                + (
+                    "identity"
+                    if self.shortcut is None
+                    else f"{self.shortcut.n_in} -> {self.shortcut.n_out}"
+                )
+            )
+
+    def _branches(self) -> list[Sequential]:
+        return [self.main] if self.shortcut is None else [self.main, self.shortcut]
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def n_in(self) -> int | None:
+        """Number of input features (channels)."""
+        return self.main.n_in
+
+    @property
+    def n_out(self) -> int | None:
+        """Number of output features (channels)."""
+        return self.main.n_out if self.main.n_out is not None else self.main.n_in
+
+    @property
+    def dtype(self) -> np.dtype | None:
+        """Floating-point type of the parameters."""
+        return next((b.dtype for b in self._branches() if b.dtype is not None), None)
+
+    @property
+    def n_masks(self) -> int:
+        """Masks of the main branch, then of the shortcut."""
+        return sum(b.n_masks for b in self._branches())
+
+    def _slots(self) -> Iterator[tuple[Sequential, int, UnitMap]]:
+        for branch in self._branches():
+            yield from branch._slots()
+
+    def params(self) -> dict[str, FloatArray]:
+        """Every parameter by ``"0.<main key>"`` / ``"1.<shortcut key>"``."""
+        out: dict[str, FloatArray] = {}
+        for i, branch in enumerate(self._branches()):
+            out.update(_prefixed(i, branch.params()))
+        return out
+
+    def buffers(self) -> dict[str, np.ndarray]:
+        """Every buffer, keyed like :meth:`params`."""
+        out: dict[str, np.ndarray] = {}
+        for i, branch in enumerate(self._branches()):
+            out.update(_prefixed(i, branch.buffers()))
+        return out
+
+    def n_active(self, mask: Any = None, live: BoolArray | None = None, mode: Mode = TRAIN) -> int:
+        """Multiply-adds per sample of both branches with every unit kept."""
+        return sum(layer.n_active(None, None, mode) for b in self._branches() for layer in b.layers)
+
+    # ------------------------------------------------------------------ passes
+
+    def _check_input(self, x: npt.ArrayLike) -> FloatArray:
+        return self.main._check_input(x)
+
+    def _check_dout(self, dout: npt.ArrayLike, cache: Any) -> FloatArray:
+        dout = self.main.layers[-1]._check_dout(dout, cache.main[-1])
+        if dout.shape != cache.out.shape:
+            raise ValueError(f"dout must have shape {cache.out.shape}, got {dout.shape}")
+        return dout
+
+    def forward(
+        self,
+        x: npt.ArrayLike,
+        masks: Sequence[npt.ArrayLike | None] | None = None,
+        *,
+        live: npt.ArrayLike | None = None,
+        mode: Mode = TRAIN,
+    ) -> tuple[FloatArray, ResidualCache]:
+        """Forward pass with one mask per prunable layer (see :meth:`Sequential.forward`)."""
+        x = self._check_input(x)
+        checked = Sequential._check_masks(self, masks)  # type: ignore[arg-type]
+        out, cache, _ = self._run(x, checked, _check_live(live, self.n_in), mode)
+        return out, cache
+
+    def _forward(
+        self, x: FloatArray, mask: Any, live: BoolArray | None, mode: Mode
+    ) -> tuple[FloatArray, ResidualCache]:
+        out, cache, _ = self._run(x, mask, live, mode)
+        return out, cache
+
+    def _run(
+        self,
+        x: FloatArray,
+        masks: Sequence[BoolArray | None],
+        live: BoolArray | None,
+        mode: Mode,
+    ) -> tuple[FloatArray, ResidualCache, BoolArray | None]:
+        k = self.main.n_masks
+        a, main_cache, live_a = self.main._run(x, masks[:k], live, mode)
+        shortcut_cache = None
+        if self.shortcut is None:
+            b, live_b = x, live
+        else:
+            b, shortcut_cache, live_b = self.shortcut._run(x, masks[k:], live, mode)
+        if a.shape != b.shape:
+            raise ValueError(
+                f"the main branch outputs {a.shape} but the shortcut {b.shape}; give the "
+                "shortcut the main branch's stride and channels"
+            )
+        out = a + b
+        positive = None
+        if self.activation == "relu":
+            positive = out > 0
+            out *= positive
+        live_out = None if live_a is None or live_b is None else live_a | live_b
+        return out, ResidualCache(main_cache, shortcut_cache, positive, out), live_out
+
+    def backward(
+        self, dout: npt.ArrayLike, cache: ResidualCache, *, need_dx: bool = True
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        """Backward pass through both branches; grads keyed like :meth:`params`."""
+        return self._backward(self._check_dout(dout, cache), cache, need_dx)
+
+    def _backward(
+        self, dout: FloatArray, cache: ResidualCache, need_dx: bool = True
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        d = dout if cache.positive is None else dout * cache.positive
+        dx, grads = self.main._backward(d, cache.main, need_dx)
+        grads = _prefixed(0, grads)
+        if self.shortcut is None:
+            dx_short: FloatArray | None = d
+        else:
+            if not (cache.shortcut is not None):
+                raise RuntimeError("internal error: a block with a shortcut caches it")
+            dx_short, short_grads = self.shortcut._backward(d, cache.shortcut, need_dx)
+            grads.update(_prefixed(1, short_grads))
+        if need_dx:
+            if not (dx is not None and dx_short is not None):
+                raise RuntimeError("internal error: both branches return dx when asked")
+            dx = dx + dx_short
+        return (dx if need_dx else None), grads
+
+    # ------------------------------------------------------------------ storage
+
+    def config(self) -> dict[str, Any]:
+        """The branches' configurations and the activation."""
+        return {
+            "main": self.main.config(),
+            "shortcut": None if self.shortcut is None else self.shortcut.config(),
+            "activation": self.activation,
+        }
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Every array of both branches, keyed like :meth:`params`."""
+        out: dict[str, np.ndarray] = {}
+        for i, branch in enumerate(self._branches()):
+            out.update(_prefixed(i, branch.arrays()))
+        return out
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> Residual:
+        """Rebuild the block and its branches."""
+        main = Sequential.from_config(config["main"], _unprefixed(0, arrays)).layers
+        shortcut = None
+        if config["shortcut"] is not None:
+            shortcut = Sequential.from_config(config["shortcut"], _unprefixed(1, arrays)).layers
+        return cls(main, shortcut, activation=config["activation"])
+
+    def __repr__(self) -> str:
+        return f"Residual(main={self.main!r}, shortcut={self.shortcut!r})"

@@ -46,6 +46,7 @@ __all__ = [
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("constant", "cosine")
 WEIGHT_GRADS = ("mean", "first")
+NORM_UPDATES = ("once", "every_pass")
 CLIP_SCOPES = ("weights", "weights+scores")
 
 _T = TypeVar("_T")
@@ -259,6 +260,12 @@ class TrainConfig:
         (:func:`~cpusparse.training.compaction.compact`). Scores collapse fast, so
         checking every step keeps the cost following the live units; the check is
         one pass over the scores.
+    norm_updates : {"once", "every_pass"}, default="once"
+        How the K forward passes of a step update batch-norm running statistics:
+        once, from the batch statistics of the first pass (the running statistics
+        then follow one sampled sub-network per step, as evaluation will), or once
+        per pass, K updates per step, as the authors' code does by running its K
+        passes in train mode.
     """
 
     density: float = _option(0.1, Real(0.0, 1.0, "right"), "kept fraction of the prunable units")
@@ -313,6 +320,12 @@ class TrainConfig:
     compact_every: int = _option(1, Int(0), "check for dead units every N steps (0: never)")
     compact_fraction: float = _option(
         0.25, Real(0.0, 1.0), "compact when this fraction of stored weights is dead"
+    )
+    norm_updates: str = _option(
+        "once",
+        Choice(NORM_UPDATES),
+        "batch-norm running statistics: updated once per step (from the first pass) or "
+        "by every one of the K passes (the authors' code)",
     )
 
     def __post_init__(self) -> None:

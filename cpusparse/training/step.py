@@ -162,6 +162,7 @@ def _mask_passes(
     n_backward: int,
     mode: Mode,
     keep_passes: bool,
+    every_pass_updates: bool = False,
 ) -> tuple[npt.NDArray[np.float64], list[FloatArray], list[FloatArray], list[list[FloatArray]]]:
     """K forward passes on one batch, the first ``n_backward`` with a backward pass.
 
@@ -174,7 +175,9 @@ def _mask_passes(
     total = None
     mask_grads, per_pass = [], []
     for k in range(masks.shape[0]):
-        logits, caches = net._forward(x, split_masks(state, masks[k]), None, mode)
+        # Running statistics (batch norm) follow the first pass, or every pass.
+        pass_mode = mode if k == 0 or every_pass_updates else mode._replace(update_stats=False)
+        logits, caches = net._forward(x, split_masks(state, masks[k]), None, pass_mode)
         losses[k], dlogits = softmax_cross_entropy(logits, y)
         if k >= n_backward:
             continue
@@ -268,7 +271,7 @@ def train_step(
     mode = STRAIGHT_THROUGH if estimator.mask_gradient else TRAIN
     n_backward = K if config.weight_grad == "mean" or estimator.mask_gradient else 1
     losses, weight_grads, mask_grads, per_pass = _mask_passes(
-        state, x, y, masks, n_backward, mode, record
+        state, x, y, masks, n_backward, mode, record, config.norm_updates == "every_pass"
     )
 
     def pass_masks(k: int, masks: BoolArray = masks) -> list[BoolArray]:

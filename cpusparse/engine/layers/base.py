@@ -23,7 +23,12 @@ Every layer is a :class:`Layer` with explicit state and pure passes:
   layer kind, including one defined outside the package, without a type switch.
 
 Activations are feature-major: ``x`` has shape ``(n_in, n_batch)``, one column per
-sample. The public ``forward``/``backward`` validate their input once; containers call
+sample. Images are channel-major, ``(n_channels, n_batch, height, width)``, the same
+rule with channels as features: a channel is a row block, so gathering kept channels
+is gathering rows, and the im2col product of a convolution, ``W (C_out, C_in*kh*kw)
+@ cols (C_in*kh*kw, N*H_out*W_out)``, is already the output in this layout (no
+transpose). ``n_in``/``n_out`` of an image layer count channels, and ``live`` has one
+bit per channel. The public ``forward``/``backward`` validate their input once; containers call
 the unvalidated ``_forward``/``_backward`` after validating at their own boundary.
 
 The :class:`Mode` of a pass says whether it is a training pass (batch statistics) or
@@ -49,9 +54,19 @@ if TYPE_CHECKING:
     import numpy.typing as npt
 
 from ..._typing import BoolArray, FloatArray
+from ..._validation import check_array, check_same_dtype
 from ..csr import _check_activations
 
-__all__ = ["Mode", "TRAIN", "EVAL", "STRAIGHT_THROUGH", "Layer", "UnitMap", "LAYER_TYPES"]
+__all__ = [
+    "Mode",
+    "TRAIN",
+    "EVAL",
+    "STRAIGHT_THROUGH",
+    "Layer",
+    "UnitMap",
+    "LAYER_TYPES",
+    "check_images",
+]
 
 
 class Mode(NamedTuple):
@@ -65,10 +80,16 @@ class Mode(NamedTuple):
         Compute every stored entry and apply the mask multiplicatively, so that the
         backward pass returns the gradient with respect to the mask (the chain-rule
         baseline); masks are then not used to skip work.
+    update_stats : bool, default=True
+        Whether a training pass updates running statistics (batch norm). The
+        training step runs K forward passes per step and sets it for the first pass
+        only, unless ``TrainConfig.norm_updates="every_pass"`` (the authors' code,
+        whose K passes in train mode update them K times).
     """
 
     training: bool = True
     straight_through: bool = False
+    update_stats: bool = True
 
 
 TRAIN = Mode()
@@ -378,6 +399,38 @@ class Layer(abc.ABC):
     def from_config(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> Layer:
         """Rebuild a layer from :meth:`config` and :meth:`arrays`."""
         return cls(**arrays, **config)
+
+
+def check_images(
+    x: npt.ArrayLike, n_channels: int | None, name: str, dtype: npt.DTypeLike | None = None
+) -> FloatArray:
+    """``x`` as a C-contiguous channel-major image batch ``(C, N, H, W)``, or an error.
+
+    Parameters
+    ----------
+    x : array_like
+        The batch; float32 or float64, finite.
+    n_channels : int or None
+        The number of channels expected (None: any).
+    name : str
+        The argument's name, for the error messages.
+    dtype : dtype, optional
+        The layer's dtype; a batch of another float type is refused, not cast.
+    """
+    x = check_array(x, name, finite=True)
+    if x.ndim != 4:
+        raise ValueError(
+            f"{name} must be a 4-D channel-major image batch (n_channels, n_batch, height, "
+            f"width), got shape {x.shape}"
+        )
+    if n_channels is not None and x.shape[0] != n_channels:
+        raise ValueError(
+            f"{name} must have {n_channels} channels on axis 0 (layout (C, N, H, W)), got "
+            f"shape {x.shape}"
+        )
+    if dtype is not None:
+        check_same_dtype((name, x), ("weight", np.empty(0, dtype)))
+    return np.ascontiguousarray(x)
 
 
 def _check_live(live: npt.ArrayLike | None, n: int | None) -> BoolArray | None:

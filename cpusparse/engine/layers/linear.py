@@ -331,8 +331,7 @@ class SparseLinear(Layer):
     of threads); with neuron granularity the kept sub-network is a narrower dense
     layer, so the kept rows and live input columns are gathered into a dense block
     and multiplied by BLAS (OpenBLAS's results were the same for 1 and 2 threads
-    here, which it does not promise; :class:`~cpusparse.SparseMLPClassifier` runs BLAS
-    on one thread).
+    here, which it does not promise; see :func:`cpusparse._threads.numba_threads`).
 
     Parameters
     ----------

@@ -1,0 +1,685 @@
+r"""Two-dimensional convolutions with channel or weight masks: :class:`Conv2d`.
+
+The weight has PyTorch's layout ``(C_out, C_in, kh, kw)`` and images are channel-major
+``(C, N, H, W)`` (see :mod:`~cpusparse.engine.layers.base`). A convolution is a matrix
+product on the im2col matrix: with ``cols`` of shape ``(C_in*kh*kw, N*H_out*W_out)``
+(:func:`~cpusparse.engine.kernels.conv.im2col`),
+
+.. math::
+
+    \text{out} = W_{(C_{out},\ C_{in} k_h k_w)} \cdot \text{cols},
+
+which in this layout is the output itself. Everything that depends on what one mask
+bit keeps lives in the unit map:
+
+- :class:`ChannelUnits` (``"channel"``, the paper's setting): one bit per output
+  filter. The kept filters and the live input channels (those the previous layer did
+  not drop) are gathered into a dense block; im2col runs over the live input
+  channels only, and BLAS multiplies the block, forward and backward, so the cost is
+  ``kept_out * kept_in * kh * kw * N * H_out * W_out`` at BLAS speed.
+- :class:`ConvWeightUnits` (``"weight"``): one bit per weight. The weight matrix is a
+  full CSR pattern computed with the masked CSR kernels of the linear layers, with
+  the im2col columns as the batch.
+
+The im2col matrix of a large batch is large (64 channels, 28 x 28, batch 256, 3 x 3:
+460 MB in float32), so a pass works on chunks of the batch whose columns fit in
+``max_cols_bytes``; a pass that needs one chunk keeps its columns for the backward
+pass, otherwise the backward pass builds them again chunk by chunk.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, NamedTuple
+
+import numpy as np
+
+from ..._typing import BoolArray, FloatArray, IndexArray, RNGLike
+from ..._validation import check_array, check_choice, check_rng, check_same_dtype
+from .. import csr
+from ..kernels import conv as _kernels
+from .base import TRAIN, Layer, Mode, UnitMap, check_images
+from .linear import _check_fan_in_scale, _init_uniform, _init_weight, _kept
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
+
+__all__ = ["Conv2d", "ConvCache", "ChannelUnits", "ConvWeightUnits", "CONV_GRANULARITIES"]
+
+MAX_COLS_BYTES = 1 << 28
+"""Default bound on the im2col workspace of one pass (256 MiB)."""
+
+
+def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
+    # An int or a pair of ints, each >= minimum.
+    pair = (value, value) if np.isscalar(value) else tuple(value)
+    if len(pair) != 2 or not all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair
+    ):
+        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
+    if min(pair) < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
+    return int(pair[0]), int(pair[1])
+
+
+class ConvCache(NamedTuple):
+    """What the backward pass of a :class:`Conv2d` needs from its forward pass.
+
+    ``x`` is the input's live channels (``chans``), ``cols`` their im2col matrix when
+    the pass fit one chunk (else None), ``out`` the layer's output, ``pre`` the kept
+    filters' output ``(kept_out, N*H_out*W_out)`` (channel path; None on the weight
+    path), ``block`` the weight block ``(kept_out, kept_in*kh*kw)`` and ``active`` the
+    active CSR pattern (weight path). ``mask``/``unmasked`` are set by a
+    straight-through pass.
+    """
+
+    x: FloatArray
+    cols: FloatArray | None
+    out: FloatArray
+    pre: FloatArray | None
+    rows: IndexArray
+    chans: IndexArray
+    block: FloatArray | None
+    active: csr.ActivePattern | None = None
+    mask: BoolArray | None = None
+    unmasked: FloatArray | None = None
+
+
+class ChannelUnits(UnitMap):
+    """One mask bit per output channel (filter) of a :class:`Conv2d`.
+
+    ``out[c] = m_c * act(conv(x)[c] + b_c)``: a dropped channel is exactly 0, so the
+    layers after it (batch norm, pooling, the next convolution) skip it.
+    """
+
+    granularity = "channel"
+    zeroes_outputs = True
+    thins_fan_in = False
+
+    def __init__(self, layer: Conv2d) -> None:
+        self.layer = layer
+
+    @property
+    def n_units(self) -> int:
+        """Number of mask bits: the output channels."""
+        return self.layer.n_out
+
+    @property
+    def n_units_full(self) -> int:
+        """Number of units of the dense layer."""
+        return self.layer.n_out
+
+    def stored_per_unit(self) -> IndexArray:
+        """Weights each filter owns, ``C_in * kh * kw``."""
+        return np.full(self.n_units, self.layer.weight[0].size, dtype=np.int64)
+
+    def compaction(self, dead: BoolArray) -> tuple[BoolArray, dict[str, BoolArray]]:
+        """Nothing is compacted: a dead filter is never computed, and its storage stays."""
+        return np.ones(dead.shape[0], dtype=bool), {}
+
+    def live_outputs(self, mask: BoolArray) -> BoolArray | None:
+        """The kept channels."""
+        return mask
+
+    def kept_weights(self, mask: BoolArray) -> BoolArray:
+        """The weights ``mask`` keeps, broadcastable to ``(C_out, C_in, kh, kw)``."""
+        return mask[:, None, None, None]
+
+    def forward(
+        self, layer: Conv2d, x: FloatArray, mask: BoolArray | None, live: BoolArray | None
+    ) -> tuple[FloatArray, ConvCache]:
+        """BLAS on the block of kept filters and live input channels."""
+        return layer._block_forward(x, _kept(mask, layer.n_out), _kept(live, layer.n_in))
+
+    def backward(
+        self, layer: Conv2d, dout: FloatArray, cache: ConvCache, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        """Backward of :meth:`forward` on the same block."""
+        return layer._block_backward(dout, cache, need_dx)
+
+    def straight_through_forward(
+        self, layer: Conv2d, x: FloatArray, mask: BoolArray
+    ) -> tuple[FloatArray, ConvCache]:
+        """Every filter computed; the output multiplied by the mask."""
+        everything = np.arange(layer.n_out, dtype=csr.INDEX_DTYPE)
+        unmasked, cache = layer._block_forward(x, everything, _kept(None, layer.n_in))
+        out = unmasked * mask[:, None, None, None]
+        return out, cache._replace(out=out, mask=mask, unmasked=unmasked)
+
+    def straight_through_backward(
+        self, layer: Conv2d, dout: FloatArray, cache: ConvCache, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        """Backward of :meth:`straight_through_forward`, with ``grads["mask"]``."""
+        if not (cache.mask is not None and cache.unmasked is not None):
+            raise RuntimeError("internal error: a straight-through cache holds its mask")
+        dmask = np.einsum("cnhw,cnhw->c", dout, cache.unmasked)
+        dunmasked = dout * cache.mask[:, None, None, None]
+        dx, grads = layer._block_backward(dunmasked, cache._replace(out=cache.unmasked), need_dx)
+        return dx, {**grads, "mask": dmask}
+
+
+class ConvWeightUnits(UnitMap):
+    """One mask bit per weight of a :class:`Conv2d`, in the weight's row-major order.
+
+    A filter whose weights are all dropped still outputs ``act(bias)``, so no output
+    is known to be zero.
+    """
+
+    granularity = "weight"
+    zeroes_outputs = False
+    thins_fan_in = True
+
+    def __init__(self, layer: Conv2d) -> None:
+        self.layer = layer
+
+    @property
+    def n_units(self) -> int:
+        """Number of mask bits: every weight."""
+        return int(self.layer.weight.size)
+
+    @property
+    def n_units_full(self) -> int:
+        """Number of units of the dense layer."""
+        return self.n_units
+
+    def stored_per_unit(self) -> IndexArray:
+        """One stored weight per unit."""
+        return np.ones(self.n_units, dtype=np.int64)
+
+    def stored_by(self, units: BoolArray) -> int:
+        """Number of stored weights of the units where ``units`` is True: one each."""
+        return int(np.count_nonzero(units))
+
+    def compaction(self, dead: BoolArray) -> tuple[BoolArray, dict[str, BoolArray]]:
+        """Nothing is compacted (the weight stays dense in PyTorch's layout)."""
+        return np.ones(dead.shape[0], dtype=bool), {}
+
+    def dense(self, values: npt.ArrayLike, fill: Any = 0) -> np.ndarray:
+        """Per-weight values ``(..., n_units)`` as ``(..., C_out, C_in, kh, kw)``."""
+        values = np.asarray(values)
+        return values.reshape(values.shape[:-1] + self.layer.weight.shape).copy()
+
+    def live_outputs(self, mask: BoolArray) -> BoolArray | None:
+        """Every output may be nonzero."""
+        return None
+
+    def kept_weights(self, mask: BoolArray) -> BoolArray:
+        """The weights ``mask`` keeps, shape ``(C_out, C_in, kh, kw)``."""
+        return mask.reshape(self.layer.weight.shape)
+
+    def forward(
+        self, layer: Conv2d, x: FloatArray, mask: BoolArray | None, live: BoolArray | None
+    ) -> tuple[FloatArray, ConvCache]:
+        """The masked CSR product on the active weights, the im2col columns as batch."""
+        return layer._csr_forward(x, mask, live)
+
+    def backward(
+        self, layer: Conv2d, dout: FloatArray, cache: ConvCache, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        """SDDMM at the active weights and the transposed product, then col2im."""
+        return layer._csr_backward(dout, cache, need_dx)
+
+    def straight_through_forward(
+        self, layer: Conv2d, x: FloatArray, mask: BoolArray
+    ) -> tuple[FloatArray, ConvCache]:
+        """A dense pass with the weight ``W * m`` (every weight computed)."""
+        m = mask.reshape(layer.weight.shape)
+        everything = np.arange(layer.n_out, dtype=csr.INDEX_DTYPE)
+        out, cache = layer._block_forward(
+            x, everything, _kept(None, layer.n_in), weight=layer.weight * m
+        )
+        return out, cache._replace(mask=mask)
+
+    def straight_through_backward(
+        self, layer: Conv2d, dout: FloatArray, cache: ConvCache, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        """Backward of :meth:`straight_through_forward`: ``dL/dm = dL/dW_eff * W``."""
+        if not (cache.mask is not None):
+            raise RuntimeError("internal error: a straight-through cache holds its mask")
+        dx, grads = layer._block_backward(dout, cache, need_dx)
+        deff = grads["weight"]
+        grads["weight"] = deff * cache.mask.reshape(deff.shape)
+        grads["mask"] = (deff * layer.weight).reshape(-1)
+        return dx, grads
+
+
+CONV_GRANULARITIES: dict[str, type[ChannelUnits] | type[ConvWeightUnits]] = {
+    "channel": ChannelUnits,
+    "weight": ConvWeightUnits,
+}
+"""The unit maps of :class:`Conv2d` by granularity name."""
+
+
+class Conv2d(Layer):
+    r"""A 2-D convolution computed with a channel or weight mask.
+
+    ``out = act(conv(x, W * m) + b)`` for weight granularity and
+    ``out[c] = m_c * act(conv(x, W)[c] + b_c)`` (a dropped filter outputs exactly 0)
+    for channel granularity; cross-correlation as in PyTorch's ``Conv2d``, without
+    dilation or groups.
+
+    Parameters
+    ----------
+    weight : ndarray of shape (C_out, C_in, kh, kw)
+        PyTorch's layout, C-contiguous.
+    bias : ndarray of shape (C_out,) or None
+        None: no bias (the usual choice before a batch norm).
+    stride, padding : int or pair of ints, default=1 and 0
+        Zero padding on each side.
+    granularity : {"channel", "weight"}, default="channel"
+        One mask bit per output channel, or per weight (see :data:`CONV_GRANULARITIES`).
+    activation : {None, "relu"}, default=None
+    max_cols_bytes : int, default=MAX_COLS_BYTES
+        Bound on the im2col workspace of a pass; larger batches are computed in
+        chunks.
+
+    Notes
+    -----
+    Guarantees: the channel path multiplies with BLAS, whose results may change with
+    its thread count (OpenBLAS's did not for these shapes here, which it does not
+    promise); im2col and col2im have a fixed order. The weight path uses the
+    fixed-order CSR kernels and is bit-identical for any thread count.
+
+    Examples
+    --------
+    >>> conv = Conv2d.random(2, 4, 3, padding=1, rng=0, dtype=np.float64)
+    >>> x = np.ones((2, 5, 8, 8))  # (C, N, H, W)
+    >>> out, cache = conv.forward(x, mask=np.array([True, False, True, True]))
+    >>> out.shape, float(abs(out[1]).max())
+    ((4, 5, 8, 8), 0.0)
+    >>> dx, grads = conv.backward(np.ones_like(out), cache)
+    >>> dx.shape, grads["weight"].shape
+    ((2, 5, 8, 8), (4, 2, 3, 3))
+    """
+
+    units: ChannelUnits | ConvWeightUnits
+
+    def __init__(
+        self,
+        weight: npt.ArrayLike,
+        bias: npt.ArrayLike | None = None,
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        granularity: str = "channel",
+        activation: str | None = None,
+        max_cols_bytes: int = MAX_COLS_BYTES,
+    ) -> None:
+        weight = check_array(weight, "weight", finite=True)
+        if weight.ndim != 4 or 0 in weight.shape:
+            raise ValueError(
+                f"weight must be a nonempty 4-D array (C_out, C_in, kh, kw), got shape "
+                f"{weight.shape}"
+            )
+        self.weight = np.ascontiguousarray(weight)
+        self.bias = None
+        if bias is not None:
+            self.bias = check_array(bias, "bias", ndim=1, shape=weight.shape[:1], finite=True)
+            check_same_dtype(("weight", self.weight), ("bias", self.bias))
+        self.stride = _pair(stride, "stride", 1)
+        self.padding = _pair(padding, "padding", 0)
+        check_choice(granularity, "granularity", tuple(CONV_GRANULARITIES))
+        self.units = CONV_GRANULARITIES[granularity](self)
+        self.activation = check_choice(activation, "activation", (None, "relu"))
+        if not isinstance(max_cols_bytes, (int, np.integer)) or max_cols_bytes < 1:
+            raise ValueError(f"max_cols_bytes must be a positive int, got {max_cols_bytes!r}")
+        self.max_cols_bytes = int(max_cols_bytes)
+        self._pattern: tuple[IndexArray, IndexArray] | None = None
+
+    @classmethod
+    def random(
+        cls,
+        n_in: int,
+        n_out: int,
+        kernel_size: int | tuple[int, int],
+        *,
+        stride: int | tuple[int, int] = 1,
+        padding: int | tuple[int, int] = 0,
+        bias: bool = True,
+        granularity: str = "channel",
+        activation: str | None = None,
+        init: str = "uniform",
+        fan_in_scale: float = 1.0,
+        dtype: npt.DTypeLike = np.float32,
+        rng: RNGLike = None,
+    ) -> Conv2d:
+        r"""A layer with random weights, then bias (PyTorch's default or He's normal).
+
+        The fan-in is :math:`f = C_{in} k_h k_w \times` ``fan_in_scale``; see
+        :meth:`cpusparse.engine.layers.linear.SparseLinear.random`.
+        """
+        rng = check_rng(rng)
+        kh, kw = _pair(kernel_size, "kernel_size", 1)
+        _check_fan_in_scale(fan_in_scale)
+        fan_in = n_in * kh * kw
+        weight = _init_weight(fan_in * n_out, fan_in * fan_in_scale, init, dtype, rng)
+        b = _init_uniform(n_out, fan_in, dtype, rng) if bias else None
+        return cls(
+            weight.reshape(n_out, n_in, kh, kw),
+            b,
+            stride=stride,
+            padding=padding,
+            granularity=granularity,
+            activation=activation,
+        )
+
+    # ------------------------------------------------------------------ structure
+
+    @property
+    def granularity(self) -> str:
+        """Name of the unit map's granularity."""
+        return self.units.granularity
+
+    @property
+    def n_in(self) -> int:
+        """Number of input channels."""
+        return int(self.weight.shape[1])
+
+    @property
+    def n_out(self) -> int:
+        """Number of output channels."""
+        return int(self.weight.shape[0])
+
+    @property
+    def kernel_size(self) -> tuple[int, int]:
+        """``(kh, kw)``."""
+        return int(self.weight.shape[2]), int(self.weight.shape[3])
+
+    @property
+    def dtype(self) -> np.dtype:
+        """Floating-point type of the parameters."""
+        return self.weight.dtype
+
+    def params(self) -> dict[str, FloatArray]:
+        """The parameter arrays, by name (the same objects, not copies)."""
+        if self.bias is None:
+            return {"weight": self.weight}
+        return {"weight": self.weight, "bias": self.bias}
+
+    def output_size(self, height: int, width: int) -> tuple[int, int]:
+        """``(H_out, W_out)`` for an input of ``height x width``; ValueError if it is empty."""
+        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
+        if height + 2 * ph < kh or width + 2 * pw < kw:
+            raise ValueError(
+                f"kernel_size {(kh, kw)} is larger than the padded input "
+                f"{(height + 2 * ph, width + 2 * pw)} (input {(height, width)}, padding "
+                f"{(ph, pw)})"
+            )
+        return (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+
+    def live_outputs(self, mask: BoolArray | None, live: BoolArray | None) -> BoolArray | None:
+        """Output channels that may be nonzero: the kept ones (channel granularity)."""
+        return None if mask is None else self.units.live_outputs(mask)
+
+    def n_active(
+        self, mask: BoolArray | None = None, live: BoolArray | None = None, mode: Mode = TRAIN
+    ) -> int:
+        """Weights a pass multiplies with (per output position and sample)."""
+        if mode.straight_through:
+            return int(self.weight.size)
+        keep = np.ones(self.weight.shape, dtype=bool)
+        if mask is not None:
+            keep &= self.units.kept_weights(mask)
+        if live is not None:
+            keep &= live[None, :, None, None]
+        return int(keep.sum())
+
+    def _check_input(self, x: npt.ArrayLike) -> FloatArray:
+        x = check_images(x, self.n_in, "x", self.dtype)
+        self.output_size(x.shape[2], x.shape[3])
+        return x
+
+    def _check_dout(self, dout: npt.ArrayLike, cache: Any) -> FloatArray:
+        dout = check_images(dout, self.n_out, "dout", self.dtype)
+        expected = getattr(cache, "out", None)
+        if expected is not None and dout.shape != expected.shape:
+            raise ValueError(f"dout must have shape {expected.shape}, got {dout.shape}")
+        return dout
+
+    # ------------------------------------------------------------------ passes
+
+    def _forward(
+        self,
+        x: FloatArray,
+        mask: BoolArray | None = None,
+        live: BoolArray | None = None,
+        mode: Mode = TRAIN,
+    ) -> tuple[FloatArray, ConvCache]:
+        if mode.straight_through:
+            if mask is None:
+                mask = np.ones(self.units.n_units, dtype=bool)
+            return self.units.straight_through_forward(self, x, mask)
+        return self.units.forward(self, x, mask, live)
+
+    def _backward(
+        self, dout: FloatArray, cache: ConvCache, need_dx: bool = True
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        if not isinstance(cache, ConvCache):
+            raise TypeError(
+                f"cache must come from this layer's forward, got {type(cache).__name__}"
+            )
+        if cache.mask is not None:
+            return self.units.straight_through_backward(self, dout, cache, need_dx)
+        return self.units.backward(self, dout, cache, need_dx)
+
+    def _chunks(self, x: FloatArray) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+        # (H_out, W_out) and the batch chunks [n0, n1) whose columns fit max_cols_bytes.
+        n_channels, n_batch, height, width = x.shape
+        ho, wo = self.output_size(height, width)
+        kh, kw = self.kernel_size
+        per_sample = max(n_channels * kh * kw * ho * wo * x.itemsize, 1)
+        step = max(1, min(n_batch, self.max_cols_bytes // per_sample))
+        return (ho, wo), [(n0, min(n0 + step, n_batch)) for n0 in range(0, n_batch, step)]
+
+    def _is_identity_im2col(self) -> bool:
+        return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
+
+    def _cols(self, x: FloatArray, n0: int, n1: int, ho: int, wo: int) -> FloatArray:
+        # The im2col matrix of samples [n0, n1) of x (C, N, H, W).
+        if self._is_identity_im2col():
+            part = x[:, n0:n1]
+            return np.ascontiguousarray(part).reshape(x.shape[0], (n1 - n0) * ho * wo)
+        kh, kw = self.kernel_size
+        cols = np.empty((x.shape[0] * kh * kw, (n1 - n0) * ho * wo), dtype=x.dtype)
+        _kernels.im2col(x, n0, kh, kw, *self.stride, *self.padding, ho, wo, cols)
+        return cols
+
+    def _col2im(self, dcols: FloatArray, n0: int, ho: int, wo: int, dx: FloatArray) -> None:
+        # dx[:, n0:n0+nb] += col2im(dcols)
+        if self._is_identity_im2col():
+            nb = dcols.shape[1] // (ho * wo)
+            dx[:, n0 : n0 + nb] += dcols.reshape(dx.shape[0], nb, ho, wo)
+            return
+        kh, kw = self.kernel_size
+        _kernels.col2im(dcols, n0, kh, kw, *self.stride, *self.padding, ho, wo, dx)
+
+    def _block(self, weight: FloatArray, rows: IndexArray, chans: IndexArray) -> FloatArray:
+        # The (kept_out, kept_in * kh * kw) block of kept filters and live channels.
+        block = weight
+        if rows.shape[0] != self.n_out:
+            block = np.take(block, rows, axis=0)
+        if chans.shape[0] != self.n_in:
+            block = np.take(block, chans, axis=1)
+        kh, kw = self.kernel_size
+        return np.ascontiguousarray(block).reshape(rows.shape[0], chans.shape[0] * kh * kw)
+
+    def _block_forward(
+        self,
+        x: FloatArray,
+        rows: IndexArray,
+        chans: IndexArray,
+        weight: FloatArray | None = None,
+    ) -> tuple[FloatArray, ConvCache]:
+        # BLAS on the kept block: pre = block @ cols(x[chans]) + b[rows], then act.
+        weight = self.weight if weight is None else weight
+        xk = x if chans.shape[0] == self.n_in else np.take(x, chans, axis=0)
+        (ho, wo), chunks = self._chunks(xk)
+        n_batch = x.shape[1]
+        block = self._block(weight, rows, chans)
+        pre3 = np.empty((rows.shape[0], n_batch, ho * wo), dtype=x.dtype)
+        cols = None
+        for n0, n1 in chunks:
+            cols = self._cols(xk, n0, n1, ho, wo)
+            if len(chunks) == 1:
+                np.matmul(block, cols, out=pre3.reshape(rows.shape[0], cols.shape[1]))
+            else:
+                pre3[:, n0:n1] = (block @ cols).reshape(rows.shape[0], n1 - n0, ho * wo)
+        pre = pre3.reshape(rows.shape[0], n_batch * ho * wo)
+        if self.bias is not None:
+            pre += self.bias[rows, None]
+        if self.activation == "relu":
+            np.maximum(pre, 0, out=pre)
+        if rows.shape[0] == self.n_out:
+            out = pre.reshape(self.n_out, n_batch, ho, wo)
+        else:
+            out = np.zeros((self.n_out, n_batch, ho, wo), dtype=x.dtype)
+            out[rows] = pre.reshape(rows.shape[0], n_batch, ho, wo)
+        cache_cols = cols if len(chunks) == 1 else None
+        return out, ConvCache(xk, cache_cols, out, pre, rows, chans, block)
+
+    def _block_backward(
+        self, dout: FloatArray, cache: ConvCache, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        rows, chans, xk, block = cache.rows, cache.chans, cache.x, cache.block
+        if not (block is not None and cache.pre is not None):
+            raise RuntimeError("internal error: a block cache holds its block")
+        (ho, wo), chunks = self._chunks(xk)
+        n_batch = xk.shape[1]
+        kept_out = rows.shape[0]
+        if kept_out == self.n_out:
+            dpre = dout.reshape(kept_out, n_batch * ho * wo)
+            if self.activation == "relu":
+                dpre = dpre * (cache.pre > 0)
+        else:
+            dpre = np.take(dout, rows, axis=0).reshape(kept_out, n_batch * ho * wo)
+            if self.activation == "relu":
+                dpre *= cache.pre > 0
+        grads: dict[str, FloatArray] = {}
+        dblock = np.zeros(block.shape, dtype=block.dtype)
+        dxk = np.zeros(xk.shape, dtype=xk.dtype) if need_dx else None
+        dpre3 = dpre.reshape(kept_out, n_batch, ho * wo)
+        for n0, n1 in chunks:
+            cols = cache.cols if cache.cols is not None else self._cols(xk, n0, n1, ho, wo)
+            part = (
+                dpre if len(chunks) == 1 else dpre3[:, n0:n1].reshape(kept_out, (n1 - n0) * ho * wo)
+            )
+            dblock += (cols @ part.T).T  # faster than part @ cols.T in OpenBLAS here
+            if dxk is not None:
+                self._col2im(block.T @ part, n0, ho, wo, dxk)
+        dweight = np.zeros(self.weight.shape, dtype=self.weight.dtype)
+        kh, kw = self.kernel_size
+        dweight[np.ix_(rows, chans)] = dblock.reshape(kept_out, chans.shape[0], kh, kw)
+        grads["weight"] = dweight
+        if self.bias is not None:
+            dbias = np.zeros(self.n_out, dtype=self.weight.dtype)
+            dbias[rows] = dpre.sum(axis=1)
+            grads["bias"] = dbias
+        dx = None
+        if dxk is not None:
+            if chans.shape[0] == self.n_in:
+                dx = dxk
+            else:
+                dx = np.zeros((self.n_in,) + dxk.shape[1:], dtype=dxk.dtype)
+                dx[chans] = dxk
+        return dx, grads
+
+    def _full_pattern(self) -> tuple[IndexArray, IndexArray]:
+        # The CSR pattern of every weight of the (C_out, C_in * kh * kw) matrix.
+        if self._pattern is None:
+            self._pattern = csr.full_pattern((self.n_out, int(self.weight[0].size)))
+        return self._pattern
+
+    def _csr_forward(
+        self, x: FloatArray, mask: BoolArray | None, live: BoolArray | None
+    ) -> tuple[FloatArray, ConvCache]:
+        # The masked CSR product with the im2col columns as the batch.
+        indptr, indices = self._full_pattern()
+        kh, kw = self.kernel_size
+        live_cols = None if live is None else np.repeat(live, kh * kw)
+        shape = (self.n_out, int(self.weight[0].size))
+        active = csr._select_active(
+            indptr, indices, self.weight.reshape(-1), shape, mask, None, live_cols
+        )
+        bias = self.bias if self.bias is not None else np.zeros(self.n_out, self.dtype)
+        (ho, wo), chunks = self._chunks(x)
+        n_batch = x.shape[1]
+        relu = self.activation == "relu"
+        out3 = np.empty((self.n_out, n_batch, ho * wo), dtype=x.dtype)
+        cols = None
+        for n0, n1 in chunks:
+            cols = self._cols(x, n0, n1, ho, wo)
+            part = csr._masked_matmul(active, cols, bias, relu)
+            out3[:, n0:n1] = part.reshape(self.n_out, n1 - n0, ho * wo)
+        out = out3.reshape(self.n_out, n_batch, ho, wo)
+        everything = np.arange(self.n_out, dtype=csr.INDEX_DTYPE)
+        cache_cols = cols if len(chunks) == 1 else None
+        return out, ConvCache(
+            x, cache_cols, out, None, everything, _kept(None, self.n_in), None, active
+        )
+
+    def _csr_backward(
+        self, dout: FloatArray, cache: ConvCache, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        active, x = cache.active, cache.x
+        if not (active is not None):
+            raise RuntimeError("internal error: a weight-path cache holds its active pattern")
+        (ho, wo), chunks = self._chunks(x)
+        relu = self.activation == "relu"
+        dout3 = dout.reshape(self.n_out, x.shape[1], ho * wo)
+        out3 = cache.out.reshape(dout3.shape)
+        dweight = np.zeros(self.weight.size, dtype=self.dtype)
+        dbias = np.zeros(self.n_out, dtype=self.dtype)
+        dx = np.zeros(x.shape, dtype=x.dtype) if need_dx else None
+        for n0, n1 in chunks:
+            cols = cache.cols if cache.cols is not None else self._cols(x, n0, n1, ho, wo)
+            d_part = np.ascontiguousarray(dout3[:, n0:n1]).reshape(self.n_out, -1)
+            o_part = np.ascontiguousarray(out3[:, n0:n1]).reshape(self.n_out, -1)
+            dcols, dw, db = csr._masked_matmul_backward(active, cols, d_part, o_part, relu, need_dx)
+            dweight += dw
+            dbias += db
+            if dx is not None and dcols is not None:
+                self._col2im(dcols, n0, ho, wo, dx)
+        grads = {"weight": dweight.reshape(self.weight.shape)}
+        if self.bias is not None:
+            grads["bias"] = dbias
+        return dx, grads
+
+    # ------------------------------------------------------------------ storage
+
+    def stored_pattern(self) -> BoolArray:
+        """Dense boolean ``(C_out, C_in * kh * kw)`` map of the stored weights: all."""
+        return np.ones((self.n_out, int(self.weight[0].size)), dtype=bool)
+
+    def dense(self, name: str, values: npt.ArrayLike, fill: Any = 0) -> np.ndarray:
+        """Parameter values in their own (PyTorch) layout."""
+        return np.array(values, copy=True)
+
+    def config(self) -> dict[str, Any]:
+        """JSON-ready settings that, with :meth:`arrays`, rebuild the layer."""
+        return {
+            "stride": list(self.stride),
+            "padding": list(self.padding),
+            "granularity": self.granularity,
+            "activation": self.activation,
+            "max_cols_bytes": self.max_cols_bytes,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> Conv2d:
+        """Rebuild the layer from :meth:`config` and :meth:`arrays`."""
+        return cls(
+            arrays["weight"],
+            arrays.get("bias"),
+            stride=tuple(config["stride"]),
+            padding=tuple(config["padding"]),
+            granularity=config["granularity"],
+            activation=config["activation"],
+            max_cols_bytes=config["max_cols_bytes"],
+        )
+
+    def __repr__(self) -> str:
+        return (
+            f"Conv2d(n_in={self.n_in}, n_out={self.n_out}, kernel_size={self.kernel_size}, "
+            f"stride={self.stride}, padding={self.padding}, bias={self.bias is not None}, "
+            f"granularity={self.granularity!r}, activation={self.activation!r}, "
+            f"dtype={self.dtype})"
+        )
