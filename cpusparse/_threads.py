@@ -14,12 +14,19 @@ work as for any Numba program. :func:`threading_layer` says which layer runs.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import os
+import threading
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import TypeVar
 
 import numba
 import numpy as np
 
-__all__ = ["effective_n_jobs", "numba_threads", "threading_layer"]
+__all__ = ["effective_n_jobs", "numba_threads", "threading_layer", "run_tasks"]
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 
 def effective_n_jobs(n_jobs: int | None) -> int:
@@ -64,15 +71,16 @@ def _touch(a):  # pragma: no cover - compiled
 
 @contextlib.contextmanager
 def numba_threads(n_jobs: int | None) -> Iterator[int]:
-    """Run the enclosed kernels, Numba's and BLAS's, on ``n_jobs`` threads.
+    """Run the enclosed work on ``n_jobs`` threads (see :func:`effective_n_jobs`).
 
-    See :func:`effective_n_jobs` for the count. The Numba kernels' results do not
-    depend on the number of threads: every reduction has a fixed order. BLAS (the
-    dense blocks of neuron and channel masks, the dense layers, the gradient norm's
-    dot products) makes no such promise; OpenBLAS splits a product over the rows and
-    columns of its output, not over the summed dimension, and its results for 1 and
-    2 threads were the same on every shape measured here (``cpusparse bench`` and
-    the tests check it again), but another BLAS or CPU may differ in the last bits.
+    The Numba kernels run on that many threads, and so do the BLAS products of the
+    dense blocks (neuron and channel masks), which cpusparse splits into chunks of a
+    fixed size and runs with :func:`run_tasks`, one single-threaded BLAS call per
+    chunk. BLAS itself is held to one thread inside: its own threads spin after each
+    call (OpenBLAS's for about 0.1 s) and took the core from the Numba kernels that
+    followed, and a BLAS call's summation order could depend on its thread count.
+    Results therefore do not depend on ``n_jobs``: every Numba reduction has a fixed
+    order, and every BLAS call computes the same chunk whatever the thread count.
     """
     n = effective_n_jobs(n_jobs)
     from threadpoolctl import threadpool_limits
@@ -80,7 +88,49 @@ def numba_threads(n_jobs: int | None) -> Iterator[int]:
     previous = numba.get_num_threads()
     numba.set_num_threads(n)
     try:
-        with threadpool_limits(limits=n, user_api="blas"):
+        with threadpool_limits(limits=1, user_api="blas"):
             yield n
     finally:
         numba.set_num_threads(previous)
+
+
+_pools: dict[int, ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _reset_pools() -> None:  # pragma: no cover - runs in a forked child
+    # A forked child inherits the pool objects but not their threads.
+    _pools.clear()
+
+
+os.register_at_fork(after_in_child=_reset_pools)
+
+
+def _pool(n: int) -> ThreadPoolExecutor:
+    with _pools_lock:
+        if n not in _pools:
+            _pools[n] = ThreadPoolExecutor(n, thread_name_prefix="cpusparse")
+        return _pools[n]
+
+
+def _single_threaded(fn: Callable[[T], R]) -> Callable[[T], R]:
+    def run(task: T) -> R:
+        numba.set_num_threads(1)  # thread-local: this worker's kernels run serially
+        return fn(task)
+
+    return run
+
+
+def run_tasks(fn: Callable[[T], R], tasks: Sequence[T]) -> list[R]:
+    """``[fn(task) for task in tasks]``, on the calling thread's Numba thread count.
+
+    The tasks run on a pool of that many Python threads (NumPy's BLAS calls and
+    cpusparse's kernels release the GIL), each running its Numba kernels on one
+    thread; with one thread, or one task, they run in order on the calling thread.
+    Results come back in task order, so a caller that combines them in that order
+    gets the same bits for any thread count. Tasks must write to disjoint places.
+    """
+    n = min(numba.get_num_threads(), len(tasks))
+    if n <= 1:
+        return [fn(task) for task in tasks]
+    return list(_pool(n).map(_single_threaded(fn), tasks))

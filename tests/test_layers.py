@@ -295,3 +295,30 @@ def test_a_cache_from_another_path_is_refused(rng):
         neuron.backward(np.ones((5, 3), np.float32), weight_cache)
     with pytest.raises(TypeError, match="cache must come from this layer's forward, got Block"):
         weight.backward(np.ones((5, 3), np.float32), neuron_cache)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_neuron_block_of_a_compacted_layer_uses_the_dense_row_view(rng, dtype):
+    # Compaction drops whole rows: the stored rows stay full, so the block is taken from
+    # the row-major view of the stored values, and agrees with the CSR path.
+    layer = SparseLinear.random(
+        11, 9, granularity="neuron", activation="relu", dtype=dtype, rng=rng
+    )
+    dead = np.zeros(9, dtype=bool)
+    dead[[0, 4, 8]] = True
+    _, kept = layer.units.compaction(dead)
+    small = layer.compact(kept)
+    assert small._row_positions() is not None and small.nnz == 6 * 11
+    assert SparseLinear.random(11, 9, stored_density=0.5, rng=rng)._row_positions() is None
+    mask = ~dead & (rng.random(9) < 0.8)
+    live = rng.random(11) < 0.7
+    x = rng.standard_normal((11, 5)).astype(dtype) * live[:, None]
+    out, cache = small.forward(x, mask, live=live)
+    ref_out, ref_cache = small._csr_forward(x, mask, live)
+    tol = 1e-5 if dtype == np.float32 else 1e-12
+    np.testing.assert_allclose(out, ref_out, rtol=tol, atol=tol)
+    dout = rng.standard_normal(out.shape).astype(dtype)
+    dx, grads = small.backward(dout, cache)
+    ref_dx, ref_grads = small._csr_backward(dout, ref_cache, True)
+    np.testing.assert_allclose(dx, ref_dx, rtol=tol, atol=tol)
+    np.testing.assert_allclose(grads["weight"], ref_grads["weight"], rtol=tol, atol=tol)

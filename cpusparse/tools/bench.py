@@ -28,13 +28,22 @@ Alongside the medians the report counts the multiply-adds executed per iteration
 (:mod:`tracemalloc`: NumPy and Python allocations during the step, not PyTorch's
 allocator) plus the bytes of the persistent training state.
 
+Convolution layer step (:func:`run_conv`): forward, input and weight gradient of a
+128 -> 128 3 x 3 convolution on 14 x 14, batch 128, with
+:class:`~cpusparse.engine.layers.conv.Conv2d` at channel granularity (densities 1, 0.5
+and 0.25 of the output and of the input channels) and weight granularity (1/16 of the
+weights), against ``torch.nn.Conv2d``, every thread count in the same rounds; plus the
+peak memory of a weight-granularity step with and without chunking the im2col matrix
+(:func:`conv_memory`).
+
 Whole fits (:func:`run_fit`): :class:`~cpusparse.SparseMLPClassifier` fitted on
 MNIST-5k (80/20 split, hidden layers 1024 and 1024, ``finetune_iter=0``, the
 classifier's defaults otherwise) for every ``granularity:density:batch``
-configuration, against a PyTorch dense loop of the same shape, in the same process,
-repetitions interleaved, medians of totals and epochs with the accuracies of every
-run. Memory of those configurations (:func:`run_memory`): the persistent state at
-step 0 (:func:`state_breakdown`), the temporaries of one step
+configuration, against a PyTorch dense loop of the same shape (and, for neuron
+configurations, of the dense narrow MLP with the kept widths, :func:`narrow_hidden`),
+in the same process, repetitions interleaved, medians of totals and epochs with the
+accuracies of every run. Memory of those configurations (:func:`run_memory`): the
+persistent state at step 0 (:func:`state_breakdown`), the temporaries of one step
 (:func:`step_memory`) and the extra resident peak of a whole fit in a fresh
 subprocess (:func:`fit_memory`), for PyTorch too.
 
@@ -92,6 +101,11 @@ __all__ = [
     "step_memory",
     "fit_memory",
     "run_memory",
+    "narrow_hidden",
+    "CONV_TARGETS",
+    "run_conv",
+    "conv_memory",
+    "format_conv",
     "main",
 ]
 
@@ -287,6 +301,29 @@ def _state_bytes(arrays: Iterable[object]) -> int:
     return int(sum(a.nbytes for a in arrays if isinstance(a, np.ndarray)))
 
 
+_controller: Any = None
+
+
+def _as_cpusparse_runs(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` with BLAS on one thread, as inside a fit (see ``numba_threads``).
+
+    cpusparse splits its BLAS work into chunks run on the Numba thread count
+    (``run_tasks``), each on a single-threaded BLAS, while the dense baselines of the
+    same group run on a BLAS of the row's thread count.
+    """
+    global _controller
+    if _controller is None:
+        from threadpoolctl import ThreadpoolController
+
+        _controller = ThreadpoolController()
+
+    def run() -> None:
+        with _controller.limit(limits=1, user_api="blas"):
+            fn()
+
+    return run
+
+
 def _engine_case(sizes, n_batch, density, granularity, estimator, regime, n_masks, seed):
     from ..models import mlp
     from ..training import TrainConfig, init_state, spawn_streams, train_step
@@ -306,6 +343,7 @@ def _engine_case(sizes, n_batch, density, granularity, estimator, regime, n_mask
     x, y = _batch(sizes, n_batch, np.float32, seed)
     macs = iteration_macs(state, config, n_batch)
 
+    @_as_cpusparse_runs
     def step():
         train_step(state, x, y, config)
 
@@ -465,9 +503,17 @@ def interleaved_times(
 
 
 def _set_threads(threads: int) -> None:
+    """Numba's, BLAS's and PyTorch's thread counts for the measurements that follow.
+
+    BLAS matters as much as Numba: the dense blocks of the neuron and channel masks,
+    the dense layers and im2col's products run on it. Called as a function (not as a
+    context manager), ``threadpool_limits`` keeps its limit after it returns.
+    """
     import numba
+    from threadpoolctl import threadpool_limits
 
     numba.set_num_threads(threads)
+    threadpool_limits(limits=threads, user_api="blas")
     try:
         import torch
 
@@ -581,6 +627,479 @@ def run(
 
 
 # ---------------------------------------------------------------------------
+# One convolution layer step (Conv2d) against torch.nn.Conv2d
+# ---------------------------------------------------------------------------
+
+CONV_CHANNELS, CONV_SIZE, CONV_BATCH, CONV_KERNEL = 128, 14, 128, 3
+"""The timed convolution: 128 -> 128 channels, 3 x 3, padding 1, on 14 x 14, batch 128."""
+CONV_DENSITIES = (1.0, 0.5, 0.25)
+"""Channel densities of the channel-granularity rows (kept output and input channels)."""
+CONV_WEIGHT_DENSITY = 1 / 16
+"""Kept fraction of the weight-granularity row: the multiply-adds of channel 0.25."""
+CONV_REPEATS, QUICK_CONV_REPEATS = 7, 3
+CONV_MEMORY_CHANNELS, CONV_MEMORY_SIZE, CONV_MEMORY_BATCH = 64, 28, 256
+"""The memory rows' convolution: 64 -> 64 channels, 3 x 3, padding 1, 28 x 28, batch 256."""
+CONV_ONE_CHUNK_BYTES = 2**40
+"""A ``max_cols_bytes`` that holds the im2col matrix of any measured batch in one chunk."""
+CONV_MEMORY_REPEATS, QUICK_CONV_MEMORY_REPEATS = 3, 1
+# (target name, threshold): see _conv_targets.
+CONV_TARGETS = {
+    "channel_0.25_vs_torch": 6.0,
+    "dense_engine_vs_torch": 0.67,
+    "channel_0.25_two_threads": 1.6,
+}
+"""The targets of the convolution rows (ratios; met when the measured ratio reaches them)."""
+
+
+def _kept_units(n: int, density: float, rng: np.random.Generator) -> BoolArray:
+    # Exactly max(1, round(density * n)) of n units, drawn without replacement.
+    keep = np.zeros(n, dtype=bool)
+    keep[rng.choice(n, size=max(1, round(density * n)), replace=False)] = True
+    return keep
+
+
+def _conv_data(
+    n_channels: int, size: int, n_batch: int, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    # A random input and upstream gradient (C, N, H, W) of a "same" convolution.
+    rng = np.random.default_rng(seed)
+    shape = (n_channels, n_batch, size, size)
+    return (
+        rng.standard_normal(shape).astype(np.float32),
+        rng.standard_normal(shape).astype(np.float32),
+    )
+
+
+def _conv_step(
+    conv: Any, x: np.ndarray, dout: np.ndarray, mask: BoolArray, live: BoolArray | None
+) -> Callable[[], None]:
+    # The unvalidated step of a Conv2d: forward, then dX and dW.
+    @_as_cpusparse_runs
+    def step() -> None:
+        _, cache = conv._forward(x, mask, live, TRAIN)
+        conv._backward(dout, cache, True)
+
+    return step
+
+
+def _torch_conv_step(weight: np.ndarray, x: np.ndarray, dout: np.ndarray) -> Callable[[], None]:
+    # torch.nn.Conv2d with the same weight and data (N, C, H, W): forward, dX and dW.
+    import torch
+
+    n_out, n_in, kh, kw = weight.shape
+    layer = torch.nn.Conv2d(n_in, n_out, (kh, kw), padding=(kh // 2, kw // 2), bias=False)
+    with torch.no_grad():
+        layer.weight.copy_(torch.from_numpy(weight))
+    xt = torch.from_numpy(np.ascontiguousarray(x.transpose(1, 0, 2, 3))).requires_grad_(True)
+    dt = torch.from_numpy(np.ascontiguousarray(dout.transpose(1, 0, 2, 3)))
+
+    def step() -> None:
+        out = layer(xt)
+        torch.autograd.grad(out, (xt, layer.weight), dt)
+
+    return step
+
+
+def _conv_macs(n_active: int, positions: int) -> dict[str, int]:
+    # forward a*P; backward dX and dW, 2*a*P (P = N * H_out * W_out).
+    forward = n_active * positions
+    return {"forward": forward, "backward": 2 * forward, "total": 3 * forward}
+
+
+def _conv_cases(
+    n_channels: int,
+    size: int,
+    n_batch: int,
+    kernel_size: int,
+    densities: Sequence[float],
+    weight_density: float,
+    use_torch: bool,
+    seed: int,
+) -> tuple[dict[str, Callable[[], None]], dict[str, dict[str, Any]]]:
+    """The timed steps by key, and what each row reports besides its times."""
+    from ..engine.layers.conv import Conv2d
+
+    rng = np.random.default_rng(seed)
+    x, dout = _conv_data(n_channels, size, n_batch, seed)
+    positions = n_batch * size * size  # "same" convolutions: H_out = H, W_out = W
+    dense_active = n_channels * n_channels * kernel_size * kernel_size
+    padding = kernel_size // 2
+    funcs: dict[str, Callable[[], None]] = {}
+    info: dict[str, dict[str, Any]] = {}
+    channel = Conv2d.random(
+        n_channels, n_channels, kernel_size, padding=padding, bias=False, rng=rng
+    )
+    if use_torch:
+        funcs["torch"] = _torch_conv_step(channel.weight, x, dout)
+        info["torch"] = {
+            "method": "torch",
+            "granularity": None,
+            "density": 1.0,
+            "kept_out": n_channels,
+            "kept_in": n_channels,
+            "n_active": dense_active,
+        }
+    for d in densities:
+        mask = _kept_units(n_channels, d, rng)
+        live = _kept_units(n_channels, d, rng)
+        key = f"channel:{d:g}"
+        funcs[key] = _conv_step(channel, x, dout, mask, live)
+        info[key] = {
+            "method": "cpusparse",
+            "granularity": "channel",
+            "density": d,
+            "kept_out": int(mask.sum()),
+            "kept_in": int(live.sum()),
+            "n_active": channel.n_active(mask, live),
+        }
+    weight = Conv2d.random(
+        n_channels,
+        n_channels,
+        kernel_size,
+        padding=padding,
+        bias=False,
+        granularity="weight",
+        rng=rng,
+    )
+    mask = _kept_units(weight.weight.size, weight_density, rng)
+    key = f"weight:{weight_density:g}"
+    funcs[key] = _conv_step(weight, x, dout, mask, None)
+    info[key] = {
+        "method": "cpusparse",
+        "granularity": "weight",
+        "density": weight_density,
+        "kept_out": None,
+        "kept_in": None,
+        "n_active": weight.n_active(mask, None),
+    }
+    dense = _conv_macs(dense_active, positions)
+    for row in info.values():
+        macs = _conv_macs(row["n_active"], positions)
+        row.update(
+            macs=macs["total"],
+            macs_forward=macs["forward"],
+            macs_backward=macs["backward"],
+            dense_macs=dense["total"],
+            mac_ratio=dense["total"] / macs["total"],
+        )
+    return funcs, info
+
+
+def _threads_interleaved(
+    funcs: Mapping[_K, Callable[[], object]],
+    thread_counts: Sequence[int],
+    *,
+    repeats: int,
+    warmup: int,
+    rewarm: bool = True,
+) -> dict[tuple[int, _K], list[float]]:
+    """:func:`interleaved_times` with the thread counts interleaved too.
+
+    Every round runs each thread count in turn (the count is set between the timed
+    calls, with :func:`_set_threads`), and within it every callable, so that the
+    speed-ups over the thread counts come from one run as well.
+    """
+    for n in thread_counts:
+        _set_threads(n)
+        interleaved_times(funcs, repeats=0, warmup=warmup)
+    times: dict[tuple[int, _K], list[float]] = {(n, k): [] for n in thread_counts for k in funcs}
+    for _ in range(repeats):
+        for n in thread_counts:
+            _set_threads(n)
+            for key, t in interleaved_times(funcs, repeats=1, warmup=0, rewarm=rewarm).items():
+                times[(n, key)].extend(t)
+    return times
+
+
+def _conv_targets(rows: Sequence[Mapping[str, Any]], use_torch: bool) -> list[dict[str, Any]]:
+    """Each target of :data:`CONV_TARGETS` with its measured ratio and whether it was met."""
+
+    def find(threads: int, granularity: str, density: float) -> Mapping[str, Any] | None:
+        for r in rows:
+            if (r["threads"], r["granularity"], r["density"]) == (threads, granularity, density):
+                return r
+        return None
+
+    out = []
+    for threads in dict.fromkeys(r["threads"] for r in rows):
+        for name, gran, density, what in (
+            ("channel_0.25_vs_torch", "channel", 0.25, "cpusparse channel 0.25 vs PyTorch"),
+            ("dense_engine_vs_torch", "channel", 1.0, "dense engine conv vs PyTorch"),
+        ):
+            r = find(threads, gran, density)
+            if r is None:
+                continue
+            value = r["speedup_vs_torch"] if use_torch else None
+            out.append(
+                {
+                    "name": name,
+                    "description": what,
+                    "threads": threads,
+                    "threshold": CONV_TARGETS[name],
+                    "value": value,
+                    "met": None if value is None else bool(value >= CONV_TARGETS[name]),
+                }
+            )
+    two = find(2, "channel", 0.25)
+    if two is not None and two["speedup_vs_one_thread"] is not None:
+        name = "channel_0.25_two_threads"
+        value = two["speedup_vs_one_thread"]
+        out.append(
+            {
+                "name": name,
+                "description": "cpusparse channel 0.25, 2 threads over 1",
+                "threads": 2,
+                "threshold": CONV_TARGETS[name],
+                "value": value,
+                "met": bool(value >= CONV_TARGETS[name]),
+            }
+        )
+    return out
+
+
+def conv_memory(
+    *,
+    n_channels: int = CONV_MEMORY_CHANNELS,
+    size: int = CONV_MEMORY_SIZE,
+    n_batch: int = CONV_MEMORY_BATCH,
+    kernel_size: int = CONV_KERNEL,
+    weight_density: float = CONV_WEIGHT_DENSITY,
+    max_cols_bytes: Sequence[int] | None = None,
+    repeats: int = CONV_MEMORY_REPEATS,
+    threads: int = 1,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Peak memory and time of one weight-granularity convolution step, chunked or not.
+
+    The layer is ``Conv2d(n_channels -> n_channels, kernel_size, padding=kernel_size //
+    2, granularity="weight")`` with a random mask keeping ``weight_density`` of the
+    weights, on a random float32 input of ``n_channels x n_batch x size x size``; one
+    row per ``max_cols_bytes`` (default: the layer's default and
+    :data:`CONV_ONE_CHUNK_BYTES`, which holds the whole im2col matrix in one chunk).
+
+    Parameters
+    ----------
+    n_channels, size, n_batch, kernel_size : int
+    weight_density : float
+    max_cols_bytes : sequence of int, optional
+    repeats : int
+        Interleaved timed repetitions (no untimed call before each: the step's
+        arrays are far larger than the caches).
+    threads : int
+    seed : int
+
+    Returns
+    -------
+    dict
+        The shape, ``cols_bytes_unchunked`` (the im2col matrix of the whole batch,
+        ``n_channels * kh * kw * n_batch * H_out * W_out * 4`` bytes) and ``rows``:
+        per ``max_cols_bytes``, ``n_chunks``, ``peak_step_bytes`` (the
+        :mod:`tracemalloc` peak of one step above its start: NumPy reports its
+        allocations to it; the input and the upstream gradient exist before), and
+        ``median_ms`` / ``iqr_ms`` of the step.
+    """
+    from ..engine.layers.conv import MAX_COLS_BYTES, Conv2d
+
+    budgets = (MAX_COLS_BYTES, CONV_ONE_CHUNK_BYTES) if max_cols_bytes is None else max_cols_bytes
+    rng = np.random.default_rng(seed)
+    x, dout = _conv_data(n_channels, size, n_batch, seed)
+    padding = kernel_size // 2
+    base = Conv2d.random(n_channels, n_channels, kernel_size, padding=padding, bias=False, rng=rng)
+    mask = _kept_units(base.weight.size, weight_density, rng)
+    convs = {
+        int(b): Conv2d(
+            base.weight, None, padding=padding, granularity="weight", max_cols_bytes=int(b)
+        )
+        for b in budgets
+    }
+    funcs = {b: _conv_step(conv, x, dout, mask, None) for b, conv in convs.items()}
+    _set_threads(threads)
+    times = interleaved_times(funcs, repeats=repeats, warmup=1, rewarm=False)
+    rows = []
+    for b, conv in convs.items():
+        rows.append(
+            {
+                "max_cols_bytes": b,
+                "n_chunks": len(conv._chunks(x, conv.max_cols_bytes)[1]),
+                "peak_step_bytes": _peak_step_bytes(funcs[b]),
+                "median_ms": 1e3 * statistics.median(times[b]),
+                "iqr_ms": [1e3 * float(np.percentile(times[b], q)) for q in (25, 75)],
+                "repeats": len(times[b]),
+            }
+        )
+    positions = n_batch * size * size
+    return {
+        "n_in": n_channels,
+        "n_out": n_channels,
+        "kernel_size": [kernel_size, kernel_size],
+        "padding": padding,
+        "height": size,
+        "width": size,
+        "n_batch": n_batch,
+        "weight_density": weight_density,
+        "n_active": next(iter(convs.values())).n_active(mask, None),
+        "threads": threads,
+        "cols_bytes_unchunked": n_channels * kernel_size**2 * positions * x.itemsize,
+        "rows": rows,
+    }
+
+
+def run_conv(
+    *,
+    n_channels: int = CONV_CHANNELS,
+    size: int = CONV_SIZE,
+    n_batch: int = CONV_BATCH,
+    kernel_size: int = CONV_KERNEL,
+    densities: Sequence[float] = CONV_DENSITIES,
+    weight_density: float = CONV_WEIGHT_DENSITY,
+    repeats: int = CONV_REPEATS,
+    warmup: int = 1,
+    thread_counts: Sequence[int] = (1,),
+    torch: bool | None = None,
+    memory: bool = True,
+    memory_channels: int = CONV_MEMORY_CHANNELS,
+    memory_size: int = CONV_MEMORY_SIZE,
+    memory_batch: int = CONV_MEMORY_BATCH,
+    memory_max_cols_bytes: Sequence[int] | None = None,
+    memory_repeats: int = CONV_MEMORY_REPEATS,
+    seed: int = 0,
+    log: Callable[[str], object] | None = None,
+) -> dict[str, Any]:
+    """Time one convolution layer step of cpusparse against ``torch.nn.Conv2d``.
+
+    The step is the forward pass, the input gradient and the weight gradient of a
+    ``n_channels -> n_channels`` float32 convolution, ``kernel_size`` square with
+    padding ``kernel_size // 2`` and no bias, on ``n_channels x n_batch x size x
+    size`` images. Rows:
+
+    - ``torch``: ``torch.nn.Conv2d`` (input with ``requires_grad``, forward and
+      ``torch.autograd.grad`` of the input and the weight), the baseline;
+    - ``channel``: :class:`~cpusparse.engine.layers.conv.Conv2d` at channel
+      granularity, for every density ``d`` of ``densities`` "on both sides": the mask
+      keeps ``round(d * n_channels)`` random output channels and ``live`` as many
+      random input channels, so the step does ``d**2`` of the multiply-adds (at 1.0,
+      the dense engine convolution);
+    - ``weight``: weight granularity, a random mask keeping ``weight_density`` of the
+      weights (by default as many multiply-adds as channel 0.25).
+
+    Every thread count of ``thread_counts`` is measured in the same rounds
+    (:func:`_threads_interleaved`); each timed call follows an untimed call of the
+    same step. With ``memory``, :func:`conv_memory` adds the memory rows at the
+    first thread count.
+
+    Parameters
+    ----------
+    n_channels, size, n_batch, kernel_size : int
+    densities : sequence of float
+    weight_density : float
+    repeats, warmup : int
+    thread_counts : sequence of int
+    torch : bool, optional
+        Time the PyTorch row; by default when PyTorch is installed. Without it the
+        rows carry no ratio (``speedup_vs_torch`` is None) and ``torch_note`` says why.
+    memory : bool, default=True
+    memory_channels, memory_size, memory_batch : int
+    memory_max_cols_bytes : sequence of int, optional
+    memory_repeats : int
+        See :func:`conv_memory`.
+    seed : int
+    log : callable, optional
+
+    Returns
+    -------
+    dict
+        The shape and settings, ``rows`` (one per method and thread count: ``method``,
+        ``granularity``, ``density``, ``kept_out``, ``kept_in``, ``n_active``,
+        ``threads``, ``median_ms``, ``iqr_ms``, ``repeats``, ``macs``,
+        ``macs_forward``, ``macs_backward``, ``dense_macs``, ``mac_ratio`` = dense /
+        executed multiply-adds, ``speedup_vs_torch`` = torch ms / this row's ms of the
+        same thread count, ``speedup_vs_one_thread`` = this method's 1-thread ms /
+        its ms here, None on 1 thread or without a 1-thread row), ``targets``
+        (:data:`CONV_TARGETS`, measured and met or not), ``torch_note`` and, with
+        ``memory``, ``memory`` (:func:`conv_memory`).
+    """
+    thread_counts = list(dict.fromkeys(int(n) for n in thread_counts))
+    use_torch = _available("torch") if torch is None else bool(torch)
+    funcs, info = _conv_cases(
+        n_channels, size, n_batch, kernel_size, densities, weight_density, use_torch, seed
+    )
+    if log:
+        log(
+            f"convolution {n_channels}->{n_channels} {kernel_size}x{kernel_size} on "
+            f"{size}x{size}, batch {n_batch}: timing {len(funcs)} methods on "
+            f"{_threads_text(thread_counts)}"
+        )
+    times = _threads_interleaved(funcs, thread_counts, repeats=repeats, warmup=warmup)
+    med = {key: statistics.median(t) for key, t in times.items()}
+    rows = []
+    for n in thread_counts:
+        for key in funcs:
+            rows.append(
+                {
+                    **info[key],
+                    "threads": n,
+                    "median_ms": 1e3 * med[(n, key)],
+                    "iqr_ms": [1e3 * float(np.percentile(times[(n, key)], q)) for q in (25, 75)],
+                    "repeats": len(times[(n, key)]),
+                    "speedup_vs_torch": med[(n, "torch")] / med[(n, key)] if use_torch else None,
+                    "speedup_vs_one_thread": (
+                        med[(1, key)] / med[(n, key)] if n > 1 and 1 in thread_counts else None
+                    ),
+                }
+            )
+    result: dict[str, Any] = {
+        "n_in": n_channels,
+        "n_out": n_channels,
+        "kernel_size": [kernel_size, kernel_size],
+        "padding": kernel_size // 2,
+        "height": size,
+        "width": size,
+        "n_batch": n_batch,
+        "dtype": "float32",
+        "thread_counts": thread_counts,
+        "repeats": repeats,
+        "rows": rows,
+        "targets": _conv_targets(rows, use_torch),
+        "torch_note": None
+        if use_torch
+        else "PyTorch is not installed: no PyTorch row, no ratio and no target against it",
+        "method": CONV_METHOD,
+    }
+    if memory:
+        if log:
+            log(
+                f"memory of a weight-granularity convolution {memory_channels}->"
+                f"{memory_channels} on {memory_size}x{memory_size}, batch {memory_batch}"
+            )
+        result["memory"] = conv_memory(
+            n_channels=memory_channels,
+            size=memory_size,
+            n_batch=memory_batch,
+            kernel_size=kernel_size,
+            weight_density=weight_density,
+            max_cols_bytes=memory_max_cols_bytes,
+            repeats=memory_repeats,
+            threads=thread_counts[0],
+            seed=seed,
+        )
+    return result
+
+
+CONV_METHOD = (
+    "one step = forward + input gradient + weight gradient of one float32 convolution "
+    "without bias; cpusparse: Conv2d._forward then Conv2d._backward(need_dx=True) on "
+    "channel-major (C, N, H, W) images, PyTorch: torch.nn.Conv2d on (N, C, H, W) with the "
+    "same weight and data, forward then torch.autograd.grad of the input and the weight; "
+    "channel rows keep round(d * C) random output channels and as many random live input "
+    "channels (d^2 of the multiply-adds), the weight row a random mask of the weights; "
+    "all methods and thread counts interleaved in every round, each timed call after an "
+    "untimed one of the same step, medians reported; ratios = PyTorch ms / cpusparse ms "
+    "of the same thread count; MACs = multiply-adds executed (forward a*P, backward 2*a*P "
+    "for a active weights and P = N * H_out * W_out)"
+)
+
+
+# ---------------------------------------------------------------------------
 # Whole fits of SparseMLPClassifier against a PyTorch dense loop
 # ---------------------------------------------------------------------------
 
@@ -687,6 +1206,38 @@ def fit_units(n_features: int, hidden: Sequence[int], granularity: str) -> int:
     # with one output, initialised in float32, is a few megabytes at most.
     network = mlp(n_features, tuple(hidden), 1, granularity=granularity, rng=0)
     return int(sum(network.n_units()))
+
+
+def narrow_hidden(hidden: Sequence[int], density: float) -> tuple[int, ...]:
+    """Hidden widths of the dense *narrow* MLP of a neuron-level density.
+
+    ``round(density * width)`` for every hidden layer (Python's rounding: to the
+    nearest, ties to even), at least 1: the dense network with as many hidden
+    units as a neuron mask of that density keeps, which one can train directly.
+
+    Examples
+    --------
+    >>> narrow_hidden((1024, 1024), 0.1)
+    (102, 102)
+    >>> narrow_hidden((300, 100), 0.25), narrow_hidden((16,), 0.01)
+    ((75, 25), (1,))
+    """
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density!r}")
+    return tuple(max(1, round(density * int(h))) for h in hidden)
+
+
+def _drops_whole_units(granularity: str) -> bool:
+    """Whether the MLP's masks at ``granularity`` drop whole hidden units (neurons).
+
+    Then the kept network is a narrower dense MLP (:func:`narrow_hidden`). The layers
+    answer (``units.zeroes_outputs``), as in :func:`fit_units`.
+    """
+    from ..models import mlp
+
+    network = mlp(2, (2,), 1, granularity=granularity, rng=0)
+    layers = network.prunable_layers()
+    return all(layer.units is not None and layer.units.zeroes_outputs for layer in layers)
 
 
 def _classifier(
@@ -847,12 +1398,18 @@ def fit_row(
     threads: int,
     cpusparse_runs: Sequence[FitRun],
     torch_runs: Sequence[FitRun] | None = None,
+    torch_narrow_runs: Sequence[FitRun] | None = None,
+    narrow_architecture: str | None = None,
 ) -> dict[str, Any]:
     """The JSON row of one configuration: medians of the runs and their ratio.
 
     ``speedup_vs_torch`` is the quotient of the median totals, ``torch_s /
     cpusparse_s`` (above 1: cpusparse is faster); ``*_per_epoch_s`` is the median
     over the runs of each run's mean epoch, ``*_epoch_s`` the median of every epoch.
+    ``torch_narrow_runs`` (neuron configurations) are PyTorch fits of the dense
+    narrow MLP ``narrow_architecture`` (:func:`narrow_hidden`); they add the
+    ``torch_narrow_*`` medians and ``speedup_vs_torch_narrow`` = ``torch_narrow_s /
+    cpusparse_s``.
 
     Examples
     --------
@@ -879,6 +1436,13 @@ def fit_row(
         row.update(_median_runs(torch_runs, "torch"))
         row["speedup_vs_torch"] = row["torch_s"] / row["cpusparse_s"]
         row["speedup_vs_torch_per_epoch"] = row["torch_per_epoch_s"] / row["cpusparse_per_epoch_s"]
+    if torch_narrow_runs:
+        row["torch_narrow_architecture"] = narrow_architecture
+        row.update(_median_runs(torch_narrow_runs, "torch_narrow"))
+        row["speedup_vs_torch_narrow"] = row["torch_narrow_s"] / row["cpusparse_s"]
+        row["speedup_vs_torch_narrow_per_epoch"] = (
+            row["torch_narrow_per_epoch_s"] / row["cpusparse_per_epoch_s"]
+        )
     return row
 
 
@@ -901,10 +1465,13 @@ def run_fit(
     n_jobs=threads, random_state=seed)`` (the classifier's defaults otherwise) on
     ``data.x_train``; the PyTorch loop trains the dense MLP of the same shape (ReLU,
     :class:`torch.nn.Linear`, Adam at :data:`TORCH_LR`, cross-entropy, the same batch
-    size and epochs, a new shuffle every epoch) on ``threads`` intra-op threads. After
-    an untimed JIT warm-up (:func:`_warm_up`), ``repeats`` rounds run every
-    configuration and its PyTorch loop in turn (cpusparse, torch, cpusparse, torch,
-    ...), so that all candidates see the same drift; rows report medians.
+    size and epochs, a new shuffle every epoch) on ``threads`` intra-op threads. For a
+    neuron configuration the same loop also trains the dense *narrow* MLP whose hidden
+    widths are :func:`narrow_hidden` of the density (784-102-102-10 at 0.1): the
+    honest alternative, a small dense network trained directly. After an untimed JIT
+    warm-up (:func:`_warm_up`), ``repeats`` rounds run every configuration and its
+    PyTorch loops in turn (cpusparse, torch, torch narrow, cpusparse, torch, ...), so
+    that all candidates see the same drift; rows report medians.
 
     Parameters
     ----------
@@ -933,6 +1500,10 @@ def run_fit(
     _set_threads(threads)
     cps: dict[FitConfig, list[FitRun]] = {c: [] for c in configs}
     tor: dict[FitConfig, list[FitRun]] = {c: [] for c in configs}
+    narrow = {
+        c: narrow_hidden(hidden, c.density) for c in configs if _drops_whole_units(c.granularity)
+    }
+    nar: dict[FitConfig, list[FitRun]] = {c: [] for c in narrow}
     with threadpool_limits(limits=threads):
         if log:
             log(f"whole fits, {threads} thread(s): JIT warm-up")
@@ -957,6 +1528,18 @@ def run_fit(
                             seed=seed,
                         )
                     )
+                if use_torch and c in narrow:
+                    nar[c].append(
+                        _fit_torch(
+                            data,
+                            c.n_batch,
+                            hidden=narrow[c],
+                            epochs=epochs,
+                            threads=threads,
+                            seed=seed,
+                        )
+                    )
+    n_in, n_classes = data.x_train.shape[1], data.n_classes
     rows = [
         fit_row(
             c,
@@ -965,6 +1548,10 @@ def run_fit(
             threads=threads,
             cpusparse_runs=cps[c],
             torch_runs=tor[c] if use_torch else None,
+            torch_narrow_runs=nar[c] if use_torch and c in narrow else None,
+            narrow_architecture="-".join(map(str, (n_in, *narrow[c], n_classes)))
+            if c in narrow
+            else None,
         )
         for c in configs
     ]
@@ -1416,6 +2003,15 @@ def _format_fit(fit: Mapping[str, Any]) -> list[str]:
         "are cpusparse / torch (the fixed mask of the fit for cpusparse).",
         "",
     ]
+    narrow = any("torch_narrow_s" in r for r in fit["rows"])
+    if narrow:
+        lines[-1:-1] = [
+            "`narrow` (neuron configurations) = the same PyTorch loop training the dense "
+            "narrow MLP whose hidden widths are round(density x width), as many hidden units "
+            "as the neuron mask keeps: the honest alternative, a small dense network trained "
+            "directly; `narrow/cpusparse` = its median total / cpusparse's (below 1: the "
+            "narrow dense network trains faster).",
+        ]
     head = [
         "configuration",
         "threads",
@@ -1428,6 +2024,8 @@ def _format_fit(fit: Mapping[str, Any]) -> list[str]:
         "test acc.",
         "train acc.",
     ]
+    if narrow:
+        head += ["narrow MLP", "narrow s", "narrow/cpusparse", "narrow test acc."]
     lines.append("| " + " | ".join(head) + " |")
     lines.append("|---|" + "---:|" * (len(head) - 1))
     for r in fit["rows"]:
@@ -1445,6 +2043,13 @@ def _format_fit(fit: Mapping[str, Any]) -> list[str]:
             f"{r['cpusparse_test_accuracy']:.3f} / {_cell(torch_acc, '.3f')}",
             f"{r['cpusparse_train_accuracy']:.3f} / {_cell(torch_train, '.3f')}",
         ]
+        if narrow:
+            cells += [
+                r.get("torch_narrow_architecture") or "-",
+                _cell(r.get("torch_narrow_s"), ".2f"),
+                _cell(r.get("speedup_vs_torch_narrow"), ".2f", "x"),
+                _cell(r.get("torch_narrow_test_accuracy"), ".3f"),
+            ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     return lines
@@ -1488,8 +2093,97 @@ def _format_memory(memory: Mapping[str, Any]) -> list[str]:
     return lines
 
 
+def _power_of_two(value: int) -> str:
+    return f"2^{value.bit_length() - 1}" if value > 0 and value & (value - 1) == 0 else str(value)
+
+
+def _conv_label(row: Mapping[str, Any]) -> str:
+    return "torch (dense)" if row["method"] == "torch" else f"cpusparse {row['granularity']}"
+
+
+def format_conv(conv: Mapping[str, Any]) -> str:
+    """Markdown of :func:`run_conv`: the step table, the targets and the memory lines.
+
+    Examples
+    --------
+    >>> row = {"method": "cpusparse", "granularity": "channel", "density": 0.5,
+    ...        "kept_out": 2, "kept_in": 2, "threads": 1, "median_ms": 2.0, "macs": 10**6,
+    ...        "mac_ratio": 4.0, "speedup_vs_torch": 3.0, "speedup_vs_one_thread": None}
+    >>> conv = {"n_in": 4, "n_out": 4, "kernel_size": [3, 3], "padding": 1, "height": 6,
+    ...         "width": 6, "n_batch": 2, "thread_counts": [1], "repeats": 1, "rows": [row],
+    ...         "targets": [], "torch_note": None, "method": "..."}
+    >>> print(format_conv(conv).splitlines()[6])
+    | cpusparse channel | 0.5 | 2 / 2 | 1 | 2.000 | 1.0 | 4.0x | 3.00x | - |
+    """
+    kh, kw = conv["kernel_size"]
+    lines = [
+        f"## Convolution layer step: {conv['n_in']} -> {conv['n_out']} channels, {kh}x{kw}, "
+        f"padding {conv['padding']}, {conv['height']}x{conv['width']}, batch "
+        f"{conv['n_batch']}, float32 ({_threads_text(conv['thread_counts'])}, medians of "
+        f"{conv['repeats']} interleaved repetitions)",
+        "",
+        f"Method: {conv['method']}. `vs torch` = PyTorch ms / this row's ms (above 1: "
+        "faster than PyTorch); `vs 1 thread` = the same row's 1-thread ms / its ms here."
+        + (f" {conv['torch_note']}." if conv.get("torch_note") else ""),
+        "",
+    ]
+    head = ["method", "density", "kept out / in", "threads", "ms/step", "MACs (M)"]
+    head += ["dense/MACs", "vs torch", "vs 1 thread"]
+    lines.append("| " + " | ".join(head) + " |")
+    lines.append("|---|" + "---:|" * (len(head) - 1))
+    for r in conv["rows"]:
+        kept = "-" if r["kept_out"] is None else f"{r['kept_out']} / {r['kept_in']}"
+        cells = [
+            _conv_label(r),
+            f"{r['density']:g}",
+            kept,
+            str(r["threads"]),
+            f"{r['median_ms']:.3f}",
+            f"{r['macs'] / 1e6:.1f}",
+            f"{r['mac_ratio']:.1f}x",
+            _cell(r["speedup_vs_torch"], ".2f", "x"),
+            _cell(r["speedup_vs_one_thread"], ".2f", "x"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    if conv["targets"]:
+        lines.append("Targets:")
+        lines.append("")
+        for t in conv["targets"]:
+            verdict = {True: "met", False: "NOT met", None: "not measured"}[t["met"]]
+            lines.append(
+                f"- {t['description']} >= {t['threshold']:g}x ({t['threads']} thread(s)): "
+                f"{_cell(t['value'], '.2f', 'x')}, {verdict}"
+            )
+        lines.append("")
+    if "memory" in conv:
+        m = conv["memory"]
+        mkh, mkw = m["kernel_size"]
+        lines += [
+            f"Peak memory of one weight-granularity step ({m['n_in']} -> {m['n_out']} "
+            f"channels, {mkh}x{mkw}, padding {m['padding']}, {m['height']}x{m['width']}, "
+            f"batch {m['n_batch']}, a random mask keeping {m['weight_density']:g} of the "
+            f"weights, {m['threads']} thread(s)): tracemalloc peak above the step's start "
+            "(NumPy reports its allocations to it), MB = 10^6 bytes. The im2col matrix of "
+            f"the whole batch would take {m['cols_bytes_unchunked'] / 1e6:.1f} MB.",
+            "",
+        ]
+        for r in m["rows"]:
+            lines.append(
+                f"- max_cols_bytes = {_power_of_two(r['max_cols_bytes'])} ({r['n_chunks']} "
+                f"chunk{'s' if r['n_chunks'] != 1 else ''}): peak "
+                f"{r['peak_step_bytes'] / 1e6:.1f} MB, {r['median_ms']:.1f} ms per step "
+                f"(median of {r['repeats']})"
+            )
+        lines.append("")
+    return "\n".join(lines)
+
+
 def format_markdown(result: Mapping[str, Any]) -> str:
-    """Markdown tables: one per architecture (and thread count), the fits, then the machine."""
+    """Markdown tables: one per architecture (and thread count), then the convolution step.
+
+    Then the whole fits, their memory, the start-up time and the machine.
+    """
     counts = _thread_counts(result)
     lines = [
         f"# cpusparse bench: time per training iteration ({_threads_text(counts)}, "
@@ -1562,6 +2256,8 @@ def format_markdown(result: Mapping[str, Any]) -> str:
             cells.append(f"{r['state_bytes'] / 2**20:.2f}")
             lines.append("| " + " | ".join(cells) + " |")
         lines.append("")
+    if "conv" in result:
+        lines += format_conv(result["conv"]).splitlines() + [""]
     if "fit" in result:
         lines += _format_fit(result["fit"])
     if "fit_memory" in result:
@@ -1582,7 +2278,9 @@ def format_markdown(result: Mapping[str, Any]) -> str:
 def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     """Time per iteration against density, log-log; one line per method, dashed dense.
 
-    One panel per architecture and thread count.
+    One panel per architecture and thread count, then, with ``result["conv"]``
+    (:func:`run_conv`), one panel per thread count of the convolution step: its time
+    against the fraction of the dense multiply-adds it executes.
     """
     import matplotlib
 
@@ -1591,10 +2289,11 @@ def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
 
     rows = result["rows"]
     groups = list(dict.fromkeys((r["architecture"], _row_threads(result, r)) for r in rows))
+    conv = result.get("conv")
+    conv_threads = list(dict.fromkeys(r["threads"] for r in conv["rows"])) if conv else []
+    n_panels = max(1, len(groups) + len(conv_threads))
     summary = _summary_rows(result)
-    fig, axes = plt.subplots(
-        1, max(1, len(groups)), figsize=(6.5 * max(1, len(groups)), 4.8), squeeze=False
-    )
+    fig, axes = plt.subplots(1, n_panels, figsize=(6.5 * n_panels, 4.8), squeeze=False)
     for ax, (arch, threads) in zip(axes[0], groups, strict=False):
         rs = [
             r for r in summary if r["architecture"] == arch and _row_threads(result, r) == threads
@@ -1627,9 +2326,21 @@ def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
         ax.set_ylabel("ms per training iteration")
         ax.set_title(f"MLP {arch}, batch {rs[0]['n_batch']}, {threads} thread(s)")
         ax.grid(True, which="both", alpha=0.3)
+    if conv is not None:
+        for ax, threads in zip(axes[0][len(groups) :], conv_threads, strict=False):
+            _plot_conv(ax, conv, threads)
     # One legend for all panels, below them, so that it hides no line.
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="lower center", ncol=min(5, len(labels)), fontsize=8)
+    legend: dict[str, Any] = {}
+    for ax in axes[0]:
+        for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
+            legend.setdefault(label, handle)
+    fig.legend(
+        list(legend.values()),
+        list(legend),
+        loc="lower center",
+        ncol=min(5, len(legend)),
+        fontsize=8,
+    )
     fig.tight_layout(rect=(0, 0.12, 1, 1))
     from .._io import atomic_write
 
@@ -1638,6 +2349,34 @@ def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
         atomic_write(path, lambda f: fig.savefig(f, format=extension, dpi=120))
     finally:
         plt.close(fig)
+
+
+def _plot_conv(ax: Any, conv: Mapping[str, Any], threads: int) -> None:
+    """One panel of the convolution step: ms against the kept fraction of the MACs."""
+    rs = [r for r in conv["rows"] if r["threads"] == threads]
+    # Colours past the ones the MLP panels' lines take (C0-C5) and the gray of C7.
+    colors = {"channel": "C8", "weight": "C9"}
+    fractions: set[float] = set()
+    for gran, color in colors.items():
+        pts = sorted((1 / r["mac_ratio"], r["median_ms"]) for r in rs if r["granularity"] == gran)
+        if pts:
+            fractions.update(p[0] for p in pts)
+            ax.plot(*zip(*pts, strict=True), marker="o", color=color, label=f"conv {gran}")
+    for r in rs:
+        if r["method"] == "torch":
+            ax.axhline(r["median_ms"], linestyle="--", color="black", label="torch (dense)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    if fractions:
+        ax.set_xticks(sorted(fractions), [f"{f:.3g}" for f in sorted(fractions)])
+    ax.set_xlabel("kept fraction of the multiply-adds")
+    ax.set_ylabel("ms per layer step (forward, dX, dW)")
+    kh, kw = conv["kernel_size"]
+    ax.set_title(
+        f"Conv {conv['n_in']}->{conv['n_out']} {kh}x{kw}, {conv['height']}x{conv['width']}, "
+        f"batch {conv['n_batch']}, {threads} thread(s)"
+    )
+    ax.grid(True, which="both", alpha=0.3)
 
 
 _STARTUP_CODE = """
@@ -1833,7 +2572,8 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         action="store_true",
         help="densities 0.1 and 0.01, 3 repetitions, no start-up measurement; whole fits "
         f"of {' and '.join(map(str, QUICK_FIT_CONFIGS))} for {QUICK_FIT_EPOCHS} epochs, "
-        f"{QUICK_FIT_REPEATS} repetition",
+        f"{QUICK_FIT_REPEATS} repetition; convolution rows with {QUICK_CONV_REPEATS} "
+        f"repetitions, their memory rows with {QUICK_CONV_MEMORY_REPEATS}",
     )
     p.add_argument(
         "--out",
@@ -1871,6 +2611,21 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
         choices=("dense-engine", "torch", "sklearn"),
     )
     p.add_argument("--no-startup", action="store_true", help="skip the start-up measurement")
+    conv = p.add_argument_group("convolution layer step (Conv2d against torch.nn.Conv2d)")
+    conv.add_argument(
+        "--no-conv", action="store_true", help="skip the convolution rows and their memory"
+    )
+    conv.add_argument(
+        "--conv-repeats",
+        type=int_at_least(1),
+        default=None,
+        help=f"interleaved repetitions of the convolution rows (default {CONV_REPEATS})",
+    )
+    conv.add_argument(
+        "--no-conv-memory",
+        action="store_true",
+        help="skip the memory rows of the weight-granularity convolution",
+    )
     fit = p.add_argument_group("whole fits (SparseMLPClassifier against a PyTorch dense loop)")
     fit.add_argument(
         "--fit-configs",
@@ -1923,6 +2678,9 @@ def _parse_args(argv: Sequence[str]) -> argparse.Namespace:
     if args.quick:
         args.warmup = min(args.warmup, 1)
         args.no_startup = True
+    if args.conv_repeats is None:
+        args.conv_repeats = QUICK_CONV_REPEATS if args.quick else CONV_REPEATS
+    args.conv_memory_repeats = QUICK_CONV_MEMORY_REPEATS if args.quick else CONV_MEMORY_REPEATS
     if args.fit_configs is None:
         args.fit_configs = QUICK_FIT_CONFIGS if args.quick else FIT_CONFIGS
     args.fit_configs = tuple(dict.fromkeys(args.fit_configs))
@@ -1984,9 +2742,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     ``bench.json`` holds ``rows`` (the per-iteration measurements of :func:`run`,
     each with its ``threads``), ``threads`` (the first thread count, the only one
-    unless several are given), ``thread_counts``, ``fit`` (:func:`run_fit`: the
-    settings and one row per configuration and thread count), ``fit_memory``
-    (:func:`run_memory`, at the first thread count), ``startup`` and ``machine``.
+    unless several are given), ``thread_counts``, ``conv`` (:func:`run_conv`: the
+    convolution layer step at every thread count, its targets and memory), ``fit``
+    (:func:`run_fit`: the settings and one row per configuration and thread count),
+    ``fit_memory`` (:func:`run_memory`, at the first thread count), ``startup`` and
+    ``machine``.
     """
     from .cli import CommandError, run_command
 
@@ -2030,6 +2790,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                 result = part
         # "threads" stays the first (usually the only) count, for readers of older files.
         result["thread_counts"] = list(args.threads)
+        if not args.no_conv:
+            result["conv"] = run_conv(
+                repeats=args.conv_repeats,
+                thread_counts=args.threads,
+                memory=not args.no_conv_memory,
+                memory_repeats=args.conv_memory_repeats,
+                log=log,
+            )
         if data is not None:
             fit_rows: list[dict[str, Any]] = []
             for threads in args.threads:

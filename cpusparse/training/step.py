@@ -20,8 +20,10 @@ import dataclasses
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, NamedTuple
 
+import numba
 import numpy as np
 
+from .._threads import run_tasks
 from .._typing import BoolArray, FloatArray
 from ..engine.layers.base import STRAIGHT_THROUGH, TRAIN, Mode
 from ..engine.losses import softmax_cross_entropy
@@ -169,30 +171,46 @@ def _mask_passes(
     Returns the losses, the summed weight gradients, the flat mask gradients of each
     straight-through pass, and (with ``keep_passes``) copies of each pass's weight
     gradients.
+
+    The passes are independent (one batch, K masks), so they run as tasks on the
+    ``n_jobs`` threads (:func:`~cpusparse._threads.run_tasks`), as many at a time as
+    there are threads; their gradients are summed in pass order, the same bits for any
+    thread count. With K updates of running statistics per step
+    (``every_pass_updates``) the passes run one after the other, in order.
     """
     net = state.network
-    losses = np.empty(masks.shape[0])
+    n_passes = masks.shape[0]
+    losses = np.empty(n_passes)
     total = None
     mask_grads, per_pass = [], []
-    for k in range(masks.shape[0]):
+
+    def one_pass(k: int) -> tuple[float, dict[str, FloatArray] | None]:
         # Running statistics (batch norm) follow the first pass, or every pass.
         pass_mode = mode if k == 0 or every_pass_updates else mode._replace(update_stats=False)
         logits, caches = net._forward(x, split_masks(state, masks[k]), None, pass_mode)
-        losses[k], dlogits = softmax_cross_entropy(logits, y)
+        loss, dlogits = softmax_cross_entropy(logits, y)
         if k >= n_backward:
-            continue
-        _, grads = net._backward(dlogits, caches)
-        if mode.straight_through:
-            mask_keys = [key for key in grads if key.endswith(".mask")]
-            mask_grads.append(np.concatenate([grads.pop(key) for key in mask_keys]))
-        flat = list(grads.values())
-        if keep_passes:
-            per_pass.append([g.copy() for g in flat])
-        if total is None:
-            total = flat  # fresh arrays (the backward contract): summed in place
-        else:
-            for t, g in zip(total, flat, strict=True):
-                t += g
+            return loss, None
+        return loss, net._backward(dlogits, caches)[1]
+
+    group = 1 if every_pass_updates else max(1, numba.get_num_threads())
+    for start in range(0, n_passes, group):
+        ks = list(range(start, min(start + group, n_passes)))
+        for k, (loss, grads) in zip(ks, run_tasks(one_pass, ks), strict=True):
+            losses[k] = loss
+            if grads is None:
+                continue
+            if mode.straight_through:
+                mask_keys = [key for key in grads if key.endswith(".mask")]
+                mask_grads.append(np.concatenate([grads.pop(key) for key in mask_keys]))
+            flat = list(grads.values())
+            if keep_passes:
+                per_pass.append([g.copy() for g in flat])
+            if total is None:
+                total = flat  # fresh arrays (the backward contract): summed in place
+            else:
+                for t, g in zip(total, flat, strict=True):
+                    t += g
     if not (total is not None):
         raise RuntimeError(
             "internal error: the first pass always runs a backward (n_backward >= 1)"
@@ -292,9 +310,11 @@ def train_step(
     # 5. Clip (the weight gradients, or weights and scores in one norm), then one step
     #    of each optimizer.
     with_scores = config.clip_scope == "weights+scores"
-    clipped, grad_norm = clip_grad_norm(
-        [*weight_grads, dscore] if with_scores else weight_grads, config.clip_norm
-    )
+    to_clip = [*weight_grads, dscore] if with_scores else list(weight_grads)
+    if config.clip_norm is None and not record:
+        clipped, grad_norm = to_clip, float("nan")  # the norm is only recorded
+    else:
+        clipped, grad_norm = clip_grad_norm(to_clip, config.clip_norm)
     dscore_step = clipped.pop() if with_scores else dscore
     weight_opt, score_opt, (lr_w, lr_s) = config.optimizers()
     lr, score_lr = lr_w(state.step), lr_s(state.step)
@@ -371,7 +391,9 @@ def finetune_step(
     loss, dlogits = softmax_cross_entropy(logits, y)
     _check_finite(state, np.array([loss]), x, lambda k: masks, TRAIN)
     _, grads = net._backward(dlogits, caches)
-    flat, _ = clip_grad_norm(list(grads.values()), config.clip_norm)
+    flat = list(grads.values())
+    if config.clip_norm is not None:
+        flat, _ = clip_grad_norm(flat, config.clip_norm)
     weight_opt, _, (lr_w, _) = config.optimizers()
     lr = lr_w(state.step) if config.finetune_lr is None else config.finetune_lr
     weight_opt.step(state.param_list(), flat, state.weight_state, lr=lr)

@@ -368,3 +368,29 @@ def scatter_block(indptr, indices, rows, col_pos, dblock, dweight):
             p = col_pos[indices[k]]
             if p >= 0:
                 dweight[k] = src[p]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def take_block(w, rows, cols, block):
+    """``block[r, j] = w[rows[r], cols[j]]``: the kept block of a dense row-major weight.
+
+    The fast case of :func:`gather_block`, for a layer whose stored rows are all full
+    (``w`` is then the stored values viewed as ``(n_stored_rows, n_in)``).
+    """
+    # NOTE: w (n_rows, n_in), rows int (kr,) into w, cols int (kc,), block (kr, kc).
+    for r in prange(rows.shape[0]):
+        src = w[rows[r]]
+        dst = block[r]
+        for j in range(cols.shape[0]):
+            dst[j] = src[cols[j]]
+
+
+@njit(cache=True, nogil=True, parallel=True)
+def put_block(dblock, rows, cols, dw):
+    """``dw[rows[r], cols[j]] = dblock[r, j]``: the inverse of :func:`take_block`."""
+    # NOTE: as take_block; dw (n_rows, n_in) zeroed.
+    for r in prange(rows.shape[0]):
+        src = dblock[r]
+        dst = dw[rows[r]]
+        for j in range(cols.shape[0]):
+            dst[cols[j]] = src[j]

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
+from ..._threads import run_tasks
 from ..._typing import BoolArray, FloatArray, IndexArray, RNGLike
 from ..._validation import check_array, check_choice, check_rng, check_same_dtype
 from .. import csr
@@ -47,6 +48,11 @@ __all__ = ["Conv2d", "ConvCache", "ChannelUnits", "ConvWeightUnits", "CONV_GRANU
 
 MAX_COLS_BYTES = 1 << 28
 """Default bound on the im2col workspace of one pass (256 MiB)."""
+
+BLOCK_CHUNK_BYTES = 1 << 22
+"""Columns per task of the channel path (4 MiB): the batch is cut into chunks of this
+size, fixed whatever the thread count, each multiplied by one single-threaded BLAS call
+while its columns are still in cache; the chunks run on the ``n_jobs`` threads."""
 
 
 def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
@@ -64,16 +70,16 @@ def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
 class ConvCache(NamedTuple):
     """What the backward pass of a :class:`Conv2d` needs from its forward pass.
 
-    ``x`` is the input's live channels (``chans``), ``cols`` their im2col matrix when
-    the pass fit one chunk (else None), ``out`` the layer's output, ``pre`` the kept
-    filters' output ``(kept_out, N*H_out*W_out)`` (channel path; None on the weight
-    path), ``block`` the weight block ``(kept_out, kept_in*kh*kw)`` and ``active`` the
+    ``x`` is the input's live channels (``chans``), ``cols`` their im2col matrices, one
+    per chunk of the batch, when they fit ``max_cols_bytes`` (else None: the backward
+    pass builds them again), ``out`` the layer's output, ``pre`` unused (None),
+    ``block`` the weight block ``(kept_out, kept_in*kh*kw)`` and ``active`` the
     active CSR pattern (weight path). ``mask``/``unmasked`` are set by a
     straight-through pass.
     """
 
     x: FloatArray
-    cols: FloatArray | None
+    cols: list[FloatArray] | None
     out: FloatArray
     pre: FloatArray | None
     rows: IndexArray
@@ -461,14 +467,19 @@ class Conv2d(Layer):
             return self.units.straight_through_backward(self, dout, cache, need_dx)
         return self.units.backward(self, dout, cache, need_dx)
 
-    def _chunks(self, x: FloatArray) -> tuple[tuple[int, int], list[tuple[int, int]]]:
-        # (H_out, W_out) and the batch chunks [n0, n1) whose columns fit max_cols_bytes.
+    def _chunks(self, x: FloatArray, budget: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+        # (H_out, W_out) and the batch chunks [n0, n1) whose columns fit ``budget`` bytes.
         n_channels, n_batch, height, width = x.shape
         ho, wo = self.output_size(height, width)
         kh, kw = self.kernel_size
         per_sample = max(n_channels * kh * kw * ho * wo * x.itemsize, 1)
-        step = max(1, min(n_batch, self.max_cols_bytes // per_sample))
+        step = max(1, min(n_batch, budget // per_sample))
         return (ho, wo), [(n0, min(n0 + step, n_batch)) for n0 in range(0, n_batch, step)]
+
+    def _keeps_cols(self, x: FloatArray, ho: int, wo: int) -> bool:
+        # Whether the whole batch's columns fit max_cols_bytes (kept for the backward).
+        kh, kw = self.kernel_size
+        return x.shape[0] * kh * kw * x.shape[1] * ho * wo * x.itemsize <= self.max_cols_bytes
 
     def _is_identity_im2col(self) -> bool:
         return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
@@ -509,69 +520,85 @@ class Conv2d(Layer):
         chans: IndexArray,
         weight: FloatArray | None = None,
     ) -> tuple[FloatArray, ConvCache]:
-        # BLAS on the kept block: pre = block @ cols(x[chans]) + b[rows], then act.
+        # BLAS on the kept block, chunk by chunk of the batch (BLOCK_CHUNK_BYTES of
+        # columns, which stay in cache between im2col and the product), the chunks
+        # run as tasks on the n_jobs threads: out[rows] = act(block @ cols + b[rows]).
         weight = self.weight if weight is None else weight
         xk = x if chans.shape[0] == self.n_in else np.take(x, chans, axis=0)
-        (ho, wo), chunks = self._chunks(xk)
+        (ho, wo), chunks = self._chunks(xk, BLOCK_CHUNK_BYTES)
+        keep = self._keeps_cols(xk, ho, wo)
         n_batch = x.shape[1]
         block = self._block(weight, rows, chans)
-        pre3 = np.empty((rows.shape[0], n_batch, ho * wo), dtype=x.dtype)
-        cols = None
-        for n0, n1 in chunks:
+        kept_out = rows.shape[0]
+        every_row = kept_out == self.n_out
+        alloc = np.empty if every_row else np.zeros
+        out = alloc((self.n_out, n_batch, ho, wo), dtype=x.dtype)
+        bias = None if self.bias is None else self.bias[rows, None]
+        relu = self.activation == "relu"
+
+        def task(chunk: tuple[int, int]) -> FloatArray | None:
+            n0, n1 = chunk
             cols = self._cols(xk, n0, n1, ho, wo)
-            if len(chunks) == 1:
-                np.matmul(block, cols, out=pre3.reshape(rows.shape[0], cols.shape[1]))
+            pre = block @ cols
+            if bias is not None:
+                pre += bias
+            if relu:
+                np.maximum(pre, 0, out=pre)
+            pre4 = pre.reshape(kept_out, n1 - n0, ho, wo)
+            if every_row:
+                out[:, n0:n1] = pre4
             else:
-                pre3[:, n0:n1] = (block @ cols).reshape(rows.shape[0], n1 - n0, ho * wo)
-        pre = pre3.reshape(rows.shape[0], n_batch * ho * wo)
-        if self.bias is not None:
-            pre += self.bias[rows, None]
-        if self.activation == "relu":
-            np.maximum(pre, 0, out=pre)
-        if rows.shape[0] == self.n_out:
-            out = pre.reshape(self.n_out, n_batch, ho, wo)
-        else:
-            out = np.zeros((self.n_out, n_batch, ho, wo), dtype=x.dtype)
-            out[rows] = pre.reshape(rows.shape[0], n_batch, ho, wo)
-        cache_cols = cols if len(chunks) == 1 else None
-        return out, ConvCache(xk, cache_cols, out, pre, rows, chans, block)
+                out[rows, n0:n1] = pre4
+            return cols if keep else None
+
+        cols = [c for c in run_tasks(task, chunks) if c is not None]
+        return out, ConvCache(xk, cols if keep else None, out, None, rows, chans, block)
 
     def _block_backward(
         self, dout: FloatArray, cache: ConvCache, need_dx: bool
     ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        # Per chunk: the output gradient of the kept filters, the chunk's share of the
+        # weight gradient (summed over the chunks in order, so the bits do not depend on
+        # the thread count) and its input gradient (col2im into its own samples).
         rows, chans, xk, block = cache.rows, cache.chans, cache.x, cache.block
-        if not (block is not None and cache.pre is not None):
+        if not (block is not None):
             raise RuntimeError("internal error: a block cache holds its block")
-        (ho, wo), chunks = self._chunks(xk)
-        n_batch = xk.shape[1]
+        (ho, wo), chunks = self._chunks(xk, BLOCK_CHUNK_BYTES)
         kept_out = rows.shape[0]
-        if kept_out == self.n_out:
-            dpre = dout.reshape(kept_out, n_batch * ho * wo)
-            if self.activation == "relu":
-                dpre = dpre * (cache.pre > 0)
-        else:
-            dpre = np.take(dout, rows, axis=0).reshape(kept_out, n_batch * ho * wo)
-            if self.activation == "relu":
-                dpre *= cache.pre > 0
-        grads: dict[str, FloatArray] = {}
-        dblock = np.zeros(block.shape, dtype=block.dtype)
+        every_row = kept_out == self.n_out
+        relu = self.activation == "relu"
         dxk = np.zeros(xk.shape, dtype=xk.dtype) if need_dx else None
-        dpre3 = dpre.reshape(kept_out, n_batch, ho * wo)
-        for n0, n1 in chunks:
-            cols = cache.cols if cache.cols is not None else self._cols(xk, n0, n1, ho, wo)
-            part = (
-                dpre if len(chunks) == 1 else dpre3[:, n0:n1].reshape(kept_out, (n1 - n0) * ho * wo)
-            )
-            dblock += (cols @ part.T).T  # faster than part @ cols.T in OpenBLAS here
+
+        def task(item: tuple[int, tuple[int, int]]) -> tuple[FloatArray, FloatArray]:
+            i, (n0, n1) = item
+            cols = cache.cols[i] if cache.cols is not None else self._cols(xk, n0, n1, ho, wo)
+            width = (n1 - n0) * ho * wo
+            if every_row:
+                dpre = np.ascontiguousarray(dout[:, n0:n1]).reshape(kept_out, width)
+            else:
+                dpre = dout[rows, n0:n1].reshape(kept_out, width)
+            if relu:
+                out = cache.out[:, n0:n1] if every_row else cache.out[rows, n0:n1]
+                dpre *= out.reshape(kept_out, width) > 0  # out > 0 exactly where pre > 0
+            dblock = (cols @ dpre.T).T  # faster than dpre @ cols.T in OpenBLAS here
             if dxk is not None:
-                self._col2im(block.T @ part, n0, ho, wo, dxk)
+                self._col2im(block.T @ dpre, n0, ho, wo, dxk)
+            return dblock, dpre.sum(axis=1)
+
+        parts = run_tasks(task, list(enumerate(chunks)))
+        dblock = parts[0][0].copy()
+        dpre_sum = parts[0][1].copy()
+        for part_dblock, part_sum in parts[1:]:
+            dblock += part_dblock
+            dpre_sum += part_sum
+        grads: dict[str, FloatArray] = {}
         dweight = np.zeros(self.weight.shape, dtype=self.weight.dtype)
         kh, kw = self.kernel_size
         dweight[np.ix_(rows, chans)] = dblock.reshape(kept_out, chans.shape[0], kh, kw)
         grads["weight"] = dweight
         if self.bias is not None:
             dbias = np.zeros(self.n_out, dtype=self.weight.dtype)
-            dbias[rows] = dpre.sum(axis=1)
+            dbias[rows] = dpre_sum
             grads["bias"] = dbias
         dx = None
         if dxk is not None:
@@ -600,7 +627,7 @@ class Conv2d(Layer):
             indptr, indices, self.weight.reshape(-1), shape, mask, None, live_cols
         )
         bias = self.bias if self.bias is not None else np.zeros(self.n_out, self.dtype)
-        (ho, wo), chunks = self._chunks(x)
+        (ho, wo), chunks = self._chunks(x, self.max_cols_bytes)
         n_batch = x.shape[1]
         relu = self.activation == "relu"
         out3 = np.empty((self.n_out, n_batch, ho * wo), dtype=x.dtype)
@@ -609,9 +636,13 @@ class Conv2d(Layer):
             cols = self._cols(x, n0, n1, ho, wo)
             part = csr._masked_matmul(active, cols, bias, relu)
             out3[:, n0:n1] = part.reshape(self.n_out, n1 - n0, ho * wo)
+            del part
+            if len(chunks) > 1:
+                del cols  # one chunk's columns at a time
+                cols = None
         out = out3.reshape(self.n_out, n_batch, ho, wo)
         everything = np.arange(self.n_out, dtype=csr.INDEX_DTYPE)
-        cache_cols = cols if len(chunks) == 1 else None
+        cache_cols = [cols] if cols is not None else None
         return out, ConvCache(
             x, cache_cols, out, None, everything, _kept(None, self.n_in), None, active
         )
@@ -622,7 +653,7 @@ class Conv2d(Layer):
         active, x = cache.active, cache.x
         if not (active is not None):
             raise RuntimeError("internal error: a weight-path cache holds its active pattern")
-        (ho, wo), chunks = self._chunks(x)
+        (ho, wo), chunks = self._chunks(x, self.max_cols_bytes)
         relu = self.activation == "relu"
         dout3 = dout.reshape(self.n_out, x.shape[1], ho * wo)
         out3 = cache.out.reshape(dout3.shape)
@@ -630,7 +661,7 @@ class Conv2d(Layer):
         dbias = np.zeros(self.n_out, dtype=self.dtype)
         dx = np.zeros(x.shape, dtype=x.dtype) if need_dx else None
         for n0, n1 in chunks:
-            cols = cache.cols if cache.cols is not None else self._cols(x, n0, n1, ho, wo)
+            cols = cache.cols[0] if cache.cols is not None else self._cols(x, n0, n1, ho, wo)
             d_part = np.ascontiguousarray(dout3[:, n0:n1]).reshape(self.n_out, -1)
             o_part = np.ascontiguousarray(out3[:, n0:n1]).reshape(self.n_out, -1)
             dcols, dw, db = csr._masked_matmul_backward(active, cols, d_part, o_part, relu, need_dx)
@@ -638,6 +669,7 @@ class Conv2d(Layer):
             dbias += db
             if dx is not None and dcols is not None:
                 self._col2im(dcols, n0, ho, wo, dx)
+            del cols, dcols, dw, db, d_part, o_part  # one chunk's buffers at a time
         grads = {"weight": dweight.reshape(self.weight.shape)}
         if self.bias is not None:
             grads["bias"] = dbias

@@ -211,10 +211,17 @@ class NeuronUnits(UnitMap):
         """
         rows = _kept(mask, layer.n_out)
         cols = _kept(live, layer.n_in)
-        col_pos = np.full(layer.n_in, -1, dtype=csr.INDEX_DTYPE)
-        col_pos[cols] = np.arange(cols.shape[0])
-        block = np.zeros((rows.shape[0], cols.shape[0]), dtype=layer.dtype)
-        _kernels.gather_block(layer.indptr, layer.indices, layer.weight, rows, col_pos, block)
+        row_pos = layer._row_positions()
+        if row_pos is not None:  # every stored row full: a dense row-major view
+            col_pos = cols  # (unused by the backward of this case)
+            block = np.empty((rows.shape[0], cols.shape[0]), dtype=layer.dtype)
+            w = layer.weight.reshape(-1, layer.n_in)
+            _kernels.take_block(w, row_pos[rows], cols, block)
+        else:
+            col_pos = np.full(layer.n_in, -1, dtype=csr.INDEX_DTYPE)
+            col_pos[cols] = np.arange(cols.shape[0])
+            block = np.zeros((rows.shape[0], cols.shape[0]), dtype=layer.dtype)
+            _kernels.gather_block(layer.indptr, layer.indices, layer.weight, rows, col_pos, block)
         x_kept = x if cols.shape[0] == layer.n_in else x[cols]
         pre = block @ x_kept
         pre += layer.bias[rows, None]
@@ -239,9 +246,14 @@ class NeuronUnits(UnitMap):
         dbias[cache.rows] = dpre.sum(axis=1)
         dblock = dpre @ cache.x.T
         dweight = np.zeros(layer.nnz, dtype=layer.dtype)
-        _kernels.scatter_block(
-            layer.indptr, layer.indices, cache.rows, cache.col_pos, dblock, dweight
-        )
+        row_pos = layer._row_positions()
+        if row_pos is not None:
+            dw = dweight.reshape(-1, layer.n_in)
+            _kernels.put_block(dblock, row_pos[cache.rows], cache.cols, dw)
+        else:
+            _kernels.scatter_block(
+                layer.indptr, layer.indices, cache.rows, cache.col_pos, dblock, dweight
+            )
         dx = None
         if need_dx:
             dx = np.zeros((layer.n_in, dout.shape[1]), dtype=layer.dtype)
@@ -387,6 +399,8 @@ class SparseLinear(Layer):
         check_choice(granularity, "granularity", tuple(GRANULARITIES))
         self.units = GRANULARITIES[granularity](self)
         self.activation = check_choice(activation, "activation", (None, "relu"))
+        self._row_pos: IndexArray | None = None
+        self._row_pos_known = False
 
     @classmethod
     def random(
@@ -549,6 +563,21 @@ class SparseLinear(Layer):
         )
         return dx, {"weight": dweight, "bias": dbias}
 
+    def _row_positions(self) -> IndexArray | None:
+        """Row ``o``'s place among the stored rows if every stored row is full, else None.
+
+        Then the stored values are a dense ``(n_stored_rows, n_in)`` row-major matrix
+        (the layers of :func:`~cpusparse.models.mlp`, before and after compaction,
+        which drops whole rows at neuron granularity). Computed once: the pattern of a
+        layer never changes (compaction builds a new layer).
+        """
+        if not self._row_pos_known:
+            counts = np.diff(self.indptr)
+            if ((counts == 0) | (counts == self.n_in)).all():
+                self._row_pos = np.cumsum(counts > 0, dtype=csr.INDEX_DTYPE) - 1
+            self._row_pos_known = True
+        return self._row_pos
+
     def _everything(self, data: FloatArray) -> csr.ActivePattern:
         # The active pattern of every stored entry, with values ``data``.
         everything = np.arange(self.nnz, dtype=csr.INDEX_DTYPE)
@@ -626,10 +655,16 @@ class SparseLinear(Layer):
 
 
 class LinearCache(NamedTuple):
-    """What :meth:`Linear.backward` needs from the forward pass."""
+    """What :meth:`Linear.backward` needs from the forward pass.
+
+    With some inputs known zero, ``x`` holds the live rows ``cols`` only and ``weight``
+    the live columns of the weight; else ``cols`` and ``weight`` are None.
+    """
 
     x: FloatArray
     out: FloatArray
+    cols: IndexArray | None = None
+    weight: FloatArray | None = None
 
 
 class Linear(Layer):
@@ -704,22 +739,33 @@ class Linear(Layer):
         live: BoolArray | None = None,
         mode: Mode = TRAIN,
     ) -> tuple[FloatArray, LinearCache]:
-        if live is not None and not live.all():
-            x = np.where(live[:, None], x, x.dtype.type(0))  # inputs outside live are 0
-        out = self.weight @ x
+        # Inputs outside live are 0: the product runs on the live columns only.
+        cols = None if live is None or live.all() else np.flatnonzero(live)
+        weight = self.weight if cols is None else np.take(self.weight, cols, axis=1)
+        x = x if cols is None else np.take(x, cols, axis=0)
+        out = weight @ x
         out += self.bias[:, None]
         if self.activation == "relu":
             np.maximum(out, 0, out=out)
-        return out, LinearCache(x, out)
+        return out, LinearCache(x, out, cols, weight)
 
     def _backward(
         self, dout: FloatArray, cache: LinearCache, need_dx: bool = True
     ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
         if self.activation == "relu":
             dout = dout * (cache.out > 0)
-        dweight = dout @ cache.x.T
         dbias = dout.sum(axis=1)
-        dx = self.weight.T @ dout if need_dx else None
+        cols, weight = cache.cols, cache.weight
+        if cols is None or weight is None:
+            dweight = dout @ cache.x.T
+            dx = self.weight.T @ dout if need_dx else None
+            return dx, {"weight": dweight, "bias": dbias}
+        dweight = np.zeros(self.shape, dtype=self.dtype)
+        dweight[:, cols] = dout @ cache.x.T
+        dx = None
+        if need_dx:
+            dx = np.zeros((self.n_in, dout.shape[1]), dtype=self.dtype)
+            dx[cols] = weight.T @ dout
         return dx, {"weight": dweight, "bias": dbias}
 
     def stored_pattern(self) -> BoolArray:
