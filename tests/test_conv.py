@@ -222,10 +222,11 @@ def test_conv_im2col_kernels_are_adjoint(rng):
         ho, wo = (h + 2 * p - kh) // s + 1, (w + 2 * p - kw) // s + 1
         x = rng.standard_normal((c_in, n, h, w))
         cols = np.empty((c_in * kh * kw, n * ho * wo))
-        kernels.im2col(x, 0, kh, kw, s, s, p, p, ho, wo, cols)
+        chans = np.arange(c_in)
+        kernels.im2col(x, chans, 0, kh, kw, s, s, p, p, ho, wo, cols)
         c = rng.standard_normal(cols.shape)
         back = np.zeros_like(x)
-        kernels.col2im(c, 0, kh, kw, s, s, p, p, ho, wo, back)
+        kernels.col2im(c, chans, 0, kh, kw, s, s, p, p, ho, wo, back)
         assert np.isclose((cols * c).sum(), (x * back).sum(), rtol=1e-12)
 
 
@@ -429,3 +430,22 @@ def test_conv_network_eval_mode_and_loss(rng):
     loss, _ = softmax_cross_entropy(logits, np.array([0, 1, 0, 1]))
     assert np.isfinite(loss)
     assert Mode(update_stats=False).training
+
+
+def test_conv_im2col_reads_and_col2im_writes_only_the_listed_channels(rng):
+    from cpusparse.engine.kernels import conv as kernels
+
+    x = rng.standard_normal((5, 2, 6, 7))
+    chans = np.array([4, 1, 3])
+    ho, wo = 6, 7
+    cols = np.empty((3 * 9, 2 * ho * wo))
+    kernels.im2col(x, chans, 0, 3, 3, 1, 1, 1, 1, ho, wo, cols)
+    ref = np.empty_like(cols)
+    kernels.im2col(np.ascontiguousarray(x[chans]), np.arange(3), 0, 3, 3, 1, 1, 1, 1, ho, wo, ref)
+    np.testing.assert_array_equal(cols, ref)
+    dx = np.zeros_like(x)
+    kernels.col2im(cols, chans, 0, 3, 3, 1, 1, 1, 1, ho, wo, dx)
+    assert not dx[[0, 2]].any()
+    ref_dx = np.zeros((3, 2, 6, 7))
+    kernels.col2im(ref, np.arange(3), 0, 3, 3, 1, 1, 1, 1, ho, wo, ref_dx)
+    np.testing.assert_array_equal(dx[chans], ref_dx)

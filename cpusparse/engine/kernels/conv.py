@@ -20,20 +20,23 @@ __all__: list[str] = []
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def im2col(x, n0, kh, kw, sh, sw, ph, pw, ho, wo, cols):  # pragma: no cover - compiled
-    """``cols[(c, i, j), (n, oh, ow)] = x[c, n0 + n, oh*sh - ph + i, ow*sw - pw + j]``.
+def im2col(x, chans, n0, kh, kw, sh, sw, ph, pw, ho, wo, cols):  # pragma: no cover - compiled
+    """``cols[(c, i, j), (n, oh, ow)] = x[chans[c], n0 + n, oh*sh - ph + i, ow*sw - pw + j]``.
 
     Zero where the input position falls in the padding. ``cols`` has shape
-    ``(C * kh * kw, nb * ho * wo)`` for the ``nb`` samples from ``n0``. One thread per
-    channel copies each image into a zero-padded buffer, then each window row.
+    ``(len(chans) * kh * kw, nb * ho * wo)`` for the ``nb`` samples from ``n0``: only
+    the channels ``chans`` are read. One thread per channel copies each image into a
+    zero-padded buffer, then each window row.
     """
-    # NOTE: x (C, N, H, W) C-contiguous; cols C-contiguous, written entirely.
-    n_channels, _, height, width = x.shape
+    # NOTE: x (C, N, H, W) C-contiguous; chans int in [0, C); cols C-contiguous, written
+    # entirely.
+    _, _, height, width = x.shape
+    n_channels = chans.shape[0]
     nb = cols.shape[1] // (ho * wo)
     for c in prange(n_channels):
         pad = np.zeros((height + 2 * ph, width + 2 * pw), dtype=x.dtype)
         for n in range(nb):
-            pad[ph : ph + height, pw : pw + width] = x[c, n0 + n]
+            pad[ph : ph + height, pw : pw + width] = x[chans[c], n0 + n]
             for i in range(kh):
                 for j in range(kw):
                     row = cols[(c * kh + i) * kw + j]
@@ -48,15 +51,17 @@ def im2col(x, n0, kh, kw, sh, sw, ph, pw, ho, wo, cols):  # pragma: no cover - c
 
 
 @njit(cache=True, nogil=True, parallel=True)
-def col2im(cols, n0, kh, kw, sh, sw, ph, pw, ho, wo, dx):  # pragma: no cover - compiled
-    """The adjoint of :func:`im2col`: ``dx[c, n0 + n, h, w] += cols[(c, i, j), (n, oh, ow)]``.
+def col2im(cols, chans, n0, kh, kw, sh, sw, ph, pw, ho, wo, dx):  # pragma: no cover - compiled
+    """The adjoint of :func:`im2col`: ``dx[chans[c], n0 + n, h, w] += cols[(c, i, j), .]``.
 
     Adds into ``dx`` (zero it first for a plain col2im). One thread per channel; each
     image's contributions are summed in a zero-padded buffer in ascending ``(i, j)``,
     then added to ``dx``: the order is fixed.
     """
-    # NOTE: dx (C, N, H, W) C-contiguous; cols (C * kh * kw, nb * ho * wo).
-    n_channels, _, height, width = dx.shape
+    # NOTE: dx (C, N, H, W) C-contiguous; chans distinct ints in [0, C); cols
+    # (len(chans) * kh * kw, nb * ho * wo).
+    _, _, height, width = dx.shape
+    n_channels = chans.shape[0]
     nb = cols.shape[1] // (ho * wo)
     for c in prange(n_channels):
         pad = np.empty((height + 2 * ph, width + 2 * pw), dtype=dx.dtype)
@@ -74,7 +79,7 @@ def col2im(cols, n0, kh, kw, sh, sw, ph, pw, ho, wo, dx):  # pragma: no cover - 
                         else:
                             for ow in range(wo):
                                 dst[j + ow * sw] += row[base + ow]
-            img = dx[c, n0 + n]
+            img = dx[chans[c], n0 + n]
             for h in range(height):
                 for w in range(width):
                     img[h, w] += pad[ph + h, pw + w]

@@ -70,7 +70,8 @@ def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
 class ConvCache(NamedTuple):
     """What the backward pass of a :class:`Conv2d` needs from its forward pass.
 
-    ``x`` is the input's live channels (``chans``), ``cols`` their im2col matrices, one
+    ``x`` is the input (of which the channels ``chans`` are live), ``cols`` the live
+    channels' im2col matrices, one
     per chunk of the batch, when they fit ``max_cols_bytes`` (else None: the backward
     pass builds them again), ``out`` the layer's output, ``pre`` unused (None),
     ``block`` the weight block ``(kept_out, kept_in*kh*kw)`` and ``active`` the
@@ -467,41 +468,53 @@ class Conv2d(Layer):
             return self.units.straight_through_backward(self, dout, cache, need_dx)
         return self.units.backward(self, dout, cache, need_dx)
 
-    def _chunks(self, x: FloatArray, budget: int) -> tuple[tuple[int, int], list[tuple[int, int]]]:
-        # (H_out, W_out) and the batch chunks [n0, n1) whose columns fit ``budget`` bytes.
-        n_channels, n_batch, height, width = x.shape
+    def _chunks(
+        self, x: FloatArray, budget: int, n_channels: int | None = None
+    ) -> tuple[tuple[int, int], list[tuple[int, int]]]:
+        # (H_out, W_out) and the batch chunks [n0, n1) whose columns (of n_channels
+        # channels, default all) fit ``budget`` bytes.
+        _, n_batch, height, width = x.shape
+        n_channels = x.shape[0] if n_channels is None else n_channels
         ho, wo = self.output_size(height, width)
         kh, kw = self.kernel_size
         per_sample = max(n_channels * kh * kw * ho * wo * x.itemsize, 1)
         step = max(1, min(n_batch, budget // per_sample))
         return (ho, wo), [(n0, min(n0 + step, n_batch)) for n0 in range(0, n_batch, step)]
 
-    def _keeps_cols(self, x: FloatArray, ho: int, wo: int) -> bool:
+    def _keeps_cols(self, x: FloatArray, ho: int, wo: int, n_channels: int) -> bool:
         # Whether the whole batch's columns fit max_cols_bytes (kept for the backward).
         kh, kw = self.kernel_size
-        return x.shape[0] * kh * kw * x.shape[1] * ho * wo * x.itemsize <= self.max_cols_bytes
+        return n_channels * kh * kw * x.shape[1] * ho * wo * x.itemsize <= self.max_cols_bytes
 
     def _is_identity_im2col(self) -> bool:
         return self.kernel_size == (1, 1) and self.stride == (1, 1) and self.padding == (0, 0)
 
-    def _cols(self, x: FloatArray, n0: int, n1: int, ho: int, wo: int) -> FloatArray:
-        # The im2col matrix of samples [n0, n1) of x (C, N, H, W).
+    def _cols(
+        self, x: FloatArray, chans: IndexArray, n0: int, n1: int, ho: int, wo: int
+    ) -> FloatArray:
+        # The im2col matrix of channels ``chans`` of samples [n0, n1) of x (C, N, H, W).
         if self._is_identity_im2col():
-            part = x[:, n0:n1]
-            return np.ascontiguousarray(part).reshape(x.shape[0], (n1 - n0) * ho * wo)
+            part = x[:, n0:n1] if chans.shape[0] == x.shape[0] else x[chans, n0:n1]
+            return np.ascontiguousarray(part).reshape(chans.shape[0], (n1 - n0) * ho * wo)
         kh, kw = self.kernel_size
-        cols = np.empty((x.shape[0] * kh * kw, (n1 - n0) * ho * wo), dtype=x.dtype)
-        _kernels.im2col(x, n0, kh, kw, *self.stride, *self.padding, ho, wo, cols)
+        cols = np.empty((chans.shape[0] * kh * kw, (n1 - n0) * ho * wo), dtype=x.dtype)
+        _kernels.im2col(x, chans, n0, kh, kw, *self.stride, *self.padding, ho, wo, cols)
         return cols
 
-    def _col2im(self, dcols: FloatArray, n0: int, ho: int, wo: int, dx: FloatArray) -> None:
-        # dx[:, n0:n0+nb] += col2im(dcols)
+    def _col2im(
+        self, dcols: FloatArray, chans: IndexArray, n0: int, ho: int, wo: int, dx: FloatArray
+    ) -> None:
+        # dx[chans, n0:n0+nb] += col2im(dcols)
         if self._is_identity_im2col():
             nb = dcols.shape[1] // (ho * wo)
-            dx[:, n0 : n0 + nb] += dcols.reshape(dx.shape[0], nb, ho, wo)
+            part = dcols.reshape(chans.shape[0], nb, ho, wo)
+            if chans.shape[0] == dx.shape[0]:
+                dx[:, n0 : n0 + nb] += part
+            else:
+                dx[chans, n0 : n0 + nb] += part
             return
         kh, kw = self.kernel_size
-        _kernels.col2im(dcols, n0, kh, kw, *self.stride, *self.padding, ho, wo, dx)
+        _kernels.col2im(dcols, chans, n0, kh, kw, *self.stride, *self.padding, ho, wo, dx)
 
     def _block(self, weight: FloatArray, rows: IndexArray, chans: IndexArray) -> FloatArray:
         # The (kept_out, kept_in * kh * kw) block of kept filters and live channels.
@@ -523,22 +536,22 @@ class Conv2d(Layer):
         # BLAS on the kept block, chunk by chunk of the batch (BLOCK_CHUNK_BYTES of
         # columns, which stay in cache between im2col and the product), the chunks
         # run as tasks on the n_jobs threads: out[rows] = act(block @ cols + b[rows]).
+        # im2col reads the live channels of x where they are, and every task writes
+        # (zeros included) its own samples of the output.
         weight = self.weight if weight is None else weight
-        xk = x if chans.shape[0] == self.n_in else np.take(x, chans, axis=0)
-        (ho, wo), chunks = self._chunks(xk, BLOCK_CHUNK_BYTES)
-        keep = self._keeps_cols(xk, ho, wo)
+        (ho, wo), chunks = self._chunks(x, BLOCK_CHUNK_BYTES, chans.shape[0])
+        keep = self._keeps_cols(x, ho, wo, chans.shape[0])
         n_batch = x.shape[1]
         block = self._block(weight, rows, chans)
         kept_out = rows.shape[0]
         every_row = kept_out == self.n_out
-        alloc = np.empty if every_row else np.zeros
-        out = alloc((self.n_out, n_batch, ho, wo), dtype=x.dtype)
+        out = np.empty((self.n_out, n_batch, ho, wo), dtype=x.dtype)
         bias = None if self.bias is None else self.bias[rows, None]
         relu = self.activation == "relu"
 
         def task(chunk: tuple[int, int]) -> FloatArray | None:
             n0, n1 = chunk
-            cols = self._cols(xk, n0, n1, ho, wo)
+            cols = self._cols(x, chans, n0, n1, ho, wo)
             pre = block @ cols
             if bias is not None:
                 pre += bias
@@ -548,11 +561,12 @@ class Conv2d(Layer):
             if every_row:
                 out[:, n0:n1] = pre4
             else:
+                out[:, n0:n1] = 0
                 out[rows, n0:n1] = pre4
             return cols if keep else None
 
         cols = [c for c in run_tasks(task, chunks) if c is not None]
-        return out, ConvCache(xk, cols if keep else None, out, None, rows, chans, block)
+        return out, ConvCache(x, cols if keep else None, out, None, rows, chans, block)
 
     def _block_backward(
         self, dout: FloatArray, cache: ConvCache, need_dx: bool
@@ -560,18 +574,18 @@ class Conv2d(Layer):
         # Per chunk: the output gradient of the kept filters, the chunk's share of the
         # weight gradient (summed over the chunks in order, so the bits do not depend on
         # the thread count) and its input gradient (col2im into its own samples).
-        rows, chans, xk, block = cache.rows, cache.chans, cache.x, cache.block
+        rows, chans, x, block = cache.rows, cache.chans, cache.x, cache.block
         if not (block is not None):
             raise RuntimeError("internal error: a block cache holds its block")
-        (ho, wo), chunks = self._chunks(xk, BLOCK_CHUNK_BYTES)
+        (ho, wo), chunks = self._chunks(x, BLOCK_CHUNK_BYTES, chans.shape[0])
         kept_out = rows.shape[0]
         every_row = kept_out == self.n_out
         relu = self.activation == "relu"
-        dxk = np.zeros(xk.shape, dtype=xk.dtype) if need_dx else None
+        dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None
 
         def task(item: tuple[int, tuple[int, int]]) -> tuple[FloatArray, FloatArray]:
             i, (n0, n1) = item
-            cols = cache.cols[i] if cache.cols is not None else self._cols(xk, n0, n1, ho, wo)
+            cols = cache.cols[i] if cache.cols is not None else self._cols(x, chans, n0, n1, ho, wo)
             width = (n1 - n0) * ho * wo
             if every_row:
                 dpre = np.ascontiguousarray(dout[:, n0:n1]).reshape(kept_out, width)
@@ -581,8 +595,9 @@ class Conv2d(Layer):
                 out = cache.out[:, n0:n1] if every_row else cache.out[rows, n0:n1]
                 dpre *= out.reshape(kept_out, width) > 0  # out > 0 exactly where pre > 0
             dblock = (cols @ dpre.T).T  # faster than dpre @ cols.T in OpenBLAS here
-            if dxk is not None:
-                self._col2im(block.T @ dpre, n0, ho, wo, dxk)
+            if dx is not None:
+                dx[:, n0:n1] = 0  # dead input channels get 0, live ones the col2im sums
+                self._col2im(block.T @ dpre, chans, n0, ho, wo, dx)
             return dblock, dpre.sum(axis=1)
 
         parts = run_tasks(task, list(enumerate(chunks)))
@@ -600,13 +615,6 @@ class Conv2d(Layer):
             dbias = np.zeros(self.n_out, dtype=self.weight.dtype)
             dbias[rows] = dpre_sum
             grads["bias"] = dbias
-        dx = None
-        if dxk is not None:
-            if chans.shape[0] == self.n_in:
-                dx = dxk
-            else:
-                dx = np.zeros((self.n_in,) + dxk.shape[1:], dtype=dxk.dtype)
-                dx[chans] = dxk
         return dx, grads
 
     def _full_pattern(self) -> tuple[IndexArray, IndexArray]:
@@ -630,10 +638,11 @@ class Conv2d(Layer):
         (ho, wo), chunks = self._chunks(x, self.max_cols_bytes)
         n_batch = x.shape[1]
         relu = self.activation == "relu"
+        everything_in = _kept(None, self.n_in)
         out3 = np.empty((self.n_out, n_batch, ho * wo), dtype=x.dtype)
         cols = None
         for n0, n1 in chunks:
-            cols = self._cols(x, n0, n1, ho, wo)
+            cols = self._cols(x, everything_in, n0, n1, ho, wo)
             part = csr._masked_matmul(active, cols, bias, relu)
             out3[:, n0:n1] = part.reshape(self.n_out, n1 - n0, ho * wo)
             del part
@@ -661,14 +670,18 @@ class Conv2d(Layer):
         dbias = np.zeros(self.n_out, dtype=self.dtype)
         dx = np.zeros(x.shape, dtype=x.dtype) if need_dx else None
         for n0, n1 in chunks:
-            cols = cache.cols[0] if cache.cols is not None else self._cols(x, n0, n1, ho, wo)
+            cols = (
+                cache.cols[0]
+                if cache.cols is not None
+                else self._cols(x, cache.chans, n0, n1, ho, wo)
+            )
             d_part = np.ascontiguousarray(dout3[:, n0:n1]).reshape(self.n_out, -1)
             o_part = np.ascontiguousarray(out3[:, n0:n1]).reshape(self.n_out, -1)
             dcols, dw, db = csr._masked_matmul_backward(active, cols, d_part, o_part, relu, need_dx)
             dweight += dw
             dbias += db
             if dx is not None and dcols is not None:
-                self._col2im(dcols, n0, ho, wo, dx)
+                self._col2im(dcols, cache.chans, n0, ho, wo, dx)
             del cols, dcols, dw, db, d_part, o_part  # one chunk's buffers at a time
         grads = {"weight": dweight.reshape(self.weight.shape)}
         if self.bias is not None:
