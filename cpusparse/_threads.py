@@ -73,14 +73,15 @@ def _touch(a):  # pragma: no cover - compiled
 def numba_threads(n_jobs: int | None) -> Iterator[int]:
     """Run the enclosed work on ``n_jobs`` threads (see :func:`effective_n_jobs`).
 
-    The Numba kernels run on that many threads, and so do the BLAS products of the
-    dense blocks (neuron and channel masks), which cpusparse splits into chunks of a
-    fixed size and runs with :func:`run_tasks`, one single-threaded BLAS call per
-    chunk. BLAS itself is held to one thread inside: its own threads spin after each
-    call (OpenBLAS's for about 0.1 s) and took the core from the Numba kernels that
-    followed, and a BLAS call's summation order could depend on its thread count.
-    Results therefore do not depend on ``n_jobs``: every Numba reduction has a fixed
-    order, and every BLAS call computes the same chunk whatever the thread count.
+    The Numba kernels run on that many threads, and cpusparse runs independent pieces
+    of work as tasks on them (:func:`run_tasks`): the K mask passes of a training step,
+    and the fixed-size batch chunks of a channel-masked convolution. BLAS itself is
+    held to one thread inside: its own threads spin after each call (OpenBLAS's for
+    about 0.1 s) and took the core from the Numba kernels that followed, and a BLAS
+    call's summation order could depend on its thread count. Results therefore do not
+    depend on ``n_jobs``: every Numba reduction has a fixed order, and every BLAS call
+    computes the same piece whatever the thread count. A single pass (fine-tuning,
+    prediction) uses the threads only in its Numba kernels and convolutions.
     """
     n = effective_n_jobs(n_jobs)
     from threadpoolctl import threadpool_limits
@@ -126,11 +127,12 @@ def run_tasks(fn: Callable[[T], R], tasks: Sequence[T]) -> list[R]:
 
     The tasks run on a pool of that many Python threads (NumPy's BLAS calls and
     cpusparse's kernels release the GIL), each running its Numba kernels on one
-    thread; with one thread, or one task, they run in order on the calling thread.
+    thread; with one thread, one task, or Numba's ``workqueue`` layer (which does not
+    allow concurrent callers), they run in order on the calling thread.
     Results come back in task order, so a caller that combines them in that order
     gets the same bits for any thread count. Tasks must write to disjoint places.
     """
     n = min(numba.get_num_threads(), len(tasks))
-    if n <= 1:
+    if n <= 1 or threading_layer() == "workqueue":  # workqueue: one caller at a time
         return [fn(task) for task in tasks]
     return list(_pool(n).map(_single_threaded(fn), tasks))

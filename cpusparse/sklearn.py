@@ -225,12 +225,12 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
     dtype : {"float32", "float64"}, default="float32"
         Floating type of parameters and activations.
     n_jobs : int or None, default=None
-        Number of threads of the Numba kernels and of BLAS during ``fit`` and
-        ``predict``; None means 1 and -1 all cores, -2 all but one, as in
-        scikit-learn. The Numba kernels give the same bits for any value; BLAS (the
-        neuron-granularity blocks, the dense classifier) does not promise it, though
-        OpenBLAS did on every shape tested. One thread is the default so that a fit
-        inside a process pool or a grid search does not oversubscribe the machine.
+        Number of threads during ``fit`` and ``predict``: the Numba kernels run on
+        them, and so do the K mask passes of a training step (BLAS stays on one
+        thread per pass); None means 1 and -1 all cores, -2 all but one, as in
+        scikit-learn. Results are bit-identical for any value. One thread is the
+        default so that a fit inside a process pool or a grid search does not
+        oversubscribe the machine.
     random_state : int, RandomState instance or None, default=None
         Seed of the three random streams (initialisation, data order, masks)
         and of the validation split. Fixed: training is bit-reproducible,

@@ -240,6 +240,7 @@ def test_option_defaults_quick_and_threads():
         "weight:0.1:64",
         "weight:0.01:256",
         "neuron:0.1:256",
+        "neuron:0.3:256",
     ]
     assert (default.fit_epochs, default.fit_repeats, default.threads) == (15, 3, [1])
     assert default.fit_hidden == (1024, 1024) and default.fit_dataset == "mnist5k"

@@ -357,3 +357,27 @@ def test_a_channel_sparse_cnn_learns_digits():
     assert np.mean(losses[-1]) < 0.5 * np.mean(losses[0])
     assert accuracy > 0.75, accuracy
     assert 0 < sum(int(m.sum()) for m in masks) < state.score.size
+
+
+def test_cnn_training_steps_are_the_same_bits_on_one_and_two_threads(rng):
+    # Batch norm, channel masks, a residual block: three steps with the K passes run
+    # in parallel (two threads) or in turn (one) give the same parameters, buffers
+    # and scores.
+    from cpusparse._threads import numba_threads
+
+    x = rng.standard_normal((1, 6, 6, 6))
+    y = rng.integers(0, 3, 6)
+    results = []
+    for threads in (1, 2):
+        net = small_resnet("channel")
+        config = TrainConfig(density=0.6, n_masks=3)
+        _, data_rng, mask_rng = spawn_streams(0)
+        state = init_state(net, config, data_rng=data_rng, mask_rng=mask_rng)
+        with numba_threads(threads):
+            for _ in range(3):
+                train_step(state, x, y, config)
+        results.append(({**net.params(), **net.buffers()}, state.score.copy()))
+    (a, sa), (b, sb) = results
+    np.testing.assert_array_equal(sa, sb)
+    for key in a:
+        np.testing.assert_array_equal(a[key], b[key], err_msg=key)

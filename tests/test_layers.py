@@ -322,3 +322,12 @@ def test_neuron_block_of_a_compacted_layer_uses_the_dense_row_view(rng, dtype):
     ref_dx, ref_grads = small._csr_backward(dout, ref_cache, True)
     np.testing.assert_allclose(dx, ref_dx, rtol=tol, atol=tol)
     np.testing.assert_allclose(grads["weight"], ref_grads["weight"], rtol=tol, atol=tol)
+    # Without a mask the emptied rows are kept too: they output the bias alone.
+    out, cache = small.forward(x, None, live=live)
+    ref_out, ref_cache = small._csr_forward(x, None, live)
+    np.testing.assert_allclose(out, ref_out, rtol=tol, atol=tol)
+    dx, grads = small.backward(dout, cache)
+    ref_dx, ref_grads = small._csr_backward(dout, ref_cache, True)
+    np.testing.assert_allclose(dx, ref_dx, rtol=tol, atol=tol)
+    np.testing.assert_allclose(grads["weight"], ref_grads["weight"], rtol=tol, atol=tol)
+    np.testing.assert_allclose(grads["bias"], ref_grads["bias"], rtol=tol, atol=tol)

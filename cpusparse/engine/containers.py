@@ -327,11 +327,10 @@ class Sequential(Layer):
 
 
 class ResidualCache(NamedTuple):
-    """What :meth:`Residual.backward` needs: the branches' caches and the sum's sign."""
+    """What :meth:`Residual.backward` needs: the branches' caches and the output."""
 
     main: list[object]
     shortcut: list[object] | None
-    positive: BoolArray | None
     out: FloatArray
 
 
@@ -504,12 +503,10 @@ class Residual(Layer):
                 "shortcut the main branch's stride and channels"
             )
         out = a + b
-        positive = None
         if self.activation == "relu":
-            positive = out > 0
-            out *= positive
+            np.maximum(out, 0, out=out)
         live_out = None if live_a is None or live_b is None else live_a | live_b
-        return out, ResidualCache(main_cache, shortcut_cache, positive, out), live_out
+        return out, ResidualCache(main_cache, shortcut_cache, out), live_out
 
     def backward(
         self, dout: npt.ArrayLike, cache: ResidualCache, *, need_dx: bool = True
@@ -520,7 +517,7 @@ class Residual(Layer):
     def _backward(
         self, dout: FloatArray, cache: ResidualCache, need_dx: bool = True
     ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
-        d = dout if cache.positive is None else dout * cache.positive
+        d = dout * (cache.out > 0) if self.activation == "relu" else dout
         dx, grads = self.main._backward(d, cache.main, need_dx)
         grads = _prefixed(0, grads)
         if self.shortcut is None:

@@ -1126,6 +1126,7 @@ FIT_CONFIGS = (
     FitConfig("weight", 0.1, 64),
     FitConfig("weight", 0.01, 256),
     FitConfig("neuron", 0.1, 256),
+    FitConfig("neuron", 0.3, 256),
 )
 """Default configurations of the whole-fit rows."""
 QUICK_FIT_CONFIGS = (FitConfig("weight", 0.1, 256), FitConfig("weight", 0.01, 256))

@@ -146,7 +146,7 @@ def run_epoch(
         Updated in place.
     x : ndarray of shape (n_in, n_samples), or (n_samples, n_in) with ``samples_first``
         The whole training set, feature-major (samples on axis 1: images
-        ``(C, N, H, W)`` too).
+        ``(C, N, H, W)`` too, without ``samples_first``).
     y : ndarray of int, shape (n_samples,)
     config : TrainConfig
     batch_size : int
@@ -165,6 +165,11 @@ def run_epoch(
     -------
     EpochStats
     """
+    if samples_first and x.ndim != 2:
+        raise ValueError(
+            f"samples_first needs 2-D data (n_samples, n_in), got shape {x.shape}; pass "
+            "images as (C, N, H, W) without samples_first"
+        )
     losses, densities = [], []
     g_sum: npt.NDArray[np.float64] | None = None
     g_sq: npt.NDArray[np.float64] | None = None

@@ -138,6 +138,7 @@ def _check_finite(
                     "lower the learning rate or set clip_norm"
                 )
     k = int(np.flatnonzero(~np.isfinite(losses))[0])
+    mode = mode._replace(update_stats=False)  # the diagnosis moves no running statistics
     h, live, pos = x, None, 0
     for i, layer in enumerate(net.layers):
         h, _, live = layer._run(h, list(pass_masks(k))[pos : pos + layer.n_masks], live, mode)

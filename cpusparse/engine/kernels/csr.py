@@ -375,21 +375,31 @@ def take_block(w, rows, cols, block):
     """``block[r, j] = w[rows[r], cols[j]]``: the kept block of a dense row-major weight.
 
     The fast case of :func:`gather_block`, for a layer whose stored rows are all full
-    (``w`` is then the stored values viewed as ``(n_stored_rows, n_in)``).
+    (``w`` is then the stored values viewed as ``(n_stored_rows, n_in)``); a row index
+    of -1 (a row with nothing stored) gives a row of zeros.
     """
-    # NOTE: w (n_rows, n_in), rows int (kr,) into w, cols int (kc,), block (kr, kc).
+    # NOTE: w (n_rows, n_in), rows int (kr,) into w or -1, cols int (kc,), block (kr, kc).
     for r in prange(rows.shape[0]):
-        src = w[rows[r]]
         dst = block[r]
+        if rows[r] < 0:
+            for j in range(cols.shape[0]):
+                dst[j] = 0.0
+            continue
+        src = w[rows[r]]
         for j in range(cols.shape[0]):
             dst[j] = src[cols[j]]
 
 
 @njit(cache=True, nogil=True, parallel=True)
 def put_block(dblock, rows, cols, dw):
-    """``dw[rows[r], cols[j]] = dblock[r, j]``: the inverse of :func:`take_block`."""
-    # NOTE: as take_block; dw (n_rows, n_in) zeroed.
+    """``dw[rows[r], cols[j]] = dblock[r, j]``: the inverse of :func:`take_block`.
+
+    A row index of -1 (nothing stored) is skipped.
+    """
+    # NOTE: as take_block, the rows >= 0 distinct; dw (n_rows, n_in) zeroed.
     for r in prange(rows.shape[0]):
+        if rows[r] < 0:
+            continue
         src = dblock[r]
         dst = dw[rows[r]]
         for j in range(cols.shape[0]):

@@ -22,9 +22,10 @@ bit keeps lives in the unit map:
   the im2col columns as the batch.
 
 The im2col matrix of a large batch is large (64 channels, 28 x 28, batch 256, 3 x 3:
-460 MB in float32), so a pass works on chunks of the batch whose columns fit in
-``max_cols_bytes``; a pass that needs one chunk keeps its columns for the backward
-pass, otherwise the backward pass builds them again chunk by chunk.
+460 MB in float32), so passes work on chunks of the batch: fixed 4 MiB chunks on the
+channel path (:data:`BLOCK_CHUNK_BYTES`, run in parallel), chunks of
+``max_cols_bytes`` on the weight path; a layer keeps its columns for the backward
+pass only if they fit in ``max_cols_bytes``, else the backward pass builds them again.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ if TYPE_CHECKING:
 
 __all__ = ["Conv2d", "ConvCache", "ChannelUnits", "ConvWeightUnits", "CONV_GRANULARITIES"]
 
-MAX_COLS_BYTES = 1 << 28
-"""Default bound on the im2col workspace of one pass (256 MiB)."""
+MAX_COLS_BYTES = 1 << 26
+"""Default bound on the im2col columns a layer keeps for its backward pass, and on the
+chunks of the weight path (64 MiB). It holds per layer and per pass, and a step runs
+``n_jobs`` mask passes at once."""
 
 BLOCK_CHUNK_BYTES = 1 << 22
 """Columns per task of the channel path (4 MiB): the batch is cut into chunks of this
@@ -276,15 +279,20 @@ class Conv2d(Layer):
         One mask bit per output channel, or per weight (see :data:`CONV_GRANULARITIES`).
     activation : {None, "relu"}, default=None
     max_cols_bytes : int, default=MAX_COLS_BYTES
-        Bound on the im2col workspace of a pass; larger batches are computed in
-        chunks.
+        The layer keeps its im2col columns for the backward pass only if they fit
+        (else the backward pass builds them again, chunk by chunk), and the weight
+        path computes larger batches in chunks of this size.
 
     Notes
     -----
-    Guarantees: the channel path multiplies with BLAS, whose results may change with
-    its thread count (OpenBLAS's did not for these shapes here, which it does not
-    promise); im2col and col2im have a fixed order. The weight path uses the
-    fixed-order CSR kernels and is bit-identical for any thread count.
+    Guarantees: the channel path cuts the batch into chunks of a fixed size
+    (:data:`BLOCK_CHUNK_BYTES` of columns), multiplies each with one BLAS call and sums
+    the chunks' weight gradients in chunk order; the chunks run on the calling
+    thread's Numba thread count (:func:`cpusparse._threads.run_tasks`), so with BLAS
+    on one thread (as inside :func:`~cpusparse._threads.numba_threads`) the results do
+    not depend on the number of threads. im2col and col2im have a fixed order. The
+    weight path uses the fixed-order CSR kernels, bit-identical for any thread count.
+    A different BLAS (or CPU) may give different last bits than this one.
 
     Examples
     --------
@@ -330,7 +338,6 @@ class Conv2d(Layer):
         if not isinstance(max_cols_bytes, (int, np.integer)) or max_cols_bytes < 1:
             raise ValueError(f"max_cols_bytes must be a positive int, got {max_cols_bytes!r}")
         self.max_cols_bytes = int(max_cols_bytes)
-        self._pattern: tuple[IndexArray, IndexArray] | None = None
 
     @classmethod
     def random(
@@ -587,13 +594,16 @@ class Conv2d(Layer):
             i, (n0, n1) = item
             cols = cache.cols[i] if cache.cols is not None else self._cols(x, chans, n0, n1, ho, wo)
             width = (n1 - n0) * ho * wo
+            # (A new array: dout belongs to the caller, e.g. both branches of a block.)
             if every_row:
-                dpre = np.ascontiguousarray(dout[:, n0:n1]).reshape(kept_out, width)
+                dpre = dout[:, n0:n1].reshape(kept_out, width)
             else:
                 dpre = dout[rows, n0:n1].reshape(kept_out, width)
             if relu:
                 out = cache.out[:, n0:n1] if every_row else cache.out[rows, n0:n1]
-                dpre *= out.reshape(kept_out, width) > 0  # out > 0 exactly where pre > 0
+                dpre = dpre * (out.reshape(kept_out, width) > 0)  # out > 0 where pre > 0
+            else:
+                dpre = np.ascontiguousarray(dpre)
             dblock = (cols @ dpre.T).T  # faster than dpre @ cols.T in OpenBLAS here
             if dx is not None:
                 dx[:, n0:n1] = 0  # dead input channels get 0, live ones the col2im sums
@@ -617,17 +627,11 @@ class Conv2d(Layer):
             grads["bias"] = dbias
         return dx, grads
 
-    def _full_pattern(self) -> tuple[IndexArray, IndexArray]:
-        # The CSR pattern of every weight of the (C_out, C_in * kh * kw) matrix.
-        if self._pattern is None:
-            self._pattern = csr.full_pattern((self.n_out, int(self.weight[0].size)))
-        return self._pattern
-
     def _csr_forward(
         self, x: FloatArray, mask: BoolArray | None, live: BoolArray | None
     ) -> tuple[FloatArray, ConvCache]:
         # The masked CSR product with the im2col columns as the batch.
-        indptr, indices = self._full_pattern()
+        indptr, indices = csr.full_pattern((self.n_out, int(self.weight[0].size)))
         kh, kw = self.kernel_size
         live_cols = None if live is None else np.repeat(live, kh * kw)
         shape = (self.n_out, int(self.weight[0].size))

@@ -342,8 +342,9 @@ class SparseLinear(Layer):
     granularity through the CSR kernels (fixed-order sums, bit-identical for any number
     of threads); with neuron granularity the kept sub-network is a narrower dense
     layer, so the kept rows and live input columns are gathered into a dense block
-    and multiplied by BLAS (OpenBLAS's results were the same for 1 and 2 threads
-    here, which it does not promise; see :func:`cpusparse._threads.numba_threads`).
+    and multiplied by BLAS (on one thread inside a fit, so the results do not depend
+    on ``n_jobs``; a different BLAS or CPU may change the last bits; see
+    :func:`cpusparse._threads.numba_threads`).
 
     Parameters
     ----------
@@ -399,8 +400,7 @@ class SparseLinear(Layer):
         check_choice(granularity, "granularity", tuple(GRANULARITIES))
         self.units = GRANULARITIES[granularity](self)
         self.activation = check_choice(activation, "activation", (None, "relu"))
-        self._row_pos: IndexArray | None = None
-        self._row_pos_known = False
+        self._row_pos = self._dense_rows(self.indptr, int(n_in))
 
     @classmethod
     def random(
@@ -564,19 +564,25 @@ class SparseLinear(Layer):
         return dx, {"weight": dweight, "bias": dbias}
 
     def _row_positions(self) -> IndexArray | None:
-        """Row ``o``'s place among the stored rows if every stored row is full, else None.
+        """Each row's place among the stored rows (-1: empty), if all stored rows are full.
 
-        Then the stored values are a dense ``(n_stored_rows, n_in)`` row-major matrix
-        (the layers of :func:`~cpusparse.models.mlp`, before and after compaction,
-        which drops whole rows at neuron granularity). Computed once: the pattern of a
-        layer never changes (compaction builds a new layer).
+        None otherwise. When every stored row is full, the stored values are a dense
+        ``(n_stored_rows, n_in)`` row-major matrix (the layers of
+        :func:`~cpusparse.models.mlp`, before and after compaction, which empties whole
+        rows at neuron granularity).
         """
-        if not self._row_pos_known:
-            counts = np.diff(self.indptr)
-            if ((counts == 0) | (counts == self.n_in)).all():
-                self._row_pos = np.cumsum(counts > 0, dtype=csr.INDEX_DTYPE) - 1
-            self._row_pos_known = True
         return self._row_pos
+
+    @staticmethod
+    def _dense_rows(indptr: IndexArray, n_in: int) -> IndexArray | None:
+        # See _row_positions: computed once, when the layer is made (its pattern never
+        # changes; compaction builds a new layer).
+        counts = np.diff(indptr)
+        if not ((counts == 0) | (counts == n_in)).all():
+            return None
+        pos = np.cumsum(counts > 0, dtype=csr.INDEX_DTYPE) - 1
+        pos[counts == 0] = -1
+        return pos
 
     def _everything(self, data: FloatArray) -> csr.ActivePattern:
         # The active pattern of every stored entry, with values ``data``.
