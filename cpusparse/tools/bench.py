@@ -2294,8 +2294,15 @@ def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
     conv_threads = list(dict.fromkeys(r["threads"] for r in conv["rows"])) if conv else []
     n_panels = max(1, len(groups) + len(conv_threads))
     summary = _summary_rows(result)
-    fig, axes = plt.subplots(1, n_panels, figsize=(6.5 * n_panels, 4.8), squeeze=False)
-    for ax, (arch, threads) in zip(axes[0], groups, strict=False):
+    n_cols = min(3, n_panels)  # a grid, at most three panels wide
+    n_rows = -(-n_panels // n_cols)
+    fig, grid = plt.subplots(
+        n_rows, n_cols, figsize=(6.5 * n_cols, 4.8 * n_rows + 0.8), squeeze=False
+    )
+    axes = list(grid.flat)
+    for ax in axes[n_panels:]:
+        ax.set_visible(False)
+    for ax, (arch, threads) in zip(axes, groups, strict=False):
         rs = [
             r for r in summary if r["architecture"] == arch and _row_threads(result, r) == threads
         ]
@@ -2328,11 +2335,11 @@ def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
         ax.set_title(f"MLP {arch}, batch {rs[0]['n_batch']}, {threads} thread(s)")
         ax.grid(True, which="both", alpha=0.3)
     if conv is not None:
-        for ax, threads in zip(axes[0][len(groups) :], conv_threads, strict=False):
+        for ax, threads in zip(axes[len(groups) :], conv_threads, strict=False):
             _plot_conv(ax, conv, threads)
     # One legend for all panels, below them, so that it hides no line.
     legend: dict[str, Any] = {}
-    for ax in axes[0]:
+    for ax in axes[:n_panels]:
         for handle, label in zip(*ax.get_legend_handles_labels(), strict=True):
             legend.setdefault(label, handle)
     fig.legend(
@@ -2342,7 +2349,7 @@ def plot(result: Mapping[str, Any], path: str | os.PathLike[str]) -> None:
         ncol=min(5, len(legend)),
         fontsize=8,
     )
-    fig.tight_layout(rect=(0, 0.12, 1, 1))
+    fig.tight_layout(rect=(0, 0.9 / (4.8 * n_rows + 0.8), 1, 1))
     from .._io import atomic_write
 
     extension = os.path.splitext(os.fspath(path))[1].lstrip(".").lower() or "png"
