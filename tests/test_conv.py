@@ -293,7 +293,7 @@ def test_conv_rejects_bad_input():
         conv.forward(np.ones((3, 50), dtype=np.float32))
     with pytest.raises(ValueError, match=r"3 channels on axis 0 .* got shape \(2, 3, 5, 5\)"):
         conv.forward(np.ones((2, 3, 5, 5), dtype=np.float32))
-    with pytest.raises(ValueError, match=r"kernel_size \(3, 3\) is larger than the padded"):
+    with pytest.raises(ValueError, match=r"kernel_size \(3, 3\) must fit in the padded input"):
         conv.forward(np.ones((3, 2, 2, 5), dtype=np.float32))
     with pytest.raises(TypeError, match="same dtype"):
         conv.forward(good.astype(np.float64))

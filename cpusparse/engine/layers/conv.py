@@ -39,6 +39,7 @@ from ..._typing import BoolArray, FloatArray, IndexArray, RNGLike
 from ..._validation import check_array, check_choice, check_rng, check_same_dtype
 from .. import csr
 from ..kernels import conv as _kernels
+from ._window import output_size, pair
 from .base import TRAIN, Layer, Mode, UnitMap, check_images
 from .linear import _check_fan_in_scale, _init_uniform, _init_weight, _kept
 
@@ -56,18 +57,6 @@ BLOCK_CHUNK_BYTES = 1 << 22
 """Columns per task of the channel path (4 MiB): the batch is cut into chunks of this
 size, fixed whatever the thread count, each multiplied by one single-threaded BLAS call
 while its columns are still in cache; the chunks run on the ``n_jobs`` threads."""
-
-
-def _pair(value: Any, name: str, minimum: int) -> tuple[int, int]:
-    # An int or a pair of ints, each >= minimum.
-    pair = (value, value) if np.isscalar(value) else tuple(value)
-    if len(pair) != 2 or not all(
-        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in pair
-    ):
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum}, got {value!r}")
-    return int(pair[0]), int(pair[1])
 
 
 class ConvCache(NamedTuple):
@@ -330,8 +319,8 @@ class Conv2d(Layer):
         if bias is not None:
             self.bias = check_array(bias, "bias", ndim=1, shape=weight.shape[:1], finite=True)
             check_same_dtype(("weight", self.weight), ("bias", self.bias))
-        self.stride = _pair(stride, "stride", 1)
-        self.padding = _pair(padding, "padding", 0)
+        self.stride = pair(stride, "stride", 1)
+        self.padding = pair(padding, "padding", 0)
         check_choice(granularity, "granularity", tuple(CONV_GRANULARITIES))
         self.units = CONV_GRANULARITIES[granularity](self)
         self.activation = check_choice(activation, "activation", (None, "relu"))
@@ -362,7 +351,7 @@ class Conv2d(Layer):
         :meth:`cpusparse.engine.layers.linear.SparseLinear.random`.
         """
         rng = check_rng(rng)
-        kh, kw = _pair(kernel_size, "kernel_size", 1)
+        kh, kw = pair(kernel_size, "kernel_size", 1)
         _check_fan_in_scale(fan_in_scale)
         fan_in = n_in * kh * kw
         weight = _init_weight(fan_in * n_out, fan_in * fan_in_scale, init, dtype, rng)
@@ -411,14 +400,7 @@ class Conv2d(Layer):
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(H_out, W_out)`` for an input of ``height x width``; ValueError if it is empty."""
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        if height + 2 * ph < kh or width + 2 * pw < kw:
-            raise ValueError(
-                f"kernel_size {(kh, kw)} is larger than the padded input "
-                f"{(height + 2 * ph, width + 2 * pw)} (input {(height, width)}, padding "
-                f"{(ph, pw)})"
-            )
-        return (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+        return output_size(height, width, self.kernel_size, self.stride, self.padding)
 
     def live_outputs(self, mask: BoolArray | None, live: BoolArray | None) -> BoolArray | None:
         """Output channels that may be nonzero: the kept ones (channel granularity)."""

@@ -29,6 +29,7 @@ from ..._typing import BoolArray, FloatArray, IndexArray
 from ..._validation import check_same_dtype
 from ..csr import _check_activations
 from ..kernels import pool as _kernels
+from ._window import output_size, pair
 from .base import TRAIN, Layer, Mode, _check_live, check_images
 
 if TYPE_CHECKING:
@@ -42,27 +43,6 @@ __all__ = [
     "PoolCache",
     "FlattenCache",
 ]
-
-_Pair = tuple[int, int]
-
-
-def _pair(value: Any, name: str, minimum: int) -> _Pair:
-    # An int or a pair of ints, each at least `minimum`, as a tuple of two ints.
-    if isinstance(value, numbers.Integral) and not isinstance(value, bool | np.bool_):
-        pair = (int(value), int(value))
-    elif (
-        isinstance(value, tuple | list)
-        and len(value) == 2
-        and all(
-            isinstance(v, numbers.Integral) and not isinstance(v, bool | np.bool_) for v in value
-        )
-    ):
-        pair = (int(value[0]), int(value[1]))
-    else:
-        raise TypeError(f"{name} must be an int or a pair of ints, got {value!r}")
-    if min(pair) < minimum:
-        raise ValueError(f"{name} must be >= {minimum} (an int or a pair), got {value!r}")
-    return pair
 
 
 def _channels(live: BoolArray | None, n_channels: int) -> IndexArray:
@@ -131,9 +111,9 @@ class _Pool2d(_AnyChannels):
         stride: int | tuple[int, int] | None = None,
         padding: int | tuple[int, int] = 0,
     ) -> None:
-        self.kernel_size = _pair(kernel_size, "kernel_size", 1)
-        self.stride = self.kernel_size if stride is None else _pair(stride, "stride", 1)
-        self.padding = _pair(padding, "padding", 0)
+        self.kernel_size = pair(kernel_size, "kernel_size", 1)
+        self.stride = self.kernel_size if stride is None else pair(stride, "stride", 1)
+        self.padding = pair(padding, "padding", 0)
         if any(2 * p > k for p, k in zip(self.padding, self.kernel_size, strict=True)):
             raise ValueError(
                 f"padding must be at most half of kernel_size {self.kernel_size}, got "
@@ -142,13 +122,7 @@ class _Pool2d(_AnyChannels):
 
     def output_size(self, height: int, width: int) -> tuple[int, int]:
         """``(H_out, W_out)`` for inputs of ``height`` by ``width``; an error if too small."""
-        (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
-        if height + 2 * ph < kh or width + 2 * pw < kw:
-            raise ValueError(
-                f"kernel_size {self.kernel_size} must fit in the padded input: x is "
-                f"{height} x {width}, padded {height + 2 * ph} x {width + 2 * pw}"
-            )
-        return (height + 2 * ph - kh) // sh + 1, (width + 2 * pw - kw) // sw + 1
+        return output_size(height, width, self.kernel_size, self.stride, self.padding)
 
     def _geometry(self) -> tuple[int, int, int, int, int, int]:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
