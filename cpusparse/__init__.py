@@ -40,7 +40,7 @@ from .method import (
     split_scores,
     vrpge_grad,
 )
-from .models import mlp
+from .models import mlp, resnet, vgg
 from .training import (
     SGD,
     Adam,
@@ -100,6 +100,8 @@ __all__ = [
     "softmax",
     "softmax_cross_entropy",
     "mlp",
+    "vgg",
+    "resnet",
     "sample_masks",
     "score_function",
     "reinforce_grad",

@@ -1,4 +1,10 @@
-"""Network builders: :func:`mlp` (the CNN builders join it as the engine grows)."""
+"""Network builders: :func:`mlp`, and the paper's CNN families :func:`vgg` and :func:`resnet`.
+
+The CNNs take channel-major images ``(C, N, H, W)`` (see
+:mod:`cpusparse.engine.layers.base`). Every convolution is prunable (one mask bit per
+output channel by default) and followed by a batch norm, which puts a dropped
+channel's output at exactly 0; the classifier stays dense, as in the authors' code.
+"""
 
 from __future__ import annotations
 
@@ -10,14 +16,18 @@ import numpy as np
 
 from ._typing import RNGLike
 from ._validation import check_density, check_rng
-from .engine.containers import Sequential
+from .engine.containers import Residual, Sequential
+from .engine.layers.activation import ReLU
 from .engine.layers.base import Layer
+from .engine.layers.conv import CONV_GRANULARITIES, Conv2d
 from .engine.layers.linear import GRANULARITIES, Linear, SparseLinear
+from .engine.layers.norm import BatchNorm2d
+from .engine.layers.pool import GlobalAvgPool2d, MaxPool2d
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["mlp"]
+__all__ = ["mlp", "vgg", "resnet"]
 
 
 class _InitOptions(TypedDict):
@@ -136,4 +146,228 @@ def mlp(
         )
     else:
         layers.append(Linear.random(sizes[-2], sizes[-1], **common))
+    return Sequential(layers)
+
+
+def _check_cnn(
+    widths: Iterable[int], input_shape: Iterable[int], n_classes: int, granularity: str
+) -> tuple[list[int], tuple[int, int, int], int]:
+    try:
+        sizes = list(widths)
+        shape = tuple(input_shape)
+    except TypeError:
+        raise TypeError(
+            f"widths and input_shape must be sequences of ints, got {widths!r} and {input_shape!r}"
+        ) from None
+    if not sizes:
+        raise ValueError("widths must be a nonempty sequence of positive ints, got []")
+    sizes = [_check_size(w, f"widths[{i}]") for i, w in enumerate(sizes)]
+    if len(shape) != 3:
+        raise ValueError(f"input_shape must be (C, H, W), got {input_shape!r}")
+    c, h, w = (_check_size(v, f"input_shape[{i}]") for i, v in enumerate(shape))
+    if granularity not in CONV_GRANULARITIES:
+        raise ValueError(
+            f"granularity must be one of {', '.join(map(repr, CONV_GRANULARITIES))}, got "
+            f"{granularity!r}"
+        )
+    return sizes, (c, h, w), _check_size(n_classes, "n_classes")
+
+
+def _conv_bn(
+    n_in: int,
+    n_out: int,
+    kernel_size: int,
+    *,
+    stride: int,
+    granularity: str,
+    fan_in_scale: float,
+    dtype: npt.DTypeLike,
+    rng: np.random.Generator,
+) -> list[Layer]:
+    # A convolution without bias (the norm has one) and its batch norm.
+    conv = Conv2d.random(
+        n_in,
+        n_out,
+        kernel_size,
+        stride=stride,
+        padding=kernel_size // 2,
+        bias=False,
+        granularity=granularity,
+        init="kaiming",
+        fan_in_scale=fan_in_scale,
+        dtype=dtype,
+        rng=rng,
+    )
+    return [conv, BatchNorm2d.new(n_out, dtype=dtype)]
+
+
+def vgg(
+    widths: Iterable[int],
+    input_shape: Iterable[int],
+    n_classes: int,
+    *,
+    convs_per_stage: int = 2,
+    granularity: str = "channel",
+    density: float = 1.0,
+    dtype: npt.DTypeLike = np.float32,
+    rng: RNGLike = None,
+) -> Sequential:
+    r"""A VGG-style CNN: stages of 3x3 conv + batch norm + ReLU, 2x2 max pools between.
+
+    Stage ``s`` has ``convs_per_stage`` convolutions of ``widths[s]`` channels; a
+    global average pool and a dense classifier follow the last stage.
+
+    Parameters
+    ----------
+    widths : sequence of int
+        Channels of each stage, e.g. ``(16, 32, 64)``.
+    input_shape : (C, H, W)
+        One image's shape; each pool halves H and W (rounding down), so they must
+        stay at least 1.
+    n_classes : int
+    convs_per_stage : int, default=2
+    granularity : {"channel", "weight"}, default="channel"
+        What one mask bit of a convolution keeps (see
+        :data:`~cpusparse.engine.layers.conv.CONV_GRANULARITIES`).
+    density : float in (0, 1], default=1.0
+        Expected kept fraction: scales the fan-in of layers whose inputs or weights
+        are masked, as in :func:`mlp` (He's normal initialisation).
+    dtype : {numpy.float32, numpy.float64}
+    rng : None, int or numpy.random.Generator
+
+    Returns
+    -------
+    Sequential
+
+    Examples
+    --------
+    >>> net = vgg((4, 8), (1, 8, 8), 10, rng=0)
+    >>> net.n_units(), net.forward(np.zeros((1, 2, 8, 8), np.float32))[0].shape
+    ([4, 4, 8, 8], (10, 2))
+    """
+    sizes, (c, h, w), n_classes = _check_cnn(widths, input_shape, n_classes, granularity)
+    convs_per_stage = _check_size(convs_per_stage, "convs_per_stage")
+    if min(h, w) >> (len(sizes) - 1) < 1:
+        raise ValueError(
+            f"input_shape {tuple(input_shape)} is too small for {len(sizes)} stages: each "
+            "of the 2x2 pools between them halves H and W"
+        )
+    rng = check_rng(rng)
+    density = check_density(density, "density")
+    units = CONV_GRANULARITIES[granularity]
+    layers: list[Layer] = []
+    n_in, first = c, True
+    for s, width in enumerate(sizes):
+        if s > 0:
+            layers.append(MaxPool2d(2))
+        for _ in range(convs_per_stage):
+            masked_inputs = units.thins_fan_in or (not first and units.zeroes_outputs)
+            layers += _conv_bn(
+                n_in,
+                width,
+                3,
+                stride=1,
+                granularity=granularity,
+                fan_in_scale=density if masked_inputs else 1.0,
+                dtype=dtype,
+                rng=rng,
+            )
+            layers.append(ReLU())
+            n_in, first = width, False
+    scale = density if units.zeroes_outputs else 1.0
+    layers += [
+        GlobalAvgPool2d(),
+        Linear.random(n_in, n_classes, fan_in_scale=scale, dtype=dtype, rng=rng),
+    ]
+    return Sequential(layers)
+
+
+def resnet(
+    widths: Iterable[int],
+    input_shape: Iterable[int],
+    n_classes: int,
+    *,
+    blocks_per_stage: int = 1,
+    granularity: str = "channel",
+    density: float = 1.0,
+    dtype: npt.DTypeLike = np.float32,
+    rng: RNGLike = None,
+) -> Sequential:
+    r"""A ResNet: a 3x3 stem, stages of basic blocks, global average pool, classifier.
+
+    A basic block is ``ReLU(BN(conv3x3(ReLU(BN(conv3x3(x))))) + shortcut(x))``
+    (:class:`~cpusparse.engine.containers.Residual`). The stem has ``widths[0]``
+    channels; stage ``s`` has ``blocks_per_stage`` blocks of ``widths[s]`` channels,
+    the first of each later stage with stride 2 and a 1x1 projection shortcut (conv
+    with stride 2 + batch norm); other shortcuts are the identity. Every convolution,
+    the shortcuts' included, takes its own mask, as in the authors' code.
+
+    Parameters
+    ----------
+    widths : sequence of int
+        Channels of each stage, e.g. ``(16, 32, 64)`` (ResNet-20's widths).
+    input_shape : (C, H, W)
+    n_classes : int
+    blocks_per_stage : int, default=1
+        3 gives ResNet-20's layout.
+    granularity, density, dtype, rng
+        As in :func:`vgg`.
+
+    Returns
+    -------
+    Sequential
+
+    Examples
+    --------
+    >>> net = resnet((4, 8), (1, 8, 8), 10, rng=0)
+    >>> net.n_units(), net.forward(np.zeros((1, 2, 8, 8), np.float32))[0].shape
+    ([4, 4, 4, 8, 8, 8], (10, 2))
+    """
+    sizes, (c, h, w), n_classes = _check_cnn(widths, input_shape, n_classes, granularity)
+    blocks_per_stage = _check_size(blocks_per_stage, "blocks_per_stage")
+    if min(h, w) >> (len(sizes) - 1) < 1:
+        raise ValueError(
+            f"input_shape {tuple(input_shape)} is too small for {len(sizes)} stages: each "
+            "stage after the first halves H and W"
+        )
+    rng = check_rng(rng)
+    density = check_density(density, "density")
+    units = CONV_GRANULARITIES[granularity]
+    inner = density if (units.thins_fan_in or units.zeroes_outputs) else 1.0
+
+    def conv_bn(n_in: int, n_out: int, kernel_size: int, stride: int, scale: float) -> list[Layer]:
+        return _conv_bn(
+            n_in,
+            n_out,
+            kernel_size,
+            stride=stride,
+            granularity=granularity,
+            fan_in_scale=scale,
+            dtype=dtype,
+            rng=rng,
+        )
+
+    stem_scale = density if units.thins_fan_in else 1.0
+    layers: list[Layer] = [
+        *conv_bn(c, sizes[0], 3, 1, stem_scale),
+        ReLU(),
+    ]
+    n_in = sizes[0]
+    for s, width in enumerate(sizes):
+        for b in range(blocks_per_stage):
+            stride = 2 if s > 0 and b == 0 else 1
+            main = [
+                *conv_bn(n_in, width, 3, stride, inner),
+                ReLU(),
+                *conv_bn(width, width, 3, 1, inner),
+            ]
+            shortcut = None
+            if stride != 1 or n_in != width:
+                shortcut = conv_bn(n_in, width, 1, stride, inner)
+            layers.append(Residual(main, shortcut))
+            n_in = width
+    layers += [
+        GlobalAvgPool2d(),
+        Linear.random(n_in, n_classes, dtype=dtype, rng=rng),
+    ]
     return Sequential(layers)
