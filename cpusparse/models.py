@@ -170,6 +170,11 @@ def _check_cnn(
             f"granularity must be one of {', '.join(map(repr, CONV_GRANULARITIES))}, got "
             f"{granularity!r}"
         )
+    if min(h, w) >> (len(sizes) - 1) < 1:
+        raise ValueError(
+            f"input_shape {shape} is too small for {len(sizes)} stages: each stage after "
+            "the first halves H and W"
+        )
     return sizes, (c, h, w), _check_size(n_classes, "n_classes")
 
 
@@ -247,11 +252,6 @@ def vgg(
     """
     sizes, (c, h, w), n_classes = _check_cnn(widths, input_shape, n_classes, granularity)
     convs_per_stage = _check_size(convs_per_stage, "convs_per_stage")
-    if min(h, w) >> (len(sizes) - 1) < 1:
-        raise ValueError(
-            f"input_shape {tuple(input_shape)} is too small for {len(sizes)} stages: each "
-            "of the 2x2 pools between them halves H and W"
-        )
     rng = check_rng(rng)
     density = check_density(density, "density")
     units = CONV_GRANULARITIES[granularity]
@@ -325,11 +325,6 @@ def resnet(
     """
     sizes, (c, h, w), n_classes = _check_cnn(widths, input_shape, n_classes, granularity)
     blocks_per_stage = _check_size(blocks_per_stage, "blocks_per_stage")
-    if min(h, w) >> (len(sizes) - 1) < 1:
-        raise ValueError(
-            f"input_shape {tuple(input_shape)} is too small for {len(sizes)} stages: each "
-            "stage after the first halves H and W"
-        )
     rng = check_rng(rng)
     density = check_density(density, "density")
     units = CONV_GRANULARITIES[granularity]
