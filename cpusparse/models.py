@@ -9,7 +9,7 @@ channel's output at exactly 0; the classifier stays dense, as in the authors' co
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
@@ -170,32 +170,42 @@ def _check_cnn(
             f"granularity must be one of {', '.join(map(repr, CONV_GRANULARITIES))}, got "
             f"{granularity!r}"
         )
-    if min(h, w) >> (len(sizes) - 1) < 1:
+    smallest = w if h == 1 else min(h, w)
+    if smallest >> (len(sizes) - 1) < 1:
         raise ValueError(
             f"input_shape {shape} is too small for {len(sizes)} stages: each stage after "
-            "the first halves H and W"
+            f"the first halves {'W' if h == 1 else 'H and W'}"
         )
     return sizes, (c, h, w), _check_size(n_classes, "n_classes")
+
+
+def _geometry(height: int) -> tuple[Callable[[int], tuple[int, int]], int | tuple[int, int]]:
+    # Kernel sizes and the 2x pool of a network on images of this height: an image of
+    # height 1 is a 1-D signal, whose kernels are 1 x k and pools 1 x 2.
+    if height == 1:
+        return (lambda k: (1, k)), (1, 2)
+    return (lambda k: (k, k)), 2
 
 
 def _conv_bn(
     n_in: int,
     n_out: int,
-    kernel_size: int,
+    kernel_size: tuple[int, int],
     *,
-    stride: int,
-    granularity: str,
+    stride: int | tuple[int, int],
+    granularity: str | None,
     fan_in_scale: float,
     dtype: npt.DTypeLike,
     rng: np.random.Generator,
 ) -> list[Layer]:
-    # A convolution without bias (the norm has one) and its batch norm.
+    # A convolution without bias (the norm has one) and its batch norm; granularity
+    # None makes a dense convolution.
     conv = Conv2d.random(
         n_in,
         n_out,
         kernel_size,
         stride=stride,
-        padding=kernel_size // 2,
+        padding=(kernel_size[0] // 2, kernel_size[1] // 2),
         bias=False,
         granularity=granularity,
         init="kaiming",
@@ -213,6 +223,7 @@ def vgg(
     *,
     convs_per_stage: int = 2,
     granularity: str = "channel",
+    prune_first: bool = True,
     density: float = 1.0,
     dtype: npt.DTypeLike = np.float32,
     rng: RNGLike = None,
@@ -228,12 +239,17 @@ def vgg(
         Channels of each stage, e.g. ``(16, 32, 64)``.
     input_shape : (C, H, W)
         One image's shape; each pool halves H and W (rounding down), so they must
-        stay at least 1.
+        stay at least 1. ``H = 1`` is a 1-D signal (e.g. MNIST-1D's ``(1, 1, 40)``):
+        its kernels are ``1 x 3`` and its pools ``1 x 2``.
     n_classes : int
     convs_per_stage : int, default=2
     granularity : {"channel", "weight"}, default="channel"
         What one mask bit of a convolution keeps (see
         :data:`~cpusparse.engine.layers.conv.CONV_GRANULARITIES`).
+    prune_first : bool, default=True
+        Whether the first convolution takes a mask. The paper prunes every layer;
+        the authors' code leaves the first convolution dense (False), outside the
+        budget.
     density : float in (0, 1], default=1.0
         Expected kept fraction: scales the fan-in of layers whose inputs or weights
         are masked, as in :func:`mlp` (He's normal initialisation).
@@ -255,25 +271,30 @@ def vgg(
     rng = check_rng(rng)
     density = check_density(density, "density")
     units = CONV_GRANULARITIES[granularity]
+    kernel, pool = _geometry(h)
     layers: list[Layer] = []
-    n_in, first = c, True
+    n_in, first, after_pruned = c, True, False
     for s, width in enumerate(sizes):
         if s > 0:
-            layers.append(MaxPool2d(2))
+            layers.append(MaxPool2d(pool))
         for _ in range(convs_per_stage):
-            masked_inputs = units.thins_fan_in or (not first and units.zeroes_outputs)
+            # The fan-in is scaled where weights are masked, or inputs dropped channels.
+            pruned = prune_first or not first
+            masked_inputs = (pruned and units.thins_fan_in) or (
+                after_pruned and units.zeroes_outputs
+            )
             layers += _conv_bn(
                 n_in,
                 width,
-                3,
+                kernel(3),
                 stride=1,
-                granularity=granularity,
+                granularity=granularity if pruned else None,
                 fan_in_scale=density if masked_inputs else 1.0,
                 dtype=dtype,
                 rng=rng,
             )
             layers.append(ReLU())
-            n_in, first = width, False
+            n_in, first, after_pruned = width, False, pruned
     scale = density if units.zeroes_outputs else 1.0
     layers += [
         GlobalAvgPool2d(),
@@ -289,6 +310,7 @@ def resnet(
     *,
     blocks_per_stage: int = 1,
     granularity: str = "channel",
+    prune_first: bool = True,
     density: float = 1.0,
     dtype: npt.DTypeLike = np.float32,
     rng: RNGLike = None,
@@ -310,8 +332,8 @@ def resnet(
     n_classes : int
     blocks_per_stage : int, default=1
         3 gives ResNet-20's layout.
-    granularity, density, dtype, rng
-        As in :func:`vgg`.
+    granularity, prune_first, density, dtype, rng
+        As in :func:`vgg` (the first convolution is the stem).
 
     Returns
     -------
@@ -330,21 +352,26 @@ def resnet(
     units = CONV_GRANULARITIES[granularity]
     inner = density if (units.thins_fan_in or units.zeroes_outputs) else 1.0
 
-    def conv_bn(n_in: int, n_out: int, kernel_size: int, stride: int, scale: float) -> list[Layer]:
+    kernel, _ = _geometry(h)
+    down = (1, 2) if h == 1 else 2
+
+    def conv_bn(
+        n_in: int, n_out: int, kernel_size: int, stride: int, scale: float, pruned: bool = True
+    ) -> list[Layer]:
         return _conv_bn(
             n_in,
             n_out,
-            kernel_size,
-            stride=stride,
-            granularity=granularity,
+            kernel(kernel_size),
+            stride=down if stride == 2 else 1,
+            granularity=granularity if pruned else None,
             fan_in_scale=scale,
             dtype=dtype,
             rng=rng,
         )
 
-    stem_scale = density if units.thins_fan_in else 1.0
+    stem_scale = density if units.thins_fan_in and prune_first else 1.0
     layers: list[Layer] = [
-        *conv_bn(c, sizes[0], 3, 1, stem_scale),
+        *conv_bn(c, sizes[0], 3, 1, stem_scale, prune_first),
         ReLU(),
     ]
     n_in = sizes[0]

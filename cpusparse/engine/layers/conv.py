@@ -264,8 +264,10 @@ class Conv2d(Layer):
         None: no bias (the usual choice before a batch norm).
     stride, padding : int or pair of ints, default=1 and 0
         Zero padding on each side.
-    granularity : {"channel", "weight"}, default="channel"
-        One mask bit per output channel, or per weight (see :data:`CONV_GRANULARITIES`).
+    granularity : {"channel", "weight"} or None, default="channel"
+        One mask bit per output channel, or per weight (see :data:`CONV_GRANULARITIES`);
+        None makes a dense convolution that takes no mask (``units`` is None), as the
+        authors leave the first convolution of their networks.
     activation : {None, "relu"}, default=None
     max_cols_bytes : int, default=MAX_COLS_BYTES
         The layer keeps its im2col columns for the backward pass only if they fit
@@ -295,7 +297,7 @@ class Conv2d(Layer):
     ((2, 5, 8, 8), (4, 2, 3, 3))
     """
 
-    units: ChannelUnits | ConvWeightUnits
+    units: ChannelUnits | ConvWeightUnits | None
 
     def __init__(
         self,
@@ -304,7 +306,7 @@ class Conv2d(Layer):
         *,
         stride: int | tuple[int, int] = 1,
         padding: int | tuple[int, int] = 0,
-        granularity: str = "channel",
+        granularity: str | None = "channel",
         activation: str | None = None,
         max_cols_bytes: int = MAX_COLS_BYTES,
     ) -> None:
@@ -321,8 +323,8 @@ class Conv2d(Layer):
             check_same_dtype(("weight", self.weight), ("bias", self.bias))
         self.stride = pair(stride, "stride", 1)
         self.padding = pair(padding, "padding", 0)
-        check_choice(granularity, "granularity", tuple(CONV_GRANULARITIES))
-        self.units = CONV_GRANULARITIES[granularity](self)
+        check_choice(granularity, "granularity", (*CONV_GRANULARITIES, None))
+        self.units = None if granularity is None else CONV_GRANULARITIES[granularity](self)
         self.activation = check_choice(activation, "activation", (None, "relu"))
         if not isinstance(max_cols_bytes, (int, np.integer)) or max_cols_bytes < 1:
             raise ValueError(f"max_cols_bytes must be a positive int, got {max_cols_bytes!r}")
@@ -338,7 +340,7 @@ class Conv2d(Layer):
         stride: int | tuple[int, int] = 1,
         padding: int | tuple[int, int] = 0,
         bias: bool = True,
-        granularity: str = "channel",
+        granularity: str | None = "channel",
         activation: str | None = None,
         init: str = "uniform",
         fan_in_scale: float = 1.0,
@@ -368,9 +370,9 @@ class Conv2d(Layer):
     # ------------------------------------------------------------------ structure
 
     @property
-    def granularity(self) -> str:
-        """Name of the unit map's granularity."""
-        return self.units.granularity
+    def granularity(self) -> str | None:
+        """Name of the unit map's granularity (None for a dense convolution)."""
+        return None if self.units is None else self.units.granularity
 
     @property
     def n_in(self) -> int:
@@ -404,7 +406,7 @@ class Conv2d(Layer):
 
     def live_outputs(self, mask: BoolArray | None, live: BoolArray | None) -> BoolArray | None:
         """Output channels that may be nonzero: the kept ones (channel granularity)."""
-        return None if mask is None else self.units.live_outputs(mask)
+        return None if mask is None or self.units is None else self.units.live_outputs(mask)
 
     def n_active(
         self, mask: BoolArray | None = None, live: BoolArray | None = None, mode: Mode = TRAIN
@@ -413,7 +415,7 @@ class Conv2d(Layer):
         if mode.straight_through:
             return int(self.weight.size)
         keep = np.ones(self.weight.shape, dtype=bool)
-        if mask is not None:
+        if mask is not None and self.units is not None:
             keep &= self.units.kept_weights(mask)
         if live is not None:
             keep &= live[None, :, None, None]
@@ -440,6 +442,8 @@ class Conv2d(Layer):
         live: BoolArray | None = None,
         mode: Mode = TRAIN,
     ) -> tuple[FloatArray, ConvCache]:
+        if self.units is None:  # dense: every filter, on the live input channels
+            return self._block_forward(x, _kept(None, self.n_out), _kept(live, self.n_in))
         if mode.straight_through:
             if mask is None:
                 mask = np.ones(self.units.n_units, dtype=bool)
@@ -453,6 +457,8 @@ class Conv2d(Layer):
             raise TypeError(
                 f"cache must come from this layer's forward, got {type(cache).__name__}"
             )
+        if self.units is None:
+            return self._block_backward(dout, cache, need_dx)
         if cache.mask is not None:
             return self.units.straight_through_backward(self, dout, cache, need_dx)
         return self.units.backward(self, dout, cache, need_dx)
