@@ -14,7 +14,8 @@ Where things live (lower packages never import higher ones):
 - :mod:`cpusparse.models`: network builders;
 - :mod:`cpusparse.training`: the option table, the state, the training step
   (Algorithm 1), compaction, the loop, optimizers and checkpoints;
-- :mod:`cpusparse.sklearn`: :class:`SparseMLPClassifier`, the scikit-learn interface;
+- :mod:`cpusparse.sklearn`: :class:`SparseMLPClassifier` and :class:`SparseCNNClassifier`,
+  the scikit-learn interface;
 - :mod:`cpusparse.testing`: the dense reference and the PyTorch replay of golden
   traces, importable by other implementations;
 - :mod:`cpusparse.tools`: the ``cpusparse`` command (train, bench, trace, verify) and
@@ -56,6 +57,7 @@ from .training import (
 # ``import cpusparse`` stays fast for the engine and the command line.
 _LAZY = {
     "SparseMLPClassifier": "cpusparse.sklearn",
+    "SparseCNNClassifier": "cpusparse.sklearn",
     "CheckpointError": "cpusparse.training.checkpoint",
     "save_checkpoint": "cpusparse.training.checkpoint",
     "load_checkpoint": "cpusparse.training.checkpoint",
@@ -66,7 +68,7 @@ _LAZY = {
 }
 
 if TYPE_CHECKING:
-    from .sklearn import SparseMLPClassifier
+    from .sklearn import SparseCNNClassifier, SparseMLPClassifier
     from .tools.datasets import DATASETS, Dataset, load_dataset
     from .training.checkpoint import (
         CheckpointError,
@@ -91,6 +93,7 @@ __all__ = [
     "models",
     "training",
     "SparseMLPClassifier",
+    "SparseCNNClassifier",
     "check_rng",
     "Layer",
     "SparseLinear",

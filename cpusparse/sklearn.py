@@ -12,14 +12,17 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import inspect
 import json
+import math
 import numbers
 import os
+import re
 import sys
 import time
 from collections.abc import Sequence
 from numbers import Integral, Real
-from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict
+from typing import TYPE_CHECKING, Any, NamedTuple, TypedDict, TypeVar
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
@@ -31,10 +34,12 @@ from sklearn.utils.validation import check_is_fitted, validate_data
 
 from ._threads import numba_threads
 from ._typing import BoolArray, FloatArray
-from .engine.layers.base import EVAL
+from .engine.containers import Sequential
+from .engine.layers.base import EVAL, Layer
+from .engine.layers.conv import CONV_GRANULARITIES
 from .engine.layers.linear import GRANULARITIES, INITS
 from .engine.losses import softmax
-from .models import mlp
+from .models import mlp, resnet, vgg
 from .training import config as _config
 from .training.checkpoint import load_checkpoint, restore_state, save_checkpoint
 from .training.config import TrainConfig
@@ -51,11 +56,12 @@ if TYPE_CHECKING:
     import numpy.typing as npt
     from tqdm.auto import tqdm
 
-    from .engine.containers import Sequential
     from .training.checkpoint import Checkpoint
     from .training.state import TrainState
 
-__all__ = ["SparseMLPClassifier"]
+__all__ = ["SparseMLPClassifier", "SparseCNNClassifier", "ARCHITECTURES", "infer_input_shape"]
+
+_C = TypeVar("_C", bound="_SparseClassifier")
 
 # Parameters that do not change the result of ``fit`` (not compared on resume).
 _RUN_ONLY_PARAMS = ("verbose", "checkpoint", "resume", "random_state", "n_jobs")
@@ -104,11 +110,43 @@ def _sklearn_constraint(
     return out + [None] if constraint.none else out
 
 
-def _table_constraints() -> dict[str, list[object]]:
+def _table_constraints(params: dict[str, str] = _TRAIN_OPTIONS) -> dict[str, list[object]]:
     table = {option.name: option for option in _config.options()}
-    return {
-        param: _sklearn_constraint(table[name].constraint) for param, name in _TRAIN_OPTIONS.items()
-    }
+    return {param: _sklearn_constraint(table[name].constraint) for param, name in params.items()}
+
+
+ARCHITECTURES = ("vgg", "resnet")
+"""The networks of :class:`SparseCNNClassifier`."""
+
+
+def infer_input_shape(n_features: int, n_stages: int) -> tuple[int, int, int]:
+    """The ``(C, H, W)`` that :class:`SparseCNNClassifier` assumes for flat samples.
+
+    A one-channel square image when ``n_features`` is a square whose side survives
+    the ``n_stages - 1`` halvings, else a 1-D signal ``(1, 1, n_features)``.
+
+    Examples
+    --------
+    >>> infer_input_shape(64, 3), infer_input_shape(784, 3), infer_input_shape(40, 3)
+    ((1, 8, 8), (1, 28, 28), (1, 1, 40))
+    """
+    side = math.isqrt(n_features)
+    if side > 1 and side * side == n_features and side >> (n_stages - 1) >= 1:
+        return (1, side, side)
+    if n_features >> (n_stages - 1) < 1:
+        raise ValueError(
+            f"n_features = {n_features} is too small for {n_stages} stages (each stage "
+            f"after the first halves the signal); give at least {1 << (n_stages - 1)} "
+            "features or fewer widths"
+        )
+    return (1, 1, n_features)
+
+
+def _set_params(estimator: BaseEstimator, values: dict[str, Any]) -> None:
+    # __init__: store every parameter under its own name, as scikit-learn expects.
+    for name, value in values.items():
+        if name not in ("self", "__class__"):
+            setattr(estimator, name, value)
 
 
 def _check_hidden(hidden: Any) -> tuple[int, ...]:
@@ -130,6 +168,47 @@ def _check_hidden(hidden: Any) -> tuple[int, ...]:
     return tuple(int(h) for h in sizes)
 
 
+def _check_widths(widths: Any) -> tuple[int, ...]:
+    # ``widths`` is the unvalidated parameter, checked by trying to iterate it.
+    try:
+        sizes = tuple(widths)
+    except TypeError:
+        raise TypeError(f"widths must be a sequence of positive ints, got {widths!r}") from None
+    if not sizes or any(
+        isinstance(w, bool) or not isinstance(w, numbers.Integral) or w < 1 for w in sizes
+    ):
+        raise ValueError(f"widths must be a nonempty sequence of positive ints, got {widths!r}")
+    return tuple(int(w) for w in sizes)
+
+
+def _check_input_shape(shape: Any) -> tuple[int, int, int] | None:
+    if shape is None:
+        return None
+    try:
+        dims = tuple(shape)
+    except TypeError:
+        dims = ()
+    if len(dims) != 3 or any(
+        isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1 for v in dims
+    ):
+        raise ValueError(f"input_shape must be None or (C, H, W) of positive ints, got {shape!r}")
+    return int(dims[0]), int(dims[1]), int(dims[2])
+
+
+def _feature_major(x: FloatArray) -> FloatArray:
+    """Samples on axis 0 -> samples on axis 1: ``(F, N)``, or images ``(C, N, H, W)``."""
+    return np.ascontiguousarray(np.swapaxes(x, 0, 1))
+
+
+def _weight_shape(layer: Layer, weight: np.ndarray) -> tuple[int, ...]:
+    # A convolution's weight is stored in its shape; a linear layer's may be CSR data.
+    if weight.ndim == 4:
+        return tuple(weight.shape)
+    if not (layer.n_out is not None and layer.n_in is not None):
+        raise RuntimeError("internal error: a layer with a weight has sizes")
+    return (layer.n_out, layer.n_in)
+
+
 def _json_value(value: object) -> object:
     if isinstance(value, tuple):
         return [_json_value(v) for v in value]
@@ -142,40 +221,18 @@ class LayerDensity(TypedDict):
     """One record of :meth:`SparseMLPClassifier.layer_densities` (see there)."""
 
     layer: int
+    name: str
     type: str
-    shape: tuple[int, int]
+    shape: tuple[int, ...]
     prunable: bool
     n_units: int
     active: int
     density: float
 
 
-class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
-    r"""Multi-layer perceptron classifier trained with sparse forward and backward passes.
-
-    Training solves
-
-    .. math::
-
-        \min_{w,\ s}\ \mathbb{E}_{m \sim \text{Bernoulli}(s)}\, L(w \odot m)
-        \quad \text{s.t.} \quad 0 \le s \le 1,\ \ \textstyle\sum_i s_i \le k
-        = \text{density} \times n
-
-    over the weights :math:`w` and the keep probabilities :math:`s` of the
-    :math:`n` prunable units, with the variance-reduced policy-gradient estimator
-    (VR-PGE) for :math:`s`: every step runs ``n_masks`` sparse forward passes
-    and sparse backward passes only (Zhou et al., 2021). After ``max_iter`` epochs
-    a deterministic mask within the budget is fixed and the weights are
-    fine-tuned on it for ``finetune_iter`` epochs.
-
-    Parameters
-    ----------
-    hidden_layer_sizes : tuple of int, default=(300, 100)
-        Width of each hidden (sparse, ReLU) layer.
+_TRAINING_DOC = """\
     density : float in (0, 1], default=0.1
         Kept fraction of the prunable units (the budget).
-    granularity : {"weight", "neuron"}, default="weight"
-        One mask bit per stored weight, or per hidden unit.
     n_masks : int >= 2, default=2
         Number :math:`K` of sampled masks (forward passes) per step.
     score_estimator : {"vrpge", "vrpge-sqrt", "reinforce", "straight-through"}, default="vrpge"
@@ -215,13 +272,8 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
     finetune_lr : float > 0 or None, default=None
         Constant learning rate of the weights in fine-tuning; None continues the
         cosine schedule.
-    sparse_classifier : bool, default=False
-        Make the output layer sparse (and prunable) too.
     weight_grad : {"mean", "first"}, default="mean"
         Average the weight gradient over the K passes, or use the first only.
-    init : {"kaiming", "uniform"}, default="kaiming"
-        Weight initialisation; the fan-in counts only the inputs expected to be
-        kept at ``density`` (see :func:`~cpusparse.models.mlp`).
     dtype : {"float32", "float64"}, default="float32"
         Floating type of parameters and activations.
     n_jobs : int or None, default=None
@@ -248,9 +300,9 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         written by a fit with the same parameters on the same data); the result
         is bit-identical to an uninterrupted fit. Without the file, ``fit``
         starts from scratch.
+"""
 
-    Attributes
-    ----------
+_ATTRIBUTES_DOC = """\
     classes_ : ndarray of shape (n_classes,)
         Class labels.
     n_features_in_ : int
@@ -281,7 +333,53 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         fine-tuning; see :class:`~cpusparse.training.loop.EpochStats`) and ``seconds``.
         All but ``seconds`` are bit-reproducible.
 
-    See Also
+"""
+
+
+def _doc(cls: type[_SparseClassifier], template: str) -> str:
+    """``template`` with the shared parameters, their defaults read from ``cls``."""
+    defaults = inspect.signature(cls).parameters
+    entries = re.split(r"\n(?=    \S)", _TRAINING_DOC.rstrip("\n"))
+    for i, entry in enumerate(entries):
+        name = entry.split(" :")[0].strip()
+        if name in defaults:
+            default = defaults[name].default
+            text = repr(default) if isinstance(default, str) else str(default)
+            entries[i] = re.sub(r"default=[^\n]*", f"default={text}", entry, count=1)
+    return template.format(training="\n".join(entries) + "\n", attributes=_ATTRIBUTES_DOC)
+
+
+_MLP_DOC = r"""Multi-layer perceptron classifier trained with sparse forward and backward passes.
+
+    Training solves
+
+    .. math::
+
+        \min_{{w,\ s}}\ \mathbb{{E}}_{{m \sim \text{{Bernoulli}}(s)}}\, L(w \odot m)
+        \quad \text{{s.t.}} \quad 0 \le s \le 1,\ \ \textstyle\sum_i s_i \le k
+        = \text{{density}} \times n
+
+    over the weights :math:`w` and the keep probabilities :math:`s` of the
+    :math:`n` prunable units, with the variance-reduced policy-gradient estimator
+    (VR-PGE) for :math:`s`: every step runs ``n_masks`` sparse forward passes
+    and sparse backward passes only (Zhou et al., 2021). After ``max_iter`` epochs
+    a deterministic mask within the budget is fixed and the weights are
+    fine-tuned on it for ``finetune_iter`` epochs.
+
+    Parameters
+    ----------
+    hidden_layer_sizes : tuple of int, default=(300, 100)
+        Width of each hidden (sparse, ReLU) layer.
+    granularity : {{"weight", "neuron"}}, default="weight"
+        One mask bit per stored weight, or per hidden unit.
+    sparse_classifier : bool, default=False
+        Make the output layer sparse (and prunable) too.
+    init : {{"kaiming", "uniform"}}, default="kaiming"
+        Weight initialisation; the fan-in counts only the inputs expected to be
+        kept at ``density`` (see :func:`~cpusparse.models.mlp`).
+{training}    Attributes
+    ----------
+{attributes}    See Also
     --------
     cpusparse.training.step.train_step : The training step (Algorithm 1 of the paper).
 
@@ -312,90 +410,96 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
     0.9...
     >>> clf.density_, clf.n_active_  # floor(0.2 * 64 * 64) weights of the hidden layer
     (0.1999..., 819)
-    >>> clf.layer_densities()[0]
-    {'layer': 0, 'type': 'SparseLinear', 'shape': (64, 64), 'prunable': True, 'n_units': 4096, 'active': 819, 'density': 0.1999...}
+    >>> first = clf.layer_densities()[0]
+    >>> first["name"], first["type"], first["shape"], first["n_units"], first["active"]
+    ('0', 'SparseLinear', (64, 64), 4096, 819)
     >>> [record["phase"] for record in clf.history_][-3:]
     ['sparse', 'finetune', 'finetune']
-    """  # noqa: E501
+    """
 
-    def __init__(
-        self,
-        hidden_layer_sizes: int | Sequence[int] = (300, 100),
-        density: float = 0.1,
-        granularity: str = "weight",
-        n_masks: int = 2,
-        score_estimator: str = "vrpge",
-        projection: str = "exact",
-        max_iter: int = 30,
-        finetune_iter: int = 10,
-        fixed_mask: str = "topk",
-        batch_size: int = 64,
-        learning_rate_init: float = 0.01,
-        score_learning_rate: float = 0.1,
-        optimizer: str = "adam",
-        score_optimizer: str = "adam",
-        clip_norm: float | None = None,
-        clip_scope: str = "weights",
-        momentum: float = 0.9,
-        weight_decay: float = 0.0,
-        projection_tol: float = 1e-3,
-        projection_max_iter: int = 20,
-        finetune_lr: float | None = None,
-        sparse_classifier: bool = False,
-        weight_grad: str = "mean",
-        init: str = "kaiming",
-        dtype: str | type[np.floating] = "float32",
-        n_jobs: int | None = None,
-        random_state: int | np.random.RandomState | np.random.Generator | None = None,
-        verbose: bool = False,
-        validation_fraction: float = 0.0,
-        checkpoint: str | os.PathLike[str] | None = None,
-        resume: bool = False,
-    ) -> None:
-        self.hidden_layer_sizes = hidden_layer_sizes
-        self.density = density
-        self.granularity = granularity
-        self.n_masks = n_masks
-        self.score_estimator = score_estimator
-        self.projection = projection
-        self.max_iter = max_iter
-        self.finetune_iter = finetune_iter
-        self.fixed_mask = fixed_mask
-        self.batch_size = batch_size
-        self.learning_rate_init = learning_rate_init
-        self.score_learning_rate = score_learning_rate
-        self.optimizer = optimizer
-        self.score_optimizer = score_optimizer
-        self.clip_norm = clip_norm
-        self.clip_scope = clip_scope
-        self.momentum = momentum
-        self.weight_decay = weight_decay
-        self.projection_tol = projection_tol
-        self.projection_max_iter = projection_max_iter
-        self.finetune_lr = finetune_lr
-        self.sparse_classifier = sparse_classifier
-        self.weight_grad = weight_grad
-        self.init = init
-        self.dtype = dtype
-        self.n_jobs = n_jobs
-        self.random_state = random_state
-        self.verbose = verbose
-        self.validation_fraction = validation_fraction
-        self.checkpoint = checkpoint
-        self.resume = resume
+_CNN_DOC = r"""Convolutional classifier (VGG or ResNet) trained with channel-sparse passes.
+
+    The paper's main setting: every convolution has one keep probability per output
+    channel (or per weight), the budget ``density`` is global over all of them, and
+    training is :class:`SparseMLPClassifier`'s (VR-PGE on the scores, the chain rule
+    on the kept sub-network, then fine-tuning on a fixed mask). A step computes the
+    kept channels only, with BLAS on the block of kept filters and live input
+    channels (:class:`~cpusparse.engine.layers.conv.Conv2d`).
+
+    Parameters
+    ----------
+    architecture : {{"vgg", "resnet"}}, default="vgg"
+        :func:`~cpusparse.models.vgg` (two 3x3 conv + batch norm + ReLU per stage,
+        2x2 max pools between stages) or :func:`~cpusparse.models.resnet` (a 3x3 stem
+        and one basic block per stage, stride 2 between stages); both end with a
+        global average pool and a dense classifier.
+    widths : sequence of int, default=(16, 32, 64)
+        Channels of each stage.
+    input_shape : (C, H, W) or None, default=None
+        One sample's shape. None: the shape of 4-D input ``(n, C, H, W)``, else
+        inferred from ``n_features``: a square one-channel image if ``n_features`` is
+        a square large enough for the stages (64 -> (1, 8, 8), 784 -> (1, 28, 28)),
+        otherwise a 1-D signal (1, 1, n_features).
+    granularity : {{"channel", "weight"}}, default="channel"
+        One mask bit per output channel of a convolution, or per weight.
+    prune_first : bool, default=True
+        Whether the first convolution is prunable (the paper's); False leaves it
+        dense and outside the budget (the authors' code).
+    norm_updates : {{"once", "every_pass"}}, default="once"
+        When the batch norms' running statistics update: from the first of the K
+        passes of a step, or from every pass in order (the authors' train-mode passes).
+{training}    Attributes
+    ----------
+{attributes}    input_shape_ : tuple of int
+        ``(C, H, W)`` of one sample, as the network was built.
+
+    See Also
+    --------
+    SparseMLPClassifier : The same training for MLPs.
+    cpusparse.export.narrow : The trained network as a narrower dense one.
+
+    Notes
+    -----
+    Inputs ``(n, C*H*W)`` are read in PyTorch's ``C, H, W`` order (as
+    ``X.reshape(n, C, H, W)``) and converted once per batch to the engine's
+    channel-major ``(C, N, H, W)``. The classifier is dense, as in the authors' code.
+
+    Examples
+    --------
+    >>> from sklearn.datasets import load_digits
+    >>> from sklearn.model_selection import train_test_split
+    >>> X, y = load_digits(return_X_y=True)
+    >>> X_train, X_test, y_train, y_test = train_test_split(
+    ...     X / 16, y, test_size=0.2, stratify=y, random_state=0)
+    >>> clf = SparseCNNClassifier(widths=(8, 16), density=0.5, random_state=0)
+    >>> clf.fit(X_train, y_train).input_shape_
+    (1, 8, 8)
+    >>> clf.score(X_test, y_test)
+    0.9...
+    >>> [(r["name"], r["shape"], r["n_units"]) for r in clf.layer_densities()][:2]
+    [('0', (8, 1, 3, 3), 8), ('3', (8, 8, 3, 3), 8)]
+"""
+
+
+class _SparseClassifier(ClassifierMixin, BaseEstimator):
+    """The fit, prediction and reports shared by the sparse classifiers.
+
+    A subclass sets its parameters in ``__init__`` and says what its network is:
+    :meth:`_check_model`, :meth:`_network`, :meth:`_describe`, and optionally how its
+    inputs are read (:meth:`_flat`, :meth:`_samples`) and which training options it
+    takes (``_train_options``).
+    """
+
+    _train_options: dict[str, str] = _TRAIN_OPTIONS
 
     # ------------------------------------------------------------------ validation
 
     _parameter_constraints: dict[str, list[object]] = {
         **_table_constraints(),
-        "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
-        "granularity": [StrOptions(set(GRANULARITIES))],
         "max_iter": [Interval(Integral, 1, None, closed="left")],
         "finetune_iter": [Interval(Integral, 0, None, closed="left")],
         "fixed_mask": [StrOptions({"topk", "best-of-n"})],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
-        "sparse_classifier": ["boolean"],
-        "init": [StrOptions(set(INITS))],
         "dtype": [StrOptions({"float32", "float64"}), type],
         "n_jobs": [
             Interval(Integral, 1, None, closed="left"),
@@ -414,10 +518,10 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         "resume": ["boolean"],
     }
 
-    def _check_params(self) -> tuple[tuple[int, ...], np.dtype]:
-        """Validate the parameters; return the hidden sizes and the dtype."""
+    def _check_params(self) -> np.dtype:
+        """Validate the parameters; return the dtype."""
         self._validate_params()
-        hidden = _check_hidden(self.hidden_layer_sizes)
+        self._check_model()
         if isinstance(self.dtype, type) and self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
         if self.checkpoint is None and self.resume:
@@ -429,7 +533,34 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
                     f"checkpoint must be in an existing directory, got {self.checkpoint!r} "
                     f"({directory!r} does not exist)"
                 )
-        return hidden, np.dtype(self.dtype)
+        return np.dtype(self.dtype)
+
+    # The model: each classifier's own parameters.
+
+    def _check_model(self) -> None:
+        """Check the model's parameters beyond their types (ValueError or TypeError)."""
+        raise NotImplementedError
+
+    def _network(
+        self, n_features: int, n_classes: int, dtype: np.dtype, rng: np.random.Generator
+    ) -> Sequential:
+        """The untrained network of these parameters for ``n_features`` inputs."""
+        raise NotImplementedError
+
+    def _describe(self, n_features: int) -> str:
+        """The settings that size the network, for error messages."""
+        raise NotImplementedError
+
+    def _flat(self, X: npt.ArrayLike, reset: bool) -> npt.ArrayLike:
+        """``X`` as ``(n_samples, n_features)`` before validation (unchanged by default).
+
+        ``reset`` is True in ``fit``, False in prediction.
+        """
+        return X
+
+    def _samples(self, X: FloatArray) -> FloatArray:
+        """Validated 2-D data as the network's samples, one per row (``X`` by default)."""
+        return X
 
     def _entropy(self) -> int:
         """The seed of all random streams, as an int."""
@@ -461,7 +592,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
 
     # ------------------------------------------------------------------------ fit
 
-    def fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> SparseMLPClassifier:
+    def fit(self: _C, X: npt.ArrayLike, y: npt.ArrayLike) -> _C:
         """Train the sparse network on ``(X, y)``.
 
         Parameters
@@ -473,7 +604,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
 
         Returns
         -------
-        self : SparseMLPClassifier
+        self : object
             The fitted classifier.
 
         Raises
@@ -494,7 +625,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
 
     def _fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> None:
         """:meth:`fit`, which undoes a failed call."""
-        hidden, dtype = self._check_params()
+        dtype = self._check_params()
         X, y_enc, classes = self._check_data(X, y, dtype)
         ckpt = None
         if self.resume and self.checkpoint is not None and os.path.exists(self.checkpoint):
@@ -502,17 +633,16 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             entropy = self._check_resumable(ckpt, X, y_enc, classes)
         else:
             entropy = self._entropy()
-        data = self._split_data(X, y_enc, entropy)
+        data = self._split_data(self._samples(X), y_enc, entropy)
         config = self._train_config(data.y_train.shape[0])
         if ckpt is None:
             init_rng, data_rng, mask_rng = spawn_streams(entropy)
-            network = self._network(X.shape[1], hidden, classes.shape[0], dtype, init_rng)
+            network = self._network(X.shape[1], classes.shape[0], dtype, init_rng)
             n_units = sum(network.n_units())
             if budget_units(self.density * n_units) < 1:
                 raise ValueError(
                     f"density={self.density:g} keeps no unit of the {n_units} prunable units "
-                    f"of this network (n_features = {X.shape[1]}, hidden_layer_sizes = "
-                    f"{hidden}, granularity={self.granularity!r}); the smallest density that "
+                    f"of this network ({self._describe(X.shape[1])}); the smallest density that "
                     f"keeps one unit is {1 / n_units:.3g}"
                 )
             state = init_state(network, config, data_rng=data_rng, mask_rng=mask_rng)
@@ -536,12 +666,16 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         self.n_iter_ = len(history)
         self.history_ = history
         self.loss_curve_ = [record["loss"] for record in history]
+        self._fitted(state)
+
+    def _fitted(self, state: TrainState) -> None:
+        """Set the classifier's own fitted attributes (none by default)."""
 
     def _check_data(
         self, X: npt.ArrayLike, y: npt.ArrayLike, dtype: np.dtype
     ) -> tuple[FloatArray, npt.NDArray[np.int64], np.ndarray]:
         """Validated ``X`` in ``dtype``, the encoded labels and the classes."""
-        X, y = validate_data(self, X, y, dtype=[np.float64, np.float32])
+        X, y = validate_data(self, self._flat(X, reset=True), y, dtype=[np.float64, np.float32])
         check_classification_targets(y)
         encoder = LabelEncoder()
         y_enc = encoder.fit_transform(y).astype(np.int64)
@@ -561,35 +695,20 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         """
         if self.validation_fraction > 0:
             train_idx, val_idx = self._split(y_enc, entropy)
-            x_val, y_val = np.ascontiguousarray(X[val_idx].T), y_enc[val_idx]
+            x_val, y_val = _feature_major(X[val_idx]), y_enc[val_idx]
             return _Data(np.ascontiguousarray(X[train_idx]), y_enc[train_idx], x_val, y_val)
         return _Data(np.ascontiguousarray(X), y_enc, None, None)
-
-    def _network(
-        self,
-        n_features: int,
-        hidden: tuple[int, ...],
-        n_classes: int,
-        dtype: np.dtype,
-        rng: np.random.Generator,
-    ) -> Sequential:
-        """The untrained network of these parameters (:func:`~cpusparse.models.mlp`)."""
-        return mlp(
-            n_features,
-            hidden,
-            n_classes,
-            granularity=self.granularity,
-            sparse_classifier=bool(self.sparse_classifier),
-            init=self.init,
-            density=float(self.density),
-            dtype=dtype,
-            rng=rng,
-        )
 
     def _train_config(self, n_train: int) -> TrainConfig:
         """The training step's options: a cosine schedule over both phases."""
         n_batches = -(-n_train // self.batch_size)
+        extra = {
+            name: getattr(self, param)
+            for param, name in self._train_options.items()
+            if param not in _TRAIN_OPTIONS
+        }
         return TrainConfig(
+            **extra,
             density=float(self.density),
             n_masks=int(self.n_masks),
             score_estimator=self.score_estimator,
@@ -664,7 +783,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         try:
             saved, entropy, fingerprint = extra["params"], extra["entropy"], extra["fingerprint"]
         except KeyError:
-            raise ValueError(f"{where} was not written by SparseMLPClassifier") from None
+            raise ValueError(f"{where} was not written by {type(self).__name__}") from None
         current = json.loads(json.dumps(self._run_params()))
         differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if differ:
@@ -708,7 +827,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         if self.fixed_mask == "topk":
             return fixed_mask(state, "topk")
         if data.x_val is None or data.y_val is None:
-            x, y = np.ascontiguousarray(data.x_train.T), data.y_train
+            x, y = _feature_major(data.x_train), data.y_train
         else:
             x, y = data.x_val, data.y_val
         masks = fixed_mask(state, "best-of-n", x=x, y=y, rng=state.mask_rng)
@@ -731,6 +850,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            As in :meth:`fit`.
 
         Returns
         -------
@@ -738,9 +858,11 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
             Softmax of the logits, computed in float64; columns follow ``classes_``.
         """
         check_is_fitted(self, "network_")
-        checked: np.ndarray = validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
+        checked: np.ndarray = validate_data(
+            self, self._flat(X, reset=False), reset=False, dtype=[np.float64, np.float32]
+        )
         net = self.network_
-        x = np.ascontiguousarray(checked.T, dtype=net.dtype)
+        x = _feature_major(self._samples(checked.astype(net.dtype, copy=False)))
         with numba_threads(self.n_jobs):
             logits, _ = net.forward(x, self.masks_, mode=EVAL)
         return softmax(logits.astype(np.float64)).T
@@ -751,6 +873,7 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         Parameters
         ----------
         X : array-like of shape (n_samples, n_features)
+            As in :meth:`fit`.
 
         Returns
         -------
@@ -765,42 +888,253 @@ class SparseMLPClassifier(ClassifierMixin, BaseEstimator):
         Returns
         -------
         report : list of dict
-            One dict per layer with parameters: ``layer`` (index in the network),
-            ``type``, ``shape`` ``(n_out, n_in)``, ``prunable``, ``n_units`` (units at
-            initialisation: ``n_out * n_in`` weights, or ``n_out`` neurons; all the
-            weights of a dense layer), ``active`` (units kept by the mask) and
-            ``density`` (``active / n_units``).
+            One dict per layer with weights, in the order of the forward pass (the
+            layers of residual blocks included): ``layer`` (its position in this
+            list), ``name`` (its path in the network, the prefix of its parameters'
+            names: ``"3.0.1"`` is layer 1 of branch 0 of block 3), ``type``, ``shape``
+            (the weight's: ``(n_out, n_in)``, or ``(C_out, C_in, kh, kw)`` for a
+            convolution), ``prunable``, ``n_units`` (units at initialisation: weights,
+            neurons or channels; all the weights of a dense layer), ``active``
+            (units kept by the mask) and ``density`` (``active / n_units``).
         """
         check_is_fitted(self, "network_")
         net = self.network_
-        masks = dict(zip(net.prunable, self.masks_, strict=True))
+        masks = {id(layer): m for layer, m in zip(net.prunable_layers(), self.masks_, strict=True)}
         report: list[LayerDensity] = []
-        for i, layer in enumerate(net.layers):
-            if not layer.params():
+        for name, layer in net.named_leaves():
+            pattern = layer.stored_pattern()
+            if pattern is None:  # no weights (activations, pools, batch norms)
                 continue
-            n_out, n_in = layer.n_out, layer.n_in
-            if not (n_out is not None and n_in is not None):
-                raise RuntimeError("internal error: the layers of mlp() have sizes")
-            if i in masks:
+            mask = masks.get(id(layer))
+            if mask is not None:
                 if not (layer.units is not None):
                     raise RuntimeError("internal error: a prunable layer has a unit map")
-                n_units = layer.units.n_units_full
-                active = int(masks[i].sum())
+                n_units, active = layer.units.n_units_full, int(mask.sum())
             else:
-                pattern = layer.stored_pattern()
-                n_units = active = int(pattern.sum()) if pattern is not None else 0
+                n_units = active = int(pattern.sum())
+            weight = layer.params()["weight"]
             report.append(
                 {
-                    "layer": i,
+                    "layer": len(report),
+                    "name": name,
                     "type": type(layer).__name__,
-                    "shape": (int(n_out), int(n_in)),
-                    "prunable": i in masks,
+                    "shape": tuple(int(n) for n in _weight_shape(layer, weight)),
+                    "prunable": mask is not None,
                     "n_units": n_units,
                     "active": active,
                     "density": active / n_units if n_units else 1.0,
                 }
             )
         return report
+
+
+class SparseMLPClassifier(_SparseClassifier):
+    """Multi-layer perceptron classifier trained with sparse forward and backward passes."""
+
+    # (The full docstring is _MLP_DOC with the shared parameters, set below the class.)
+
+    def __init__(
+        self,
+        hidden_layer_sizes: int | Sequence[int] = (300, 100),
+        density: float = 0.1,
+        granularity: str = "weight",
+        n_masks: int = 2,
+        score_estimator: str = "vrpge",
+        projection: str = "exact",
+        max_iter: int = 30,
+        finetune_iter: int = 10,
+        fixed_mask: str = "topk",
+        batch_size: int = 64,
+        learning_rate_init: float = 0.01,
+        score_learning_rate: float = 0.1,
+        optimizer: str = "adam",
+        score_optimizer: str = "adam",
+        clip_norm: float | None = None,
+        clip_scope: str = "weights",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        projection_tol: float = 1e-3,
+        projection_max_iter: int = 20,
+        finetune_lr: float | None = None,
+        sparse_classifier: bool = False,
+        weight_grad: str = "mean",
+        init: str = "kaiming",
+        dtype: str | type[np.floating] = "float32",
+        n_jobs: int | None = None,
+        random_state: int | np.random.RandomState | np.random.Generator | None = None,
+        verbose: bool = False,
+        validation_fraction: float = 0.0,
+        checkpoint: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+    ) -> None:
+        _set_params(self, locals())
+
+    _parameter_constraints: dict[str, list[object]] = {
+        **_SparseClassifier._parameter_constraints,
+        "hidden_layer_sizes": ["array-like", Interval(Integral, 1, None, closed="left")],
+        "granularity": [StrOptions(set(GRANULARITIES))],
+        "sparse_classifier": ["boolean"],
+        "init": [StrOptions(set(INITS))],
+    }
+
+    def _check_model(self) -> None:
+        _check_hidden(self.hidden_layer_sizes)
+
+    def _describe(self, n_features: int) -> str:
+        return (
+            f"n_features = {n_features}, hidden_layer_sizes = "
+            f"{_check_hidden(self.hidden_layer_sizes)}, granularity={self.granularity!r}"
+        )
+
+    def _network(
+        self, n_features: int, n_classes: int, dtype: np.dtype, rng: np.random.Generator
+    ) -> Sequential:
+        """The untrained network of these parameters (:func:`~cpusparse.models.mlp`)."""
+        return mlp(
+            n_features,
+            _check_hidden(self.hidden_layer_sizes),
+            n_classes,
+            granularity=self.granularity,
+            sparse_classifier=bool(self.sparse_classifier),
+            init=self.init,
+            density=float(self.density),
+            dtype=dtype,
+            rng=rng,
+        )
+
+
+class SparseCNNClassifier(_SparseClassifier):
+    """Convolutional classifier (VGG or ResNet) trained with channel-sparse passes."""
+
+    # (The full docstring is _CNN_DOC with the shared parameters, set below the class.)
+
+    def __init__(
+        self,
+        architecture: str = "vgg",
+        widths: Sequence[int] = (16, 32, 64),
+        input_shape: tuple[int, int, int] | None = None,
+        density: float = 0.25,
+        granularity: str = "channel",
+        prune_first: bool = True,
+        norm_updates: str = "once",
+        n_masks: int = 2,
+        score_estimator: str = "vrpge",
+        projection: str = "exact",
+        max_iter: int = 12,
+        finetune_iter: int = 3,
+        fixed_mask: str = "topk",
+        batch_size: int = 64,
+        learning_rate_init: float = 0.01,
+        score_learning_rate: float = 0.05,
+        optimizer: str = "adam",
+        score_optimizer: str = "adam",
+        clip_norm: float | None = None,
+        clip_scope: str = "weights",
+        momentum: float = 0.9,
+        weight_decay: float = 0.0,
+        projection_tol: float = 1e-3,
+        projection_max_iter: int = 20,
+        finetune_lr: float | None = None,
+        weight_grad: str = "mean",
+        dtype: str | type[np.floating] = "float32",
+        n_jobs: int | None = None,
+        random_state: int | np.random.RandomState | np.random.Generator | None = None,
+        verbose: bool = False,
+        validation_fraction: float = 0.0,
+        checkpoint: str | os.PathLike[str] | None = None,
+        resume: bool = False,
+    ) -> None:
+        _set_params(self, locals())
+
+    _train_options = {**_TRAIN_OPTIONS, "norm_updates": "norm_updates"}
+    _parameter_constraints: dict[str, list[object]] = {
+        **_SparseClassifier._parameter_constraints,
+        **_table_constraints({"norm_updates": "norm_updates"}),
+        "architecture": [StrOptions(set(ARCHITECTURES))],
+        "widths": ["array-like"],
+        "input_shape": ["array-like", None],
+        "granularity": [StrOptions(set(CONV_GRANULARITIES))],
+        "prune_first": ["boolean"],
+    }
+
+    def _check_model(self) -> None:
+        _check_widths(self.widths)
+        _check_input_shape(self.input_shape)
+
+    def _image_shape(self, n_features: int) -> tuple[int, int, int]:
+        """One sample's ``(C, H, W)``: ``input_shape``, the data's, or inferred."""
+        given = _check_input_shape(self.input_shape)
+        seen = getattr(self, "_fit_shape", None)
+        if given is None:
+            given = seen
+        if given is not None:
+            if int(np.prod(given)) != n_features:
+                raise ValueError(
+                    f"input_shape {given} has {int(np.prod(given))} values, but the data "
+                    f"has n_features = {n_features}"
+                )
+            return given
+        return infer_input_shape(n_features, len(_check_widths(self.widths)))
+
+    def _describe(self, n_features: int) -> str:
+        return (
+            f"{self.architecture} with widths {_check_widths(self.widths)} on inputs "
+            f"{self._image_shape(n_features)}, granularity={self.granularity!r}"
+        )
+
+    def _network(
+        self, n_features: int, n_classes: int, dtype: np.dtype, rng: np.random.Generator
+    ) -> Sequential:
+        """The untrained network (:func:`~cpusparse.models.vgg` or ``resnet``)."""
+        build = vgg if self.architecture == "vgg" else resnet
+        return build(
+            _check_widths(self.widths),
+            self._image_shape(n_features),
+            n_classes,
+            granularity=self.granularity,
+            prune_first=bool(self.prune_first),
+            density=float(self.density),
+            dtype=dtype,
+            rng=rng,
+        )
+
+    def _flat(self, X: npt.ArrayLike, reset: bool) -> npt.ArrayLike:
+        """Image batches ``(n, C, H, W)`` as ``(n, C*H*W)`` (C, H, W in PyTorch's order)."""
+        ndim = getattr(X, "ndim", None)
+        if ndim is None and not hasattr(X, "__array__"):
+            ndim = np.ndim(X) if isinstance(X, list) else None
+        if ndim != 4:
+            if reset:
+                self._fit_shape = None
+            return X
+        images = np.asarray(X)
+        shape = tuple(int(v) for v in images.shape[1:])
+        if reset:
+            given = _check_input_shape(self.input_shape)
+            if given is not None and shape != given:
+                raise ValueError(f"X has images of shape {shape}, but input_shape is {given}")
+            self._fit_shape = shape
+        else:
+            fitted = getattr(self, "input_shape_", None)
+            if fitted is not None and shape != fitted:
+                raise ValueError(
+                    f"X has images of shape {shape}, but the classifier was fitted on "
+                    f"images of shape {fitted}"
+                )
+        return images.reshape(images.shape[0], -1)
+
+    def _samples(self, X: FloatArray) -> FloatArray:
+        """``(n, C, H, W)`` views of the validated rows."""
+        shape = getattr(self, "input_shape_", None) or self._image_shape(X.shape[1])
+        return X.reshape(X.shape[0], *shape)
+
+    def _fitted(self, state: TrainState) -> None:
+        self.input_shape_ = self._image_shape(self.n_features_in_)
+        self.__dict__.pop("_fit_shape", None)
+
+
+SparseMLPClassifier.__doc__ = _doc(SparseMLPClassifier, _MLP_DOC)
+SparseCNNClassifier.__doc__ = _doc(SparseCNNClassifier, _CNN_DOC)
 
 
 def _fingerprint(X: FloatArray, y_enc: npt.NDArray[np.int64], classes: np.ndarray) -> str:
@@ -831,6 +1165,8 @@ _FITTED_ATTRIBUTES = (
     "n_iter_",
     "history_",
     "loss_curve_",
+    "input_shape_",
+    "_fit_shape",
 )
 
 
@@ -858,7 +1194,7 @@ class _EpochLog:
 
     def __init__(
         self,
-        clf: SparseMLPClassifier,
+        clf: _SparseClassifier,
         state: TrainState,
         config: TrainConfig,
         data: _Data,
@@ -877,7 +1213,7 @@ class _EpochLog:
             self.eval_data = (data.x_val, data.y_val)
         else:
             n = _PROGRESS_EVAL_SAMPLES
-            self.eval_data = (np.ascontiguousarray(data.x_train[:n].T), data.y_train[:n])
+            self.eval_data = (_feature_major(data.x_train[:n]), data.y_train[:n])
 
     def on_step(self, _state: TrainState, loss: float) -> None:
         self.running.append(loss)

@@ -186,3 +186,15 @@ def test_vrpge_is_unbiased_on_a_tiny_cnn_with_batch_norm():
     assert np.any(np.abs(mean * (k - 1) / k - expected) / se > 4.0)
     # A dropped channel changes the loss: the gradient is not trivially zero.
     assert np.all(np.abs(expected) > 0)
+
+
+def test_named_leaves_are_the_prefixes_of_the_parameter_names():
+    net = resnet((4, 8), (1, 8, 8), 10, rng=0)
+    leaves = list(net.named_leaves())
+    names = [name for name, _ in leaves]
+    assert names[:4] == ["0", "1", "2", "3.0.0"] and "4.1.0" in names  # a projection
+    expected = {f"{name}.{key}" for name, layer in leaves for key in layer.params()}
+    assert expected == set(net.params())
+    assert [layer for _, layer in leaves if layer.units is not None] == net.prunable_layers()
+    conv = net.prunable_layers()[0]
+    assert list(conv.named_leaves("x.")) == [("x", conv)]

@@ -97,6 +97,7 @@ def test_density_within_budget_and_consistent(fitted):
     assert report[0]["n_units"] == 64 * 64 and report[0]["active"] == n_active
     assert report[1] == {
         "layer": 1,
+        "name": "1",
         "type": "Linear",
         "shape": (10, 64),
         "prunable": False,

@@ -100,6 +100,10 @@ class Sequential(Layer):
         """Positions in :attr:`layers` of the layers that take masks."""
         return [i for i, layer in enumerate(self.layers) if layer.n_masks]
 
+    def children(self) -> list[tuple[str, Layer]]:
+        """The layers by position: ``("0", first), ("1", second), ...``."""
+        return [(str(i), layer) for i, layer in enumerate(self.layers)]
+
     def _slots(self) -> Iterator[tuple[Sequential, int, UnitMap]]:
         # (container, position, unit map) of every prunable leaf, depth-first: the mask
         # order.
@@ -407,6 +411,10 @@ class Residual(Layer):
 
     def _branches(self) -> list[Sequential]:
         return [self.main] if self.shortcut is None else [self.main, self.shortcut]
+
+    def children(self) -> list[tuple[str, Layer]]:
+        """The branches: ``("0", main)`` and, with a projection, ``("1", shortcut)``."""
+        return [(str(b), branch) for b, branch in enumerate(self._branches())]
 
     # ------------------------------------------------------------------ structure
 

@@ -1594,10 +1594,10 @@ def _classifier_state(
     from ..training import init_state, spawn_streams
 
     clf = _classifier(config, hidden=hidden, epochs=epochs, threads=1, seed=seed)
-    hidden_sizes, dtype = clf._check_params()
+    dtype = clf._check_params()
     train_config = clf._train_config(data.x_train.shape[0])
     init_rng, data_rng, mask_rng = spawn_streams(seed)
-    network = clf._network(data.x_train.shape[1], hidden_sizes, data.n_classes, dtype, init_rng)
+    network = clf._network(data.x_train.shape[1], data.n_classes, dtype, init_rng)
     state = init_state(network, train_config, data_rng=data_rng, mask_rng=mask_rng)
     return state, train_config
 

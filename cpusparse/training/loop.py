@@ -146,7 +146,8 @@ def run_epoch(
         Updated in place.
     x : ndarray of shape (n_in, n_samples), or (n_samples, n_in) with ``samples_first``
         The whole training set, feature-major (samples on axis 1: images
-        ``(C, N, H, W)`` too, without ``samples_first``).
+        ``(C, N, H, W)`` too), or one sample per row with ``samples_first``
+        (images ``(N, C, H, W)``).
     y : ndarray of int, shape (n_samples,)
     config : TrainConfig
     batch_size : int
@@ -156,26 +157,21 @@ def run_epoch(
         Called after every step with ``(state, loss)``, e.g. to advance a
         progress bar.
     samples_first : bool, default=False
-        ``x`` holds one sample per row, C-contiguous; each batch is ``x[idx].T``
-        made contiguous. The batches are the same, and copying whole rows is several
-        times faster than gathering columns of feature-major data (1.2 ms against
-        0.3 ms for 256 of 4,000 MNIST images).
+        ``x`` holds one sample per row (axis 0), C-contiguous; each batch is
+        ``x[idx]`` with axes 0 and 1 swapped, made contiguous. The batches are the
+        same, and copying whole rows is several times faster than gathering columns
+        of feature-major data (1.2 ms against 0.3 ms for 256 of 4,000 MNIST images).
 
     Returns
     -------
     EpochStats
     """
-    if samples_first and x.ndim != 2:
-        raise ValueError(
-            f"samples_first needs 2-D data (n_samples, n_in), got shape {x.shape}; pass "
-            "images as (C, N, H, W) without samples_first"
-        )
     losses, densities = [], []
     g_sum: npt.NDArray[np.float64] | None = None
     g_sq: npt.NDArray[np.float64] | None = None
     g_count = 0
     for idx in iterate_batches(y.shape[0], batch_size, state.data_rng):
-        xb = np.ascontiguousarray(x[idx].T if samples_first else x[:, idx])
+        xb = np.ascontiguousarray(np.swapaxes(x[idx], 0, 1) if samples_first else x[:, idx])
         yb = y[idx]
         if masks is None:
             info = train_step(state, xb, yb, config)

@@ -220,6 +220,27 @@ class Layer(abc.ABC):
         params = self.params()
         return next(iter(params.values())).dtype if params else None
 
+    def children(self) -> list[tuple[str, Layer]]:
+        """The layers directly inside, by name (none for a leaf; containers override).
+
+        The names prefix the children's parameter names (:meth:`params`).
+        """
+        return []
+
+    def named_leaves(self, prefix: str = "") -> Iterator[tuple[str, Layer]]:
+        """``(name, layer)`` of every leaf layer inside, in forward order.
+
+        A leaf's name is its path, the prefix of its parameters' names in the
+        outermost container: ``"3.0.1"`` is layer 1 of branch 0 of layer 3. A leaf
+        itself yields ``(prefix without its dot, self)``.
+        """
+        kids = self.children()
+        if not kids:
+            yield prefix.rstrip("."), self
+            return
+        for name, child in kids:
+            yield from child.named_leaves(f"{prefix}{name}.")
+
     def _slots(self) -> Iterator[tuple[Any, int, UnitMap]]:
         """``(container, position, unit map)`` of each prunable layer inside, in mask order.
 
