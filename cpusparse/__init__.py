@@ -12,6 +12,7 @@ Where things live (lower packages never import higher ones):
   score-gradient estimators (a registry), the exact gradient by enumeration and the
   budget projection;
 - :mod:`cpusparse.models`: network builders;
+- :mod:`cpusparse.export`: a trained network as a narrower dense one, or a PyTorch module;
 - :mod:`cpusparse.training`: the option table, the state, the training step
   (Algorithm 1), compaction, the loop, optimizers and checkpoints;
 - :mod:`cpusparse.sklearn`: :class:`SparseMLPClassifier` and :class:`SparseCNNClassifier`,
@@ -26,7 +27,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from . import engine, method, models, training
+from . import engine, export, method, models, training
 from ._validation import check_rng
 from ._version import __version__
 from .engine import Layer, Linear, ReLU, Sequential, SparseLinear, softmax, softmax_cross_entropy
@@ -91,6 +92,7 @@ __all__ = [
     "engine",
     "method",
     "models",
+    "export",
     "training",
     "SparseMLPClassifier",
     "SparseCNNClassifier",
