@@ -122,8 +122,10 @@ ARCHITECTURES = ("vgg", "resnet")
 def infer_input_shape(n_features: int, n_stages: int) -> tuple[int, int, int]:
     """The ``(C, H, W)`` that :class:`SparseCNNClassifier` assumes for flat samples.
 
-    A one-channel square image when ``n_features`` is a square whose side survives
-    the ``n_stages - 1`` halvings, else a 1-D signal ``(1, 1, n_features)``.
+    A one-channel square image when ``n_features`` is a square (of side > 1), else a
+    1-D signal ``(1, 1, n_features)``. Either must survive the ``n_stages - 1``
+    halvings of the network (ValueError otherwise: a square image is never read as a
+    signal behind the user's back; pass ``input_shape`` for that).
 
     Examples
     --------
@@ -131,7 +133,13 @@ def infer_input_shape(n_features: int, n_stages: int) -> tuple[int, int, int]:
     ((1, 8, 8), (1, 28, 28), (1, 1, 40))
     """
     side = math.isqrt(n_features)
-    if side > 1 and side * side == n_features and side >> (n_stages - 1) >= 1:
+    if side > 1 and side * side == n_features:
+        if side >> (n_stages - 1) < 1:
+            raise ValueError(
+                f"n_features = {n_features} is a {side}x{side} image, too small for "
+                f"{n_stages} stages (each stage after the first halves H and W); use fewer "
+                f"widths, or input_shape=(1, 1, {n_features}) to read it as a 1-D signal"
+            )
         return (1, side, side)
     if n_features >> (n_stages - 1) < 1:
         raise ValueError(

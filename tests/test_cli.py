@@ -68,7 +68,27 @@ def test_report_table_and_checkpoint_resume(tmp_path, capsys):
         (["train", "--epochs", "x"], "argument --epochs: must be an int >= 1, got 'x'"),
         (["train", "--hidden", "3,-1"], "must be positive ints"),
         (["train", "--resume"], "--resume needs --checkpoint"),
-        (["train", "--dataset", "cifar"], "invalid choice: 'cifar'"),
+        (["train", "--dataset", "cifar"], "must be one of digits, mnist5k, mnist, mnist1d or"),
+        (["train", "--model", "cnn"], "invalid choice: 'cnn'"),
+        (["train", "--model", "vgg", "--hidden", "8"], "--hidden is for --model mlp"),
+        (["train", "--model", "vgg", "--init", "uniform"], "--init is for --model mlp"),
+        (["train", "--widths", "8"], "--widths is for --model vgg or resnet, got --model mlp"),
+        (["train", "--input-shape", "1,8,8"], "--input-shape is for --model vgg or resnet"),
+        (["train", "--no-prune-first"], "--no-prune-first is for --model vgg or resnet"),
+        (["train", "--model", "vgg", "--widths", "0"], "must be positive ints"),
+        (["train", "--model", "resnet", "--granularity", "neuron"], "--granularity neuron is"),
+        (["train", "--granularity", "channel"], "(the granularities of --model mlp)"),
+        (["train", "--model", "vgg", "--input-shape", "1,8"], "must be three positive ints"),
+        (["train", "--model", "vgg", "--norm-updates", "x"], "invalid choice: 'x'"),
+        (["train", "--norm-updates", "once"], "unrecognized arguments: --norm-updates"),
+        (
+            ["train", "--model", "vgg", "--input-shape", "1,8,9", "--quiet"],
+            "input_shape (1, 8, 9) has 72 values, but the data has n_features = 64",
+        ),
+        (
+            ["train", "--model", "vgg", "--widths", "4,4,4,4,4", "--quiet"],
+            "a 8x8 image, too small for 5 stages",
+        ),
         ([], "required: COMMAND"),
     ],
 )
@@ -211,3 +231,35 @@ def test_train_threads_take_all_and_negative_counts(tmp_path, capsys):
     )
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--threads: must be an int >= 1, or 'all'" in err[0]
+
+
+def test_train_a_cnn_with_json_checkpoint_and_resume(tmp_path, capsys):
+    # A channel-sparse VGG on digits: the report lists channels kept per convolution.
+    ckpt, path = tmp_path / "cnn.npz", tmp_path / "cnn.json"
+    args = ["train", "--model", "vgg", "--widths", "4,8", "--density", "0.5", "--epochs", "2"]
+    args += ["--finetune-epochs", "1", "--norm-updates", "every_pass"]
+    assert main([*args, "--checkpoint", str(ckpt), "--json", str(path)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[2].split() == ["layer", "type", "shape", "units", "active", "density"]
+    assert out[3].split()[:4] == ["0", "Conv2d", "4x1x3x3", "4"]
+    assert out[-1].split()[:5] == ["14", "Linear", "(dense)", "10x8", "80"]
+    metrics = json.loads(path.read_text())
+    convs = [r for r in metrics["layers"] if r["prunable"]]
+    assert [r["n_units"] for r in convs] == [4, 4, 8, 8]
+    assert sum(r["active"] for r in convs) == metrics["n_active"] <= 12
+    assert metrics["config"]["widths"] == [4, 8] and metrics["config"]["model"] == "vgg"
+    assert metrics["config"]["estimator_params"]["norm_updates"] == "every_pass"
+    assert main([*args, "--checkpoint", str(ckpt), "--resume", "--quiet"]) == 0
+    assert capsys.readouterr().out.splitlines()[1].split()[:3] == out[1].split()[:3]
+    # a resnet checkpoint is not a vgg one
+    assert main([*args[:2], "resnet", *args[3:], "--checkpoint", str(ckpt), "--resume"]) == 2
+    assert "architecture: 'vgg' != 'resnet'" in capsys.readouterr().err
+
+
+def test_a_dataset_path_is_mnist_format_data(tmp_path, capsys):
+    (tmp_path / "junk.npz").write_bytes(b"junk")
+    assert main(["train", "--dataset", str(tmp_path / "junk.npz"), "--quiet"]) == 1
+    assert "cannot load 'mnist'" in capsys.readouterr().err
+    argv = ["train", "--dataset", str(tmp_path), "--data-path", str(tmp_path)]
+    assert main(argv) == 2
+    assert "--data-path is only used with --dataset mnist" in capsys.readouterr().err

@@ -107,7 +107,9 @@ def test_input_shape_inference():
     assert infer_input_shape(64, 3) == (1, 8, 8)
     assert infer_input_shape(784, 3) == (1, 28, 28)
     assert infer_input_shape(40, 3) == (1, 1, 40)
-    assert infer_input_shape(4, 3) == (1, 1, 4)  # a 2x2 image cannot be halved twice
+    with pytest.raises(ValueError, match=r"a 2x2 image, too small for 3 stages"):
+        infer_input_shape(4, 3)  # never silently read as a signal
+    assert infer_input_shape(4, 1) == (1, 2, 2)
     assert infer_input_shape(16, 3) == (1, 4, 4)
     with pytest.raises(ValueError, match="n_features = 1 is too small for 2 stages"):
         infer_input_shape(1, 2)

@@ -1,10 +1,11 @@
 """The ``cpusparse`` command line.
 
 ``cpusparse train`` trains a sparse MLP (:class:`~cpusparse.sklearn.SparseMLPClassifier`)
-on one of the offline data sets of :mod:`cpusparse.tools.datasets` and prints the test
-accuracy and a per-layer density report. ``cpusparse bench``, ``cpusparse trace`` and
-``cpusparse verify`` are handed, with their remaining arguments, to the modules that
-implement them (each parses its own options).
+or CNN (``--model vgg|resnet``, :class:`~cpusparse.sklearn.SparseCNNClassifier`) on one
+of the offline data sets of :mod:`cpusparse.tools.datasets` and prints the test accuracy
+and a per-layer density report (channels kept per convolution). ``cpusparse bench``,
+``cpusparse trace`` and ``cpusparse verify`` are handed, with their remaining arguments,
+to the modules that implement them (each parses its own options).
 
 Errors
 ------
@@ -57,6 +58,36 @@ EXTERNAL = {
 
 _OFFICIAL_SPLIT = ("mnist", "mnist1d")
 
+MODELS = ("mlp", "vgg", "resnet")
+"""The networks of ``cpusparse train --model``."""
+
+
+def model_of(argv: Sequence[str] | None) -> str:
+    """The ``--model`` named in ``argv`` (``"mlp"`` without one or with a bad one).
+
+    Read before the full parser is built, so that the model's classifier gives the
+    defaults that ``--help`` shows; a bad name is reported by the full parser.
+    """
+    first = argparse.ArgumentParser(add_help=False)
+    first.add_argument("--model", default="mlp")
+    known, _ = first.parse_known_args(list(argv or []))
+    return known.model if known.model in MODELS else "mlp"
+
+
+def dataset_name_or_path(text: str) -> str:
+    """An argparse ``type``: a data set name, or an existing MNIST-format path."""
+    from .datasets import DATASETS
+
+    if text in DATASETS or os.path.exists(text):
+        return text
+    raise argparse.ArgumentTypeError(
+        f"must be one of {', '.join(DATASETS)} or an existing MNIST IDX directory or .npz "
+        f"file, got {text!r} (no such data set or file)"
+    )
+
+
+dataset_name_or_path.__name__ = "dataset"
+
 
 def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """The argument parser of ``cpusparse`` (``train`` fully; the others by name).
@@ -65,9 +96,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     """
     import inspect
 
+    from ..engine.layers.conv import CONV_GRANULARITIES
     from ..engine.layers.linear import GRANULARITIES, INITS
-    from ..sklearn import _TRAIN_OPTIONS as TRAIN_OPTIONS
-    from ..sklearn import SparseMLPClassifier
+    from ..sklearn import SparseCNNClassifier, SparseMLPClassifier
     from ._options import (
         HelpFormatter,
         add_options,
@@ -79,9 +110,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     from .datasets import DATASETS
 
-    defaults = {
-        name: p.default for name, p in inspect.signature(SparseMLPClassifier).parameters.items()
-    }
+    model_name = model_of(argv)
+    classifier = SparseMLPClassifier if model_name == "mlp" else SparseCNNClassifier
+    defaults = {name: p.default for name, p in inspect.signature(classifier).parameters.items()}
 
     parser = argparse.ArgumentParser(
         prog="cpusparse",
@@ -90,42 +121,75 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     train = sub.add_parser(
         "train",
-        help="train a sparse MLP and report its accuracy and per-layer density",
+        help="train a sparse MLP or CNN and report its accuracy and per-layer density",
         description=(
-            "Train a sparse MLP with VR-PGE, then fine-tune it on a fixed mask, and print "
-            "the test accuracy and a per-layer density report. digits and mnist5k are "
-            "split 80/20 (stratified, by --seed); mnist and mnist1d use their official "
-            "train/test split."
+            "Train a sparse MLP or CNN with VR-PGE, then fine-tune it on a fixed mask, and "
+            "print the test accuracy and a per-layer density report. digits and mnist5k "
+            "are split 80/20 (stratified, by --seed); mnist and mnist1d use their "
+            "official train/test split. The defaults shown are those of --model (given "
+            "before --help)."
         ),
         formatter_class=HelpFormatter,
     )
     data = train.add_argument_group("data")
     data.add_argument(
-        "--dataset", choices=DATASETS, default="digits", help="offline data set to train on"
+        "--dataset",
+        type=dataset_name_or_path,
+        default="digits",
+        metavar="{" + ",".join(DATASETS) + "} or PATH",
+        help="offline data set to train on, or the path of MNIST-format data (an IDX "
+        "directory or .npz, split by its own train/test files)",
     )
     data.add_argument(
         "--data-path", metavar="PATH", help="MNIST IDX directory or .npz (--dataset mnist only)"
     )
     model = train.add_argument_group("model")
     model.add_argument(
+        "--model",
+        choices=MODELS,
+        default="mlp",
+        help="an MLP, or a VGG or ResNet (channel-major image CNNs)",
+    )
+    model.add_argument(
         "--hidden",
         type=layer_sizes,
         nargs="+",
-        default=[[300, 100]],
         metavar="N[,N...]",
-        help="hidden layer widths, e.g. 300,100 or 300 100 (default: 300,100)",
+        help="hidden layer widths of the MLP, e.g. 300,100 or 300 100 (default: 300,100)",
+    )
+    model.add_argument(
+        "--widths",
+        type=layer_sizes,
+        nargs="+",
+        metavar="N[,N...]",
+        help="channels of each CNN stage, e.g. 16,32,64 (default: 16,32,64)",
+    )
+    model.add_argument(
+        "--input-shape",
+        type=layer_sizes,
+        metavar="C,H,W",
+        help="one sample's shape for a CNN (default: square one-channel images, else 1-D signals)",
     )
     model.add_argument(
         "--granularity",
-        choices=tuple(GRANULARITIES),
+        choices=tuple(dict.fromkeys([*GRANULARITIES, *CONV_GRANULARITIES])),
         default=defaults["granularity"],
-        help="what one mask bit keeps",
+        help="what one mask bit keeps: weight or neuron (mlp), channel or weight (vgg, resnet)",
     )
     model.add_argument(
-        "--init", choices=INITS, default=defaults["init"], help="weight initialisation"
+        "--prune-first",
+        action=argparse.BooleanOptionalAction,
+        default=defaults.get("prune_first", True),
+        help="make the first convolution prunable (vgg, resnet; the authors leave it dense)",
+    )
+    model.add_argument(
+        "--init",
+        choices=INITS,
+        default=defaults.get("init"),
+        help="weight initialisation (mlp)",
     )
     method = train.add_argument_group("training (the options of TrainConfig)")
-    table_names = {name: param for param, name in TRAIN_OPTIONS.items()}
+    table_names = {name: param for param, name in classifier._train_options.items()}
     preset_name = preset_of(argv)
     preset = add_preset(method, preset_name)
     # The fit-level settings of a preset: the authors pick the best of 10 sampled masks
@@ -341,8 +405,40 @@ def _checkpoint_message(path: str, exc: Exception) -> str:
 def _check_train_args(args: argparse.Namespace) -> dict[str, Any]:
     """Check every setting and output path before any work; return the table options."""
     from .._io import OutputPathError, check_output_path
-    from ..sklearn import _TRAIN_OPTIONS as TRAIN_OPTIONS
+    from ..engine.layers.conv import CONV_GRANULARITIES
+    from ..engine.layers.linear import GRANULARITIES
+    from ..sklearn import SparseCNNClassifier, SparseMLPClassifier
     from ..training.config import options
+    from .datasets import DATASETS
+
+    cnn = args.model != "mlp"
+    model_flags = {
+        "--hidden": (args.hidden is not None, not cnn),
+        "--widths": (args.widths is not None, cnn),
+        "--input-shape": (args.input_shape is not None, cnn),
+        "--no-prune-first": (not args.prune_first, cnn),
+        "--init": (cnn and args.init is not None, not cnn),
+    }
+    for flag, (given, allowed) in model_flags.items():
+        if given and not allowed:
+            wanted = (
+                "--model vgg or resnet"
+                if flag != "--hidden" and flag != "--init"
+                else ("--model mlp")
+            )
+            raise UsageError(f"{flag} is for {wanted}, got --model {args.model}")
+    allowed_granularities = tuple(CONV_GRANULARITIES) if cnn else tuple(GRANULARITIES)
+    if args.granularity not in allowed_granularities:
+        raise UsageError(
+            f"--granularity {args.granularity} is not one of {', '.join(allowed_granularities)} "
+            f"(the granularities of --model {args.model})"
+        )
+    if args.input_shape is not None and len(args.input_shape) != 3:
+        raise UsageError(
+            f"--input-shape must be three positive ints C,H,W, got "
+            f"{','.join(map(str, args.input_shape))}"
+        )
+    classifier = SparseCNNClassifier if cnn else SparseMLPClassifier
 
     if args.checkpoint is None:
         for flag in ("resume", "overwrite"):
@@ -356,12 +452,18 @@ def _check_train_args(args: argparse.Namespace) -> dict[str, Any]:
     # Training options are checked against the option table and named by their flag.
     rows = {option.name: option for option in options()}
     table: dict[str, Any] = {}  # validated option values of several types, by parameter
-    for param, name in TRAIN_OPTIONS.items():
+    for param, name in classifier._train_options.items():
         try:
             table[param] = rows[name].constraint.check(getattr(args, param), rows[name].flag)
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
 
+    if args.dataset not in DATASETS:  # a path, read as MNIST-format data
+        if args.data_path is not None:
+            raise UsageError(
+                f"--data-path is only used with --dataset mnist, got --dataset {args.dataset}"
+            )
+        args.data_path, args.dataset = args.dataset, "mnist"
     if args.dataset == "mnist":
         if args.data_path is None:
             raise UsageError("--dataset mnist needs --data-path (nothing is downloaded)")
@@ -474,16 +576,28 @@ def _train(args: argparse.Namespace) -> int:
 
 def _train_checked(args: argparse.Namespace) -> int:
     from .._io import OutputPathError
-    from ..sklearn import SparseMLPClassifier
+    from ..sklearn import SparseCNNClassifier, SparseMLPClassifier
     from ..training.checkpoint import CheckpointError
     from ..training.state import NonFiniteError
 
     table = _check_train_args(args)
-    hidden = tuple(size for group in args.hidden for size in group)
-    clf = SparseMLPClassifier(
-        hidden_layer_sizes=hidden,
+    model: dict[str, Any]
+    if args.model == "mlp":
+        hidden = (300, 100) if args.hidden is None else _flat(args.hidden)
+        model = {"hidden_layer_sizes": hidden, "init": args.init}
+        classifier: type[SparseMLPClassifier | SparseCNNClassifier] = SparseMLPClassifier
+    else:
+        widths = (16, 32, 64) if args.widths is None else _flat(args.widths)
+        model = {
+            "architecture": args.model,
+            "widths": widths,
+            "input_shape": None if args.input_shape is None else tuple(args.input_shape),
+            "prune_first": args.prune_first,
+        }
+        classifier = SparseCNNClassifier
+    clf = classifier(
+        **model,
         granularity=args.granularity,
-        init=args.init,
         max_iter=args.epochs,
         finetune_iter=args.finetune_epochs,
         fixed_mask=args.fixed_mask,
@@ -547,7 +661,11 @@ def _train_checked(args: argparse.Namespace) -> int:
             "history": clf.history_,
             "config": {
                 **{k: v for k, v in vars(args).items() if k not in ("handler", "command_parser")},
-                "hidden": list(hidden),
+                **(
+                    {"hidden": list(model["hidden_layer_sizes"])}
+                    if args.model == "mlp"
+                    else {"widths": list(model["widths"])}
+                ),
                 "estimator_params": clf.get_params(),
             },
             "data": {
@@ -570,6 +688,11 @@ def _train_checked(args: argparse.Namespace) -> int:
     return 0
 
 
+def _flat(groups: list[list[int]]) -> tuple[int, ...]:
+    """``--hidden 300,100`` or ``--hidden 300 100`` as one tuple of sizes."""
+    return tuple(size for group in groups for size in group)
+
+
 def _finite(value: object) -> object:
     """JSON-ready copy: NaN and infinities become None, tuples lists, NumPy scalars Python."""
     if isinstance(value, dict):
@@ -584,10 +707,11 @@ def _finite(value: object) -> object:
 
 
 def _table(layers: list[LayerDensity]) -> str:
+    # A layer is named by its path (see layer_densities): "3.0.1" inside a residual block.
     header = ("layer", "type", "shape", "units", "active", "density")
     rows = [
         (
-            str(r["layer"]),
+            r["name"],
             r["type"] + ("" if r["prunable"] else " (dense)"),
             "x".join(map(str, r["shape"])),
             str(r["n_units"]),
