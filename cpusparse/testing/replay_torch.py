@@ -4,11 +4,14 @@ Two ports of the trace format (the trace format page of the documentation), for
 checking a GPU or PyTorch implementation against ``cpusparse trace``:
 
 - :func:`replay` is *stage-isolated*: it rebuilds every stage of every step from the
-  arrays the trace stores (weights, scores, masks, losses) and compares each result.
-- :func:`replay_free` is *free-running*: it starts from what a port has at step 0
-  (:func:`free_run_inputs`) and runs every step on its own state, writing a trace of
-  its own, to be compared with ``cpusparse verify`` (or ``compare_traces``) at the
-  default tolerances in float64 and at :func:`float32_tolerances` in float32.
+  arrays the trace stores (weights, scores, masks, losses) and compares each result,
+  for MLP and CNN (VGG, ResNet: convolutions, batch norms, pools, residual blocks)
+  traces.
+- :func:`replay_free` is *free-running* (MLP traces only): it starts from what a port
+  has at step 0 (:func:`free_run_inputs`) and runs every step on its own state,
+  writing a trace of its own, to be compared with ``cpusparse verify`` (or
+  ``compare_traces``) at the default tolerances in float64 and at
+  :func:`float32_tolerances` in float32.
 
 Usage: ``python -m cpusparse.testing.replay_torch TRACE.npz`` (stage-isolated) or
 ``python -m cpusparse.testing.replay_torch TRACE.npz --free OUT.npz`` (free-running;
@@ -32,6 +35,8 @@ __all__ = [
     "Checker",
     "score_gradient",
     "project",
+    "REPLAYED_TYPES",
+    "CNN_TYPES",
     "replay",
     "FREE_RUN_INPUTS",
     "RESYNC_INPUTS",
@@ -159,8 +164,214 @@ def _sum(terms: Iterable[torch.Tensor]) -> torch.Tensor:
     return total
 
 
+REPLAYED_TYPES = (
+    "SparseLinear",
+    "Linear",
+    "Conv2d",
+    "BatchNorm2d",
+    "ReLU",
+    "MaxPool2d",
+    "AvgPool2d",
+    "GlobalAvgPool2d",
+    "Flatten",
+)
+"""The layer types (``meta/layers``) :func:`replay` rebuilds; :func:`replay_free` runs
+the first two only (MLP traces)."""
+
+CNN_TYPES = frozenset(REPLAYED_TYPES[2:])
+"""Layer types that make a trace a CNN trace (images, batch norms, pools)."""
+
+
+def _param_names(la: Mapping[str, Any]) -> list[str]:
+    # CNN traces list each layer's parameters; in MLP traces every layer has both.
+    return list(la.get("params", ("weight", "bias")))
+
+
+def _batch_norm(
+    h: torch.Tensor,
+    la: Mapping[str, Any],
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    running: list[torch.Tensor] | None,
+    live: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """A training pass of a ``BatchNorm2d`` as the engine runs it.
+
+    ``running`` (``[mean, var]``, replaced in place in the list) is updated when given.
+    With ``mask_order="after_norm"`` only the ``live`` channels are normalised: a dead
+    channel outputs exactly 0 and keeps its running statistics. With ``"before_norm"``
+    every channel is normalised (a dead one, whose input is exactly 0, outputs beta).
+    """
+    momentum, eps = float(la["momentum"]), float(la["eps"])
+    new = None if running is None else [r.clone() for r in running]
+    out = torch.nn.functional.batch_norm(
+        h,
+        None if new is None else new[0],
+        None if new is None else new[1],
+        weight,
+        bias,
+        training=True,
+        momentum=momentum,
+        eps=eps,
+    )
+    after = la.get("mask_order", "after_norm") == "after_norm"
+    if running is not None and new is not None:
+        for j in range(2):
+            running[j] = (
+                new[j] if live is None or not after else torch.where(live, new[j], running[j])
+            )
+    if not after:
+        return out, None
+    if live is not None:
+        out = out * live[None, :, None, None]
+    return out, live
+
+
+def _forward_graph(
+    x: torch.Tensor,
+    layers: Sequence[Mapping[str, Any]],
+    blocks: Sequence[Mapping[str, Any]],
+    params: Mapping[tuple[int, str], torch.Tensor],
+    patterns: Mapping[int, torch.Tensor],
+    masks: Mapping[int, torch.Tensor],
+    running: dict[int, list[torch.Tensor]] | None,
+) -> torch.Tensor:
+    """Logits of one masked pass through the leaf layers and residual blocks of a trace.
+
+    ``masks[l]`` is the mask of prunable layer ``l``; ``running[l]`` the running
+    statistics of batch norm ``l``, updated in place when given (None: no update).
+    ``live`` follows the engine's known-zero channels: the kept channels after a
+    channel-masked convolution, unchanged through batch norms (after_norm), ReLUs and
+    pools, the union of both branches after a residual add.
+    """
+    starts = {blk["main"][0]: blk for blk in blocks}
+
+    def leaf(i: int, h: torch.Tensor, live: torch.Tensor | None) -> tuple[torch.Tensor, Any]:
+        la = layers[i]
+        kind, gran, mask = la["type"], la["granularity"], masks.get(i)
+        if kind in ("SparseLinear", "Linear"):
+            keep = patterns[i]
+            if mask is not None and gran == "weight":
+                keep = keep & mask
+            h = h @ (params[(i, "weight")] * keep).T + params[(i, "bias")]
+            if la["activation"] == "relu":
+                h = torch.relu(h)
+            if mask is not None and gran != "weight":  # a dropped neuron loses its bias too
+                h = h * mask
+            return h, None
+        if kind == "Conv2d":
+            weight = params[(i, "weight")]
+            if mask is not None and gran == "weight":
+                weight = weight * mask
+            h = torch.nn.functional.conv2d(
+                h,
+                weight,
+                params.get((i, "bias")),
+                stride=tuple(la["stride"]),
+                padding=tuple(la["padding"]),
+            )
+            if la["activation"] == "relu":
+                h = torch.relu(h)
+            if mask is not None and gran == "channel":  # a dropped channel is exactly 0
+                return h * mask[None, :, None, None], mask
+            return h, None
+        if kind == "BatchNorm2d":
+            stats = None if running is None else running[i]
+            return _batch_norm(h, la, params[(i, "weight")], params[(i, "bias")], stats, live)
+        if kind == "ReLU":
+            return torch.relu(h), live
+        if kind == "MaxPool2d":
+            size, stride, pad = la["kernel_size"], la["stride"], la["padding"]
+            return torch.nn.functional.max_pool2d(h, size, stride, pad), live
+        if kind == "AvgPool2d":
+            size, stride, pad = la["kernel_size"], la["stride"], la["padding"]
+            return torch.nn.functional.avg_pool2d(h, size, stride, pad), live
+        if kind == "GlobalAvgPool2d":
+            return h.mean(dim=(2, 3)), live
+        if kind == "Flatten":
+            return h.flatten(1), None
+        raise ValueError(f"meta/layers: layer {i} of type {kind!r} is not replayed")
+
+    def run(
+        indices: Sequence[int], h: torch.Tensor, live: torch.Tensor | None, inside: bool
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        j = 0
+        while j < len(indices):
+            blk = None if inside else starts.get(indices[j])
+            if blk is None:
+                h, live = leaf(indices[j], h, live)
+                j += 1
+                continue
+            a, live_a = run(blk["main"], h, live, True)
+            shortcut = blk["shortcut"] or []
+            b, live_b = run(shortcut, h, live, True) if shortcut else (h, live)
+            h = a + b
+            if blk["activation"] == "relu":
+                h = torch.relu(h)
+            live = None if live_a is None or live_b is None else live_a | live_b
+            j += len(blk["main"]) + len(shortcut)
+        return h, live
+
+    return run(range(len(layers)), x, None, False)[0]
+
+
+def _check_blocks(
+    layers: Sequence[Mapping[str, Any]], blocks: Sequence[Mapping[str, Any]]
+) -> list[str]:
+    """Why the layers and blocks of a trace cannot be replayed (empty if they can)."""
+    errors = [
+        f"meta/layers: layer {la['index']} of type {la['type']!r} is not replayed"
+        for la in layers
+        if la["type"] not in REPLAYED_TYPES
+    ]
+    seen: set[int] = set()
+    for blk in blocks:
+        if blk.get("type") != "Residual":
+            errors.append(f"meta/blocks: block {blk.get('path')} of type {blk.get('type')!r}")
+        inside = [*blk["main"], *(blk["shortcut"] or [])]
+        if seen & set(inside) or inside != list(range(inside[0], inside[0] + len(inside))):
+            errors.append(
+                f"meta/blocks: block {blk.get('path')} is nested or not contiguous (replay "
+                "runs residual blocks of leaf layers)"
+            )
+        seen |= set(inside)
+    return errors
+
+
 def replay(trace: Mapping[str, np.ndarray]) -> list[str]:
-    """Replay every step of ``trace`` (a dict of arrays); return the list of failures."""
+    """Replay every step of ``trace`` (a dict of arrays); return the list of failures.
+
+    Stage-isolated: each step starts from the trace's own parameters, running
+    statistics and scores, and every stage is rebuilt in PyTorch from the trace's
+    inputs and compared (:class:`Checker`, :data:`TOLERANCES` by ``meta/dtype``):
+    masks, the K masked forward passes and their losses (and, for CNNs, the running
+    statistics they leave), the weight gradients by autograd, the score gradient
+    (:func:`score_gradient`, from the stored losses and masks), the gradient norm and
+    clipping and one optimizer step of the weights (from the stored gradients) and of
+    the scores, and the projection (:func:`project`).
+
+    MLP traces (``SparseLinear`` and ``Linear`` layers) and CNN traces
+    (:data:`REPLAYED_TYPES`: ``Conv2d`` by ``torch.nn.functional.conv2d``,
+    ``BatchNorm2d`` by ``batch_norm`` in training mode with the engine's momentum,
+    pools, and the residual blocks of ``meta/blocks``, ``relu(main + shortcut)``) are
+    replayed. A channel mask multiplies the convolution's output; with
+    ``mask_order="after_norm"`` the batch norm after it outputs exactly 0 on a dropped
+    channel and leaves its running statistics alone; a weight mask multiplies the
+    weight. ``norm_updates`` (``meta/config``) says whether the first pass or every
+    pass (in order) updates the running statistics.
+
+    Parameters
+    ----------
+    trace : dict of str to ndarray
+        A trace of any readable format version, as written or as upgraded by
+        ``cpusparse.tools.trace.load_trace``.
+
+    Returns
+    -------
+    failures : list of str
+        One line per array that differs (its name first), in computation order
+        within each step; empty if the replay agrees.
+    """
     t = {k: torch.from_numpy(v) for k, v in trace.items() if v.dtype.kind != "U"}
     cfg = json.loads(str(trace["meta/config"]))
     # Format version 1 (cpusparse 0.1) names the estimator "estimator" and the gradients of
@@ -180,16 +391,23 @@ def replay(trace: Mapping[str, np.ndarray]) -> list[str]:
     per = "per_sample" if "step0/layer0/weight_grad_per_sample" in trace else "per_pass"
     with_scores = cfg.get("clip_scope", "weights") == "weights+scores"
     layers = json.loads(str(trace["meta/layers"]))
+    blocks = json.loads(str(trace["meta/blocks"])) if "meta/blocks" in trace else []
+    errors = _check_blocks(layers, blocks)
+    if "meta/blocks" not in trace and any("." in str(la.get("path", "")) for la in layers):
+        errors.append("meta/blocks: missing, but meta/layers has layers inside containers")
+    if errors:
+        return errors
+    every_pass = cfg.get("norm_updates", "once") == "every_pass"
     check = Checker(trace, *TOLERANCES[str(trace["meta/dtype"])])
     budget = float(trace["meta/budget"])
     prunable = [la["index"] for la in layers if la["prunable"]]
+    # The flat parameter list: leaf layers in order, each layer's parameters in order.
+    keys = [(la["index"], name) for la in layers for name in _param_names(la)]
+    norms = [la["index"] for la in layers if la["type"] == "BatchNorm2d"]
 
     # Parameters and optimizers persist across steps; their state starts at zero.
-    params = [
-        [t[f"step0/layer{i}/{name}"].clone().requires_grad_() for name in ("weight", "bias")]
-        for i in range(len(layers))
-    ]
-    flat = [p for pair in params for p in pair]
+    params = {(i, name): t[f"step0/layer{i}/{name}"].clone().requires_grad_() for i, name in keys}
+    flat = list(params.values())
     opt: torch.optim.Optimizer
     if cfg["optimizer"] == "adam":
         opt = torch.optim.Adam(flat, lr=cfg["lr"], weight_decay=cfg["weight_decay"])
@@ -217,41 +435,50 @@ def replay(trace: Mapping[str, np.ndarray]) -> list[str]:
             {k.split("/")[-1]: v for k, v in t.items() if k.startswith(f"{pre}/layer{i}/")}
             for i in range(len(layers))
         ]
+        patterns = {i: layer[i]["pattern"] for i in range(len(layers)) if "pattern" in layer[i]}
         K = losses_ref.shape[0]
         with torch.no_grad():  # start each step from the stored weights and scores
-            for i, (w, b) in enumerate(params):
-                w.copy_(layer[i]["weight"])
-                b.copy_(layer[i]["bias"])
+            for (i, name), p in params.items():
+                p.copy_(layer[i][name])
             for i in prunable:
                 scores[i].copy_(layer[i]["score"])
+        running = {i: [layer[i]["running_mean"], layer[i]["running_var"]] for i in norms}
         for i in prunable:  # masks = uniforms < scores, compared in float64
             check(f"{pre}/layer{i}/masks", layer[i]["uniforms"] < layer[i]["score"].double())
 
         # K masked forward passes on the same batch; autograd for the weight gradients.
+        # Running statistics follow the first pass (norm_updates="once") or every pass.
         n_backward = K if cfg["weight_grad"] == "mean" else 1
         losses, grads = [], []
         for k in range(K):
-            h = x
-            for i, (w, b) in enumerate(params):
-                keep = layer[i]["pattern"]
-                if layers[i]["prunable"] and layers[i]["granularity"] == "weight":
-                    keep = keep & layer[i]["masks"][k]
-                h = h @ (w * keep).T + b
-                if layers[i]["activation"] == "relu":
-                    h = torch.relu(h)
-                if layers[i]["prunable"] and layers[i]["granularity"] == "neuron":
-                    h = h * layer[i]["masks"][k]  # a dropped neuron loses its bias too
+            masks = {i: layer[i]["masks"][k] for i in prunable}
+            stats = running if k == 0 or every_pass else None
+            try:
+                h = _forward_graph(x, layers, blocks, params, patterns, masks, stats)
+            except (RuntimeError, ValueError) as exc:  # e.g. shapes that do not chain
+                return [*check.failures, f"{pre}: forward pass {k} failed: {exc}"]
             loss = torch.nn.functional.cross_entropy(h, y)  # mean over the batch
             losses.append(float(loss.detach()))
             if k < n_backward:
                 grads.append(torch.autograd.grad(loss, flat))
         check(f"{pre}/losses", np.array(losses))
+        for i in norms:
+            check(f"{pre}/layer{i}/running_mean_updated", running[i][0])
+            check(f"{pre}/layer{i}/running_var_updated", running[i][1])
         mean = [_sum(g[j] for g in grads) / n_backward for j in range(len(flat))]
-        for i in range(len(layers)):
-            check(f"{pre}/layer{i}/weight_grad_{per}", torch.stack([g[2 * i] for g in grads]))
-            check(f"{pre}/layer{i}/bias_grad_{per}", torch.stack([g[2 * i + 1] for g in grads]))
-            check(f"{pre}/layer{i}/weight_grad_mean", mean[2 * i])
-            check(f"{pre}/layer{i}/bias_grad_mean", mean[2 * i + 1])
+        at = {key: j for j, key in enumerate(keys)}
+        for la in layers:
+            i, names = la["index"], _param_names(la)
+            for name in names:
+                per_pass = torch.stack([g[at[(i, name)]] for g in grads])
+                check(f"{pre}/layer{i}/{name}_grad_{per}", per_pass)
+            for name in names:
+                check(f"{pre}/layer{i}/{name}_grad_mean", mean[at[(i, name)]])
+
+        # Stage isolation: the optimizer steps start from the stored gradients, as the
+        # score gradient starts from the stored losses (Adam's m / (sqrt(v) + eps) turns
+        # the rounding of a gradient that is a residue of an exact 0 into a step).
+        mean = [layer[i][f"{name}_grad_mean"] for i, name in keys]
 
         # Score gradient from the stored losses and masks (checked below).
         dscores = {
@@ -260,8 +487,8 @@ def replay(trace: Mapping[str, np.ndarray]) -> list[str]:
             ).to(scores[i].dtype)
             for i in prunable
         }
-        # Clip the global norm (accumulated in float64, weights then biases layer by
-        # layer, then the scores with clip_scope="weights+scores"); one weight step.
+        # Clip the global norm (accumulated in float64, the parameters in order, then the
+        # scores with clip_scope="weights+scores"); one weight step.
         clipped = mean + [dscores[i] for i in prunable] if with_scores else mean
         norm = float(torch.sqrt(_sum((g.double() ** 2).sum() for g in clipped)))
         check(f"{pre}/grad_norm", norm)
@@ -272,9 +499,8 @@ def replay(trace: Mapping[str, np.ndarray]) -> list[str]:
             p.grad = g.clone()
         opt.param_groups[0]["lr"] = float(trace[f"{pre}/lr"])
         opt.step()
-        for i, (w, b) in enumerate(params):
-            check(f"{pre}/layer{i}/weight_updated", w)
-            check(f"{pre}/layer{i}/bias_updated", b)
+        for (i, name), p in params.items():
+            check(f"{pre}/layer{i}/{name}_updated", p)
 
         # The score gradient (stored before clipping); one score step; projection.
         for n, i in enumerate(prunable):
@@ -562,7 +788,9 @@ def replay_free(trace: Mapping[str, np.ndarray], *, resync_masks: bool = True) -
         ``cpusparse.tools.trace.compare_traces(ref, run.trace)``: at the default
         tolerances in float64, at :func:`float32_tolerances` in float32), the mask
         flips, and the reasons if the trace cannot be run (straight-through, a
-        version 1 trace, layers other than (sparse) linear ones, a non-finite loss).
+        version 1 trace, a CNN trace or any layers other than (sparse) linear ones, a
+        non-finite loss). CNN traces are checked by the stage-isolated :func:`replay`
+        only.
 
     Notes
     -----
@@ -594,8 +822,15 @@ def replay_free(trace: Mapping[str, np.ndarray], *, resync_masks: bool = True) -
             "vrpge, vrpge-sqrt and reinforce are: straight-through needs the chain-rule "
             "gradient with respect to the masks)"
         )
+    cnn = sorted({la["type"] for la in layers if la["type"] in CNN_TYPES})
+    if cnn or "meta/blocks" in trace:
+        errors.append(
+            f"meta/layers: a CNN trace ({', '.join(cnn) or 'residual blocks'}) is not run by "
+            "replay_free, which ports MLP traces (SparseLinear and Linear layers) only; "
+            "check a CNN trace stage by stage with replay()"
+        )
     for la in layers:
-        if la["type"] not in ("SparseLinear", "Linear"):
+        if la["type"] not in ("SparseLinear", "Linear") and la["type"] not in CNN_TYPES:
             errors.append(f"meta/layers: layer {la['index']} of type {la['type']!r} is not ported")
     if errors:
         return FreeRun({}, {}, errors)
@@ -751,9 +986,11 @@ def replay_free(trace: Mapping[str, np.ndarray], *, resync_masks: bool = True) -
 
 _STAGES = (
     ("batch_index", "x", "y", "lr", "score_lr", "pattern", "weight", "bias", "score"),
+    ("running_mean", "running_var"),
     ("uniforms",),
     ("masks",),
     ("losses",),
+    ("running_mean_updated", "running_var_updated"),
     ("weight_grad_per_pass", "bias_grad_per_pass"),
     ("weight_grad_mean", "bias_grad_mean"),
     ("dscore",),
@@ -773,8 +1010,9 @@ def stage_key(name: str) -> tuple[int, int, int, str]:
     A trace lists the arrays of a step layer by layer, so the first mismatch of a
     comparison in file order is rarely the first one computed. Sorting the
     mismatches' names by this key (step, then stage in the documented order within a
-    step: inputs, uniforms, masks, losses, weight gradients, their mean, score
-    gradient, norm, weight step, score step, threshold, projection; then layer)
+    step: inputs, running statistics, uniforms, masks, losses, updated running
+    statistics, weight gradients, their mean, score gradient, norm, weight step, score
+    step, threshold, projection; then layer)
     gives the stage where a port starts to diverge.
 
     Parameters
@@ -988,6 +1226,12 @@ def float32_error_bounds(trace: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
     -------
     bounds : dict of str to ndarray
 
+    Raises
+    ------
+    ValueError
+        For a CNN trace (:data:`CNN_TYPES`): the model is that of the MLP port
+        :func:`replay_free`.
+
     Notes
     -----
     With :math:`\epsilon = 2^{-23}` and the masks shared, a first-order model of the
@@ -1027,6 +1271,12 @@ def float32_error_bounds(trace: Mapping[str, np.ndarray]) -> dict[str, np.ndarra
     """
     cfg = json.loads(str(trace["meta/config"]))
     layers = json.loads(str(trace["meta/layers"]))
+    cnn = sorted({la["type"] for la in layers if la["type"] in CNN_TYPES})
+    if cnn:
+        raise ValueError(
+            f"trace must be an MLP trace (the error model is that of replay_free), got a "
+            f"CNN trace with layers of type {', '.join(cnn)}"
+        )
     n_steps = int(trace["meta/n_steps"])
     estimator = cfg["score_estimator"]
     prunable = [la["index"] for la in layers if la["prunable"]]

@@ -1,10 +1,11 @@
 r"""Golden traces: every intermediate of a few training steps, for checking other ports.
 
 A *trace* is one ``.npz`` file holding, for each of a few steps of
-:func:`~cpusparse.training.train_step` on a small MLP, the mini-batch, the weights and
-scores before the step, the uniforms and masks drawn, the K losses, the weight,
-bias and score gradients, the projection and the updated parameters, all as dense
-arrays in the PyTorch orientation, under flat names such as
+:func:`~cpusparse.training.train_step` on a small network (an MLP, or a VGG or ResNet
+CNN of :mod:`cpusparse.models`), the mini-batch, the weights and scores before the
+step, the uniforms and masks drawn, the K losses, the weight, bias and score
+gradients, the projection, the updated parameters and (CNNs) the batch-norm running
+statistics, all as dense arrays in the PyTorch orientation, under flat names such as
 ``step0/layer1/weight_grad_mean``. Someone porting the method (to a GPU, to
 PyTorch, to JAX) replays each step from the stored inputs and compares their
 arrays with :func:`compare_traces` or ``cpusparse verify``. The layout is
@@ -30,6 +31,10 @@ Examples
 True
 >>> compare_traces(trace, make_trace(layers=(6, 5, 3), steps=1, batch_size=4, n_masks=2)).ok
 True
+>>> cnn = make_trace(model="vgg", widths=(2, 4), input_shape=(1, 4, 4), steps=1,
+...                  batch_size=2, n_masks=2)
+>>> cnn["step0/x"].shape, cnn["step0/layer0/weight"].shape, cnn["step0/layer0/masks"].shape
+((2, 1, 4, 4), (2, 1, 3, 3), (2, 2))
 """
 
 from __future__ import annotations
@@ -53,8 +58,11 @@ import numpy as np
 
 from .._io import NpzError, atomic_write, read_npz
 from .._validation import check_choice
+from ..engine.containers import Residual, Sequential
+from ..engine.layers.conv import CONV_GRANULARITIES, Conv2d
 from ..engine.layers.linear import GRANULARITIES
-from ..models import mlp
+from ..engine.layers.norm import MASK_ORDERS, BatchNorm2d
+from ..models import mlp, resnet, vgg
 from ..training import TrainConfig, init_state, iterate_batches, spawn_streams, train_step
 from ..training.config import PRESETS, options
 from ._options import HelpFormatter, add_options, add_preset, layer_sizes, preset_of
@@ -62,6 +70,7 @@ from ._options import HelpFormatter, add_options, add_preset, layer_sizes, prese
 if TYPE_CHECKING:
     import numpy.typing as npt
 
+    from ..engine.layers.base import Layer
     from ..training.state import TrainState
 
 __all__ = [
@@ -73,6 +82,8 @@ __all__ = [
     "make_trace",
     "record_trace",
     "TRAIN_DEFAULTS",
+    "MODELS",
+    "CNN_DEFAULTS",
     "write_trace",
     "load_trace",
     "upgrade_trace",
@@ -148,6 +159,32 @@ cpusparse trace conventions (format version 3)
   feasible.
 """
 
+CNN_CONVENTIONS = """\
+cpusparse trace conventions of CNN traces (format version 3, meta/cnn_conventions)
+- Images x are stored (n_batch, C, H, W), PyTorch's NCHW; the engine itself takes
+  channel-major (C, n_batch, H, W). Conv weights are (C_out, C_in, kh, kw);
+  cross-correlation as torch.nn.functional.conv2d (stride, padding in meta/layers).
+- layer<l> is the position of the layer in a depth-first walk over the leaf layers
+  (containers opened; parameterless layers such as ReLU and pools counted); its path
+  (meta/layers) is the prefix of its parameters in the network ("3.0.1": block 3,
+  main branch 0 (shortcut 1), position 1). The flat parameter vector, the gradient
+  norm and the flat unit vector follow this order.
+- Residual blocks (meta/blocks): out = relu(main(x) + shortcut(x)), shortcut the
+  identity when absent.
+- Channel granularity: conv output channel c is m_c * conv(x)[c] (no conv bias); the
+  batch norm after it normalises the kept channels only (mask_order after_norm): a
+  dropped channel outputs exactly 0 and keeps its running statistics and 0 gradients.
+  mask_order before_norm: BN(m * conv(x)), a dropped channel outputs beta. Weight
+  granularity: conv(x, W * m).
+- Batch norm (training): batch mean and biased variance over (N, H, W); running
+  statistics updated with the unbiased variance and momentum (meta/layers):
+  r = (1 - momentum) r + momentum batch_stat, by pass 0 only (norm_updates once) or
+  by every pass in order (every_pass); running_mean_updated is after the K passes.
+  gamma and beta (weight, bias) are weight-optimizer parameters (weight decay too).
+- Synthetic images: x = rng.standard_normal((n_data, C, H, W)), teacher =
+  rng.standard_normal((n_classes, C*H*W)), y = argmax(x.reshape(n_data, -1) @ teacher.T).
+"""
+
 _NAME_RE = re.compile(r"(?:^|/)step(\d+)/(?:layer(\d+)/)?")
 
 
@@ -187,6 +224,47 @@ _RUN_DEFAULTS: _RunOptions = {
     "dtype": "float64",
 }
 
+MODELS = ("mlp", "vgg", "resnet")
+"""The networks :func:`make_trace` builds (``model=``): :func:`~cpusparse.models.mlp`,
+:func:`~cpusparse.models.vgg`, :func:`~cpusparse.models.resnet`."""
+
+
+class _CnnOptions(TypedDict):
+    widths: tuple[int, ...]
+    input_shape: tuple[int, ...]
+    n_classes: int
+    granularity: str
+    prune_first: bool
+    mask_order: str
+    seed: int
+    steps: int
+    batch_size: int
+    n_data: int
+    dataset: str
+    dtype: str
+
+
+CNN_DEFAULTS: _CnnOptions = {
+    "widths": (4, 8),
+    "input_shape": (3, 8, 8),
+    "n_classes": 10,
+    "granularity": "channel",
+    "prune_first": True,
+    "mask_order": "after_norm",
+    "seed": 0,
+    "steps": 3,
+    "batch_size": 8,
+    "n_data": 64,
+    "dataset": "synthetic",
+    "dtype": "float64",
+}
+"""The model, data and run defaults of CNN traces (``model="vgg"`` or ``"resnet"``).
+
+``model="vgg"`` adds ``convs_per_stage`` (default 2), ``model="resnet"``
+``blocks_per_stage`` (default 1), the defaults of :mod:`cpusparse.models`."""
+
+_PER_STAGE = {"vgg": ("convs_per_stage", 2), "resnet": ("blocks_per_stage", 1)}
+
 # Training options of the table (cpusparse.training.config) a trace records, with the
 # defaults of traces where they differ from the table's. The schedule runs over the
 # trace's steps and compaction is off, so that stored patterns stay fixed.
@@ -211,21 +289,42 @@ def _check_int(value: int, name: str, low: int) -> int:
     return int(value)
 
 
+def _int_tuple(value, name, length=None):
+    if isinstance(value, str) or not hasattr(value, "__len__"):
+        raise TypeError(f"{name} must be a sequence of ints, got {value!r}")
+    if length is not None and len(value) != length:
+        raise ValueError(f"{name} must hold {length} ints, got {list(value)}")
+    if not len(value):
+        raise ValueError(f"{name} must be a nonempty sequence of ints, got []")
+    return tuple(_check_int(n, f"{name}[{i}]", 1) for i, n in enumerate(value))
+
+
 def _options(options):
     options = dict(options)
     name = options.pop("preset", "paper")
     if name not in PRESETS:
         raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {name!r}")
+    model = options.pop("model", "mlp")
+    check_choice(model, "model", MODELS)
     traced = _train_defaults()
+    if model == "mlp":
+        run: Mapping[str, object] = _RUN_DEFAULTS
+    else:
+        key, default = _PER_STAGE[model]
+        run = {**CNN_DEFAULTS, key: default}
     defaults = {
-        **_RUN_DEFAULTS,
+        **run,
         **traced,
         **{k: v for k, v in PRESETS[name].items() if k in traced},
     }
     unknown = sorted(set(options) - set(defaults))
     if unknown:
-        raise TypeError(f"unknown trace options {unknown}; known: {sorted(defaults)}")
+        raise TypeError(
+            f"unknown trace options {unknown} for model={model!r}; known: {sorted(defaults)}"
+        )
     opts = {**defaults, **options, "preset": name}
+    if model != "mlp":
+        return _cnn_options(opts, model)
     layers = opts["layers"]
     if isinstance(layers, str) or not hasattr(layers, "__len__"):
         raise TypeError(f"layers must be a sequence of ints, got {layers!r}")
@@ -236,11 +335,7 @@ def _options(options):
             f"classes (or two sizes with sparse_classifier=True), got {list(layers)}"
         )
     opts["layers"] = layers
-    for name in ("steps", "batch_size", "n_data"):
-        opts[name] = _check_int(opts[name], name, 1)
-    opts["seed"] = _check_int(opts["seed"], "seed", 0)
-    check_choice(opts["dataset"], "dataset", DATASETS)
-    check_choice(opts["dtype"], "dtype", ("float32", "float64"))
+    _common_options(opts)
     opts["sparse_classifier"] = bool(opts["sparse_classifier"])
     density = opts["stored_density"]
     if isinstance(density, bool) or not isinstance(density, numbers.Real):
@@ -251,13 +346,57 @@ def _options(options):
     return opts
 
 
+def _common_options(opts):
+    for name in ("steps", "batch_size", "n_data"):
+        opts[name] = _check_int(opts[name], name, 1)
+    opts["seed"] = _check_int(opts["seed"], "seed", 0)
+    check_choice(opts["dataset"], "dataset", DATASETS)
+    check_choice(opts["dtype"], "dtype", ("float32", "float64"))
+
+
+def _cnn_options(opts, model):
+    opts = {"model": model, **opts}
+    opts["widths"] = _int_tuple(opts["widths"], "widths")
+    opts["input_shape"] = _int_tuple(opts["input_shape"], "input_shape", 3)
+    opts["n_classes"] = _check_int(opts["n_classes"], "n_classes", 1)
+    key, _ = _PER_STAGE[model]
+    opts[key] = _check_int(opts[key], key, 1)
+    check_choice(opts["granularity"], "granularity", tuple(CONV_GRANULARITIES))
+    check_choice(opts["mask_order"], "mask_order", MASK_ORDERS)
+    if not isinstance(opts["prune_first"], bool | np.bool_):
+        raise TypeError(f"prune_first must be a bool, got {opts['prune_first']!r}")
+    opts["prune_first"] = bool(opts["prune_first"])
+    _common_options(opts)
+    if opts["dataset"] == "digits" and (opts["input_shape"], opts["n_classes"]) != ((1, 8, 8), 10):
+        raise ValueError(
+            "input_shape must be (1, 8, 8) and n_classes 10 for dataset='digits', got "
+            f"{opts['input_shape']} and {opts['n_classes']}"
+        )
+    return opts
+
+
 def _config(opts):
     train = {name: opts[name] for name in _train_defaults()}  # "preset" is not an option
     return TrainConfig(**train, total_steps=opts["steps"], compact_every=0)
 
 
 def _data(opts, dtype):
-    """Batch-major ``(X, y)`` for the trace: synthetic from the seed, or digits."""
+    """Batch-major ``(X, y)`` for the trace: synthetic from the seed, or digits.
+
+    ``X`` is ``(n_data, n_in)`` for an MLP, ``(n_data, C, H, W)`` for a CNN.
+    """
+    if "model" in opts:  # a CNN
+        shape, n_classes = opts["input_shape"], opts["n_classes"]
+        if opts["dataset"] == "digits":
+            from .datasets import load_dataset
+
+            ds = load_dataset("digits", dtype=dtype)
+            return ds.X.reshape((-1, *shape)), ds.y.astype(np.int64)
+        rng = np.random.default_rng(np.random.SeedSequence(opts["seed"]).spawn(4)[3])
+        x = rng.standard_normal((opts["n_data"], *shape))
+        teacher = rng.standard_normal((n_classes, math.prod(shape)))
+        y = np.argmax(x.reshape(opts["n_data"], -1) @ teacher.T, axis=1).astype(np.int64)
+        return x.astype(dtype), y
     n_in, n_classes = opts["layers"][0], opts["layers"][-1]
     if opts["dataset"] == "digits":
         from .datasets import load_dataset
@@ -298,13 +437,35 @@ def _json(value: object) -> np.ndarray:
 
 
 def make_trace(**options: object) -> dict[str, np.ndarray]:
-    """Run a few training steps of a small sparse MLP and record every intermediate.
+    """Run a few training steps of a small sparse network and record every intermediate.
 
     Parameters
     ----------
+    model : {"mlp", "vgg", "resnet"}, default="mlp"
+        The network (:data:`MODELS`). The options ``layers``, ``stored_density`` and
+        ``sparse_classifier`` are the MLP's; ``widths``, ``input_shape``,
+        ``n_classes``, ``convs_per_stage`` (vgg), ``blocks_per_stage`` (resnet),
+        ``prune_first`` and ``mask_order`` the CNNs' (:data:`CNN_DEFAULTS`). An MLP
+        trace does not record ``model`` in ``meta/options``.
     layers : tuple of int, default=(20, 16, 12, 5)
-        Layer sizes including the input size and the number of classes.
-    granularity : {"weight", "neuron"}, default="weight"
+        MLP: layer sizes including the input size and the number of classes.
+    widths : tuple of int, default=(4, 8)
+        CNN: the channels of each stage (:func:`~cpusparse.models.vgg`,
+        :func:`~cpusparse.models.resnet`).
+    input_shape : (C, H, W), default=(3, 8, 8)
+        CNN: one image's shape.
+    n_classes : int, default=10
+        CNN: number of classes.
+    convs_per_stage, blocks_per_stage : int, default=2, 1
+        VGG: convolutions per stage (one count for every stage); ResNet: basic
+        blocks per stage (3 gives ResNet-20's layout).
+    prune_first : bool, default=True
+        CNN: whether the first convolution takes a mask.
+    mask_order : {"after_norm", "before_norm"}, default="after_norm"
+        CNN: the ``mask_order`` of every batch norm
+        (:class:`~cpusparse.engine.layers.norm.BatchNorm2d`).
+    granularity : {"weight", "neuron"} or {"channel", "weight"}, default="weight" or "channel"
+        MLP or CNN (one mask bit per output channel or per weight).
     density : float, default=0.5
         Kept fraction (budget = density * n_units).
     stored_density : float, default=1.0
@@ -324,7 +485,8 @@ def make_trace(**options: object) -> dict[str, np.ndarray]:
         Size of the synthetic data set.
     dataset : {"synthetic", "digits"}, default="synthetic"
         Synthetic Gaussian inputs labelled by a random linear teacher, or
-        scikit-learn's digits (needs ``layers=(64, ..., 10)``).
+        scikit-learn's digits (needs ``layers=(64, ..., 10)``, or
+        ``input_shape=(1, 8, 8)`` and ``n_classes=10`` for a CNN).
     dtype : {"float32", "float64"}, default="float64"
     weight_grad : {"mean", "first"}
     clip_norm : float or None
@@ -338,6 +500,8 @@ def make_trace(**options: object) -> dict[str, np.ndarray]:
         Initial keep probability (None: ``density``).
     clip_scope : {"weights", "weights+scores"}
         What ``clip_norm`` clips.
+    norm_updates : {"once", "every_pass"}
+        How the K passes update batch-norm running statistics (CNNs).
     preset : {"paper", "authors"}, default="paper"
         Start from the named set of training options
         (:data:`~cpusparse.training.config.PRESETS`); explicit options override it.
@@ -363,23 +527,101 @@ def make_trace(**options: object) -> dict[str, np.ndarray]:
     config = _config(opts)
     dtype = np.dtype(opts["dtype"])
     init_rng, data_rng, mask_rng = spawn_streams(opts["seed"])
-    network = mlp(
-        opts["layers"][0],
-        opts["layers"][1:-1],
-        opts["layers"][-1],
-        granularity=opts["granularity"],
-        sparse_classifier=opts["sparse_classifier"],
-        stored_density=opts["stored_density"],
-        dtype=dtype.type,
-        rng=init_rng,
-    )
+    if "model" in opts:
+        network = _cnn(opts, dtype, init_rng)
+    else:
+        network = mlp(
+            opts["layers"][0],
+            opts["layers"][1:-1],
+            opts["layers"][-1],
+            granularity=opts["granularity"],
+            sparse_classifier=opts["sparse_classifier"],
+            stored_density=opts["stored_density"],
+            dtype=dtype.type,
+            rng=init_rng,
+        )
     state = init_state(network, config, data_rng=data_rng, mask_rng=mask_rng)
     x_all, y_all = _data(opts, dtype)
-    options_meta = {k: list(v) if k == "layers" else v for k, v in opts.items()}
+    options_meta = {k: list(v) if isinstance(v, tuple) else v for k, v in opts.items()}
     return record_trace(
         state, config, x_all, y_all, steps=opts["steps"], batch_size=opts["batch_size"],
         options=options_meta,
     )  # fmt: skip
+
+
+def _cnn(opts, dtype, init_rng):
+    """The VGG or ResNet of the options, its batch norms set to ``mask_order``."""
+    build, key = (
+        (vgg, "convs_per_stage") if opts["model"] == "vgg" else (resnet, "blocks_per_stage")
+    )
+    network = build(
+        opts["widths"],
+        opts["input_shape"],
+        opts["n_classes"],
+        **{key: opts[key]},
+        granularity=opts["granularity"],
+        prune_first=opts["prune_first"],
+        density=opts["density"],
+        dtype=dtype.type,
+        rng=init_rng,
+    )
+    for _, layer in _leaves(network):
+        if isinstance(layer, BatchNorm2d):
+            layer.mask_order = opts["mask_order"]
+    return network
+
+
+def _leaves(container: Sequential) -> list[tuple[str, Layer]]:
+    """``(path, layer)`` of every leaf layer, depth-first (the forward and parameter order).
+
+    ``path`` is the prefix of the layer's keys in ``container.params()``: ``"3"`` for
+    the fourth layer, ``"3.0.1"`` for the second layer of the main branch of a
+    :class:`~cpusparse.engine.containers.Residual` in fourth position (``"3.1.0"``:
+    its shortcut's first layer); see :meth:`~cpusparse.engine.layers.base.Layer.named_leaves`.
+    """
+    return list(container.named_leaves())
+
+
+def _blocks(layer: Layer, index: Mapping[str, int], prefix: str = "") -> list[dict]:
+    """The residual blocks inside ``layer``, depth-first, with their leaves' indices."""
+    out: list[dict] = []
+    for name, child in layer.children():
+        path = f"{prefix}{name}"
+        if isinstance(child, Residual):
+            branches = {
+                b: [index[p] for p, _ in branch.named_leaves(f"{path}.{b}.")]
+                for b, branch in child.children()
+            }
+            out.append(
+                {
+                    "path": path,
+                    "type": "Residual",
+                    "activation": child.activation,
+                    "main": branches["0"],
+                    "shortcut": branches.get("1"),
+                }
+            )
+        out += _blocks(child, index, f"{path}.")
+    return out
+
+
+def _layer_info(index: int, path: str, layer: Layer, prunable: bool, extended: bool) -> dict:
+    info = {
+        "index": index,
+        "type": type(layer).__name__,
+        "n_in": layer.n_in,
+        "n_out": layer.n_out,
+        "granularity": None if layer.units is None else layer.units.granularity,
+        "prunable": prunable,
+        **layer.config(),
+    }
+    if extended:  # CNN traces (MLP traces keep their version 3 bytes)
+        info["path"] = path
+        info["params"] = list(layer.params())
+        info["buffers"] = list(layer.buffers())
+        if isinstance(layer, Conv2d):
+            info["kernel_size"] = list(layer.kernel_size)
+    return info
 
 
 def _versions() -> tuple[str, str]:
@@ -416,8 +658,9 @@ def record_trace(
         At the start of the trace; updated in place.
     config : TrainConfig
         With ``compact_every=0``, so that stored patterns stay fixed.
-    x : ndarray of shape (n_data, n_in)
-        Batch-major data; mini-batches are drawn from ``state.data_rng``.
+    x : ndarray of shape (n_data, n_in) or (n_data, C, H, W)
+        Batch-major data (images in PyTorch's NCHW order); mini-batches are drawn
+        from ``state.data_rng``.
     y : ndarray of int, shape (n_data,)
     steps, batch_size : int
     options : dict, optional
@@ -426,6 +669,15 @@ def record_trace(
     Returns
     -------
     trace : dict of str to ndarray
+
+    Notes
+    -----
+    ``layer<l>`` in the names is the position of a leaf layer in a depth-first walk
+    of the network (containers opened, parameterless layers counted), which for a
+    network without containers is its position in ``network.layers``. A trace of
+    images, or of a network with containers, also records each layer's path, its
+    parameter and buffer names (``meta/layers``), its residual blocks
+    (``meta/blocks``) and the CNN conventions (``meta/cnn_conventions``).
     """
     if config.compact_every != 0:
         raise ValueError(
@@ -433,19 +685,21 @@ def record_trace(
             f"{config.compact_every}"
         )
     network = state.network
-    prunable = {li: p for p, li in enumerate(network.prunable)}
+    leaves = list(_leaves(network))
+    walked = [f"{path}.{name}" for path, layer in leaves for name in layer.params()]
+    if walked != list(network.params()):
+        raise ValueError(
+            "record_trace walks Sequential and Residual containers only; the network's "
+            f"parameters {list(network.params())[:4]}... are not in that order"
+        )
+    p_of = {id(layer): p for p, layer in enumerate(network.prunable_layers())}
+    prunable = {li: p_of[id(layer)] for li, (_, layer) in enumerate(leaves) if id(layer) in p_of}
+    images = np.ndim(x) == 4
+    extended = images or any("." in path for path, _ in leaves)
     version, numba_version = _versions()
     layer_info = [
-        {
-            "index": i,
-            "type": type(layer).__name__,
-            "n_in": layer.n_in,
-            "n_out": layer.n_out,
-            "granularity": None if layer.units is None else layer.units.granularity,
-            "prunable": i in prunable,
-            **layer.config(),
-        }
-        for i, layer in enumerate(network.layers)
+        _layer_info(i, path, layer, i in prunable, extended)
+        for i, (path, layer) in enumerate(leaves)
     ]
     arrays = {
         "meta/format_version": np.array(FORMAT_VERSION, dtype=np.int64),
@@ -461,6 +715,10 @@ def record_trace(
         "meta/layers": _json(layer_info),
         "meta/conventions": np.array(CONVENTIONS),
     }
+    if extended:
+        index = {path: i for i, (path, _) in enumerate(leaves)}
+        arrays["meta/blocks"] = _json(_blocks(network, index))
+        arrays["meta/cnn_conventions"] = np.array(CNN_CONVENTIONS)
     batches: list[npt.NDArray[np.int64]] = []
     while len(batches) < steps:
         batches.extend(iterate_batches(y.shape[0], batch_size, state.data_rng))
@@ -470,9 +728,12 @@ def record_trace(
         arrays[f"step{s}/batch_index"] = np.asarray(idx, dtype=np.int64)
         arrays[f"step{s}/x"] = xb
         arrays[f"step{s}/y"] = yb
-        before = [{k: v.copy() for k, v in layer.params().items()} for layer in network.layers]
+        before = [{k: v.copy() for k, v in layer.params().items()} for _, layer in leaves]
+        buffers = [{k: v.copy() for k, v in layer.buffers().items()} for _, layer in leaves]
         offsets = state.offsets.copy()
-        record = train_step(state, np.ascontiguousarray(xb.T), yb, config, record=True).record
+        # The engine is feature-major: (n_in, n_batch), or (C, n_batch, H, W) for images.
+        xe = np.ascontiguousarray(np.moveaxis(xb, 0, 1) if images else xb.T)
+        record = train_step(state, xe, yb, config, record=True).record
         if not (record is not None):
             raise RuntimeError("internal error: asked for")
         arrays[f"step{s}/losses"] = np.asarray(record.losses, dtype=np.float64)
@@ -481,24 +742,29 @@ def record_trace(
         arrays[f"step{s}/lr"] = np.array(record.lr, dtype=np.float64)
         arrays[f"step{s}/score_lr"] = np.array(record.score_lr, dtype=np.float64)
         pos = 0
-        for li, layer in enumerate(network.layers):
+        for li, (_, layer) in enumerate(leaves):
             p = prunable.get(li)
             seg = None if p is None else slice(int(offsets[p]), int(offsets[p + 1]))
-            _layer_arrays(arrays, f"step{s}/layer{li}", layer, before[li], pos, seg, record, state)
+            lpre = f"step{s}/layer{li}"
+            _layer_arrays(arrays, lpre, layer, before[li], buffers[li], pos, seg, record, state)
             pos += len(before[li])
     return arrays
 
 
-def _layer_arrays(arrays, lpre, layer, before, pos, seg, record, state):
+def _layer_arrays(arrays, lpre, layer, before, buffers, pos, seg, record, state):
     """One layer's arrays of one step, each in the layer's dense layout."""
     names = list(before)
     units = layer.units if seg is not None else None
     if names:
         pattern = layer.stored_pattern()
         if pattern is not None:
+            if isinstance(layer, Conv2d):  # in the weight's (C_out, C_in, kh, kw)
+                pattern = pattern.reshape(layer.weight.shape)
             arrays[f"{lpre}/pattern"] = pattern
         for name in names:
             arrays[f"{lpre}/{name}"] = layer.dense(name, before[name])
+    for name, value in buffers.items():
+        arrays[f"{lpre}/{name}"] = value
     if units is not None:
         arrays[f"{lpre}/score"] = units.dense(record.score[seg])
         arrays[f"{lpre}/uniforms"] = units.dense(record.uniforms[:, seg], fill=OUTSIDE_UNIFORM)
@@ -514,6 +780,8 @@ def _layer_arrays(arrays, lpre, layer, before, pos, seg, record, state):
     params = layer.params()
     for name in names:
         arrays[f"{lpre}/{name}_updated"] = layer.dense(name, params[name])
+    for name, value in layer.buffers().items():
+        arrays[f"{lpre}/{name}_updated"] = value.copy()
     for j, name in enumerate(names):
         _state_arrays(
             f"{lpre}/{name}_state",
@@ -951,7 +1219,8 @@ def build_trace_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentPa
         prog="cpusparse trace",
         description=(
             "Record a golden trace: every intermediate of a few training steps of a small "
-            "sparse MLP, as a versioned .npz (cpusparse trace --describe prints the format)."
+            "sparse MLP, VGG or ResNet, as a versioned .npz (cpusparse trace --describe "
+            "prints the format)."
         ),
         formatter_class=HelpFormatter,
     )
@@ -960,6 +1229,7 @@ def build_trace_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentPa
         "--describe", action="store_true", help="print the trace format page and exit"
     )
     model = parser.add_argument_group("model")
+    model.add_argument("--model", choices=MODELS, default="mlp", help="network to trace")
     model.add_argument(
         "--layers",
         type=layer_sizes,
@@ -968,14 +1238,50 @@ def build_trace_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentPa
         help="all layer sizes including inputs and classes "
         f"(default: {','.join(map(str, d['layers']))}; 64,32,10 with --dataset digits)",
     )
-    model.add_argument("--n-in", type=int, help="input size (with --hidden, --n-classes)")
+    model.add_argument("--n-in", type=int, help="MLP input size (with --hidden, --n-classes)")
     model.add_argument("--hidden", type=layer_sizes, metavar="N[,N...]", help="hidden widths")
-    model.add_argument("--n-classes", type=int, help="number of classes")
+    model.add_argument(
+        "--n-classes",
+        type=int,
+        help=f"number of classes (CNN default: {CNN_DEFAULTS['n_classes']})",
+    )
+    c = CNN_DEFAULTS
+    model.add_argument(
+        "--widths",
+        type=layer_sizes,
+        metavar="N,N,...",
+        help=f"CNN: channels of each stage (default: {','.join(map(str, c['widths']))})",
+    )
+    model.add_argument(
+        "--input-shape",
+        type=layer_sizes,
+        metavar="C,H,W",
+        help=f"CNN: one image's shape (default: {','.join(map(str, c['input_shape']))})",
+    )
+    model.add_argument(
+        "--convs-per-stage", type=int, help="VGG: convolutions per stage (default: 2)"
+    )
+    model.add_argument(
+        "--blocks-per-stage", type=int, help="ResNet: basic blocks per stage (default: 1)"
+    )
+    model.add_argument(
+        "--prune-first",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="CNN: whether the first convolution takes a mask (default: yes)",
+    )
+    model.add_argument(
+        "--mask-order",
+        choices=MASK_ORDERS,
+        default=None,
+        help="CNN: where a dropped channel's mask acts in the batch norm (default: after_norm)",
+    )
     model.add_argument(
         "--granularity",
-        choices=tuple(GRANULARITIES),
-        default=d["granularity"],
-        help="what one mask bit keeps",
+        choices=tuple(dict.fromkeys((*GRANULARITIES, *CONV_GRANULARITIES))),
+        default=None,
+        help="what one mask bit keeps: weight or neuron (MLP, default weight), channel or "
+        "weight (CNN, default channel)",
     )
     model.add_argument(
         "--stored-density",
@@ -1019,6 +1325,20 @@ def main_trace(argv: Sequence[str] | None = None) -> int:
         if getattr(args, "describe", False):
             print(describe_format())
             return 0
+        if args.model != "mlp":
+            return _main_cnn(args)
+        for flag in ("widths", "input_shape", "convs_per_stage", "blocks_per_stage"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} is for --model vgg or resnet")
+        for flag in ("prune_first", "mask_order"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} is for --model vgg or resnet")
+        if args.granularity is None:
+            args.granularity = _RUN_DEFAULTS["granularity"]
+        elif args.granularity not in GRANULARITIES:
+            raise UsageError(
+                f"--granularity must be weight or neuron for --model mlp, got {args.granularity}"
+            )
         parts = (args.n_in, args.hidden, args.n_classes)
         if args.layers is not None and any(p is not None for p in parts):
             raise UsageError("give --layers or --n-in/--hidden/--n-classes, not both")
@@ -1035,37 +1355,94 @@ def main_trace(argv: Sequence[str] | None = None) -> int:
             layers = [64, 32, 10]
         else:
             layers = list(_RUN_DEFAULTS["layers"])
+        if not 0.0 < args.stored_density <= 1.0:
+            raise UsageError(f"--stored-density must be in (0, 1], got {args.stored_density}")
+        names = [*_RUN_DEFAULTS, *_train_defaults(), "preset"]
+        opts = {name: getattr(args, name) for name in names if name != "layers"}
+        arrays = _write(args, {"layers": tuple(layers), **opts})
+        print(
+            f"wrote {args.out}: {len(arrays)} arrays, {args.steps} steps, layers "
+            f"{','.join(map(str, layers))}, {args.dtype}, {args.score_estimator}"
+        )
+        return 0
+
+    def _main_cnn(args: argparse.Namespace) -> int:
+        for flag in ("layers", "n_in", "hidden"):
+            if getattr(args, flag) is not None:
+                raise UsageError(f"--{flag.replace('_', '-')} is for --model mlp")
+        if args.stored_density != _RUN_DEFAULTS["stored_density"] or args.sparse_classifier:
+            raise UsageError("--stored-density and --sparse-classifier are for --model mlp")
+        key, default = _PER_STAGE[args.model]
+        other = "blocks_per_stage" if key == "convs_per_stage" else "convs_per_stage"
+        if getattr(args, other) is not None:
+            raise UsageError(
+                f"--{other.replace('_', '-')} is for --model "
+                f"{'resnet' if other == 'blocks_per_stage' else 'vgg'}, not {args.model}"
+            )
+        c = CNN_DEFAULTS
+        cnn = {
+            "model": args.model,
+            "widths": tuple(c["widths"] if args.widths is None else args.widths),
+            "input_shape": tuple(
+                c["input_shape"] if args.input_shape is None else args.input_shape
+            ),
+            "n_classes": c["n_classes"] if args.n_classes is None else args.n_classes,
+            key: default if getattr(args, key) is None else getattr(args, key),
+            "granularity": c["granularity"] if args.granularity is None else args.granularity,
+            "prune_first": c["prune_first"] if args.prune_first is None else args.prune_first,
+            "mask_order": c["mask_order"] if args.mask_order is None else args.mask_order,
+        }
+        if len(cnn["input_shape"]) != 3:
+            shown = ",".join(map(str, cnn["input_shape"]))
+            raise UsageError(f"--input-shape must be C,H,W (three positive ints), got {shown}")
+        for flag, value in (
+            ("--n-classes", cnn["n_classes"]),
+            ("--" + key.replace("_", "-"), cnn[key]),
+        ):
+            if value < 1:
+                raise UsageError(f"{flag} must be an int >= 1, got {value}")
+        if cnn["granularity"] not in CONV_GRANULARITIES:
+            raise UsageError(
+                f"--granularity must be channel or weight for --model {args.model}, got "
+                f"{cnn['granularity']}"
+            )
+        names = [n for n in CNN_DEFAULTS if n not in cnn] + [*_train_defaults(), "preset"]
+        arrays = _write(args, {**cnn, **{name: getattr(args, name) for name in names}})
+        print(
+            f"wrote {args.out}: {len(arrays)} arrays, {args.steps} steps, {args.model} widths "
+            f"{','.join(map(str, cnn['widths']))} on {'x'.join(map(str, cnn['input_shape']))} "
+            f"images, {args.dtype}, {args.score_estimator}"
+        )
+        return 0
+
+    def _write(args: argparse.Namespace, opts: dict[str, object]) -> dict[str, np.ndarray]:
+        # The checks shared by every model, the output path, then the trace.
         for name, low in (("steps", 1), ("batch_size", 1), ("n_data", 1), ("seed", 0)):
             if getattr(args, name) < low:
                 flag = "--" + name.replace("_", "-")
                 raise UsageError(f"{flag} must be an int >= {low}, got {getattr(args, name)}")
-        if not 0.0 < args.stored_density <= 1.0:
-            raise UsageError(f"--stored-density must be in (0, 1], got {args.stored_density}")
         rows = {option.name: option for option in options()}
         for name in _train_defaults():
             try:
                 rows[name].constraint.check(getattr(args, name), rows[name].flag)
             except (ValueError, TypeError) as exc:
                 raise UsageError(str(exc)) from None
+        try:
+            _options(opts)  # every model option, before the output path is touched
+        except (ValueError, TypeError) as exc:
+            raise UsageError(str(exc)) from None
         if args.out is None:
             raise UsageError("the following arguments are required: OUT.npz")
         try:
             check_output_path(args.out, "output file")
         except OutputPathError as exc:
             raise UsageError(str(exc)) from None
-        names = [*_RUN_DEFAULTS, *_train_defaults(), "preset"]
-        opts = {name: getattr(args, name) for name in names if name != "layers"}
         try:
-            arrays = write_trace(args.out, layers=tuple(layers), **opts)
+            return write_trace(args.out, **opts)
         except (ValueError, TypeError) as exc:
             raise UsageError(str(exc)) from None
         except OSError as exc:
             raise CommandError(f"output file {args.out}: {exc}") from None
-        print(
-            f"wrote {args.out}: {len(arrays)} arrays, {args.steps} steps, layers "
-            f"{','.join(map(str, layers))}, {args.dtype}, {args.score_estimator}"
-        )
-        return 0
 
     return run_command("cpusparse trace", body)
 
