@@ -256,7 +256,7 @@ def test_dropped_channels_are_known_zero_through_norm_and_pool(rng):
     masks[1][:] = [True, False, True]
     _, caches, live = net._run(x, masks, None, TRAIN)
     # The conv after the max pool computes with the two kept channels only.
-    assert caches[7].chans.tolist() == [0, 2]
+    assert caches[7].w_chans.tolist() == [0, 2] and caches[7].x.shape[0] == 2
     assert live is None  # the dense classifier's outputs
     bn_running = net.layers[4].running_mean.copy()
     net._run(x, masks, None, TRAIN)
@@ -381,3 +381,37 @@ def test_cnn_training_steps_are_the_same_bits_on_one_and_two_threads(rng):
     np.testing.assert_array_equal(sa, sb)
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+
+@pytest.mark.parametrize("mode", [TRAIN, EVAL], ids=["train", "eval"])
+def test_compact_activations_give_the_bits_of_full_ones(rng, mode):
+    # Inside a container only the kept channels are stored between layers. Chaining
+    # the layers' public (full-array, zeros-where-dropped) passes by hand must give the
+    # same bits: outputs, every gradient and the running statistics.
+    from cpusparse.models import vgg
+
+    nets = [vgg((4, 6), (1, 6, 6), 3, dtype=np.float64, rng=s) for s in (0, 0)]
+    x = rng.standard_normal((1, 5, 6, 6))
+    masks = [rng.random(n) < 0.5 for n in nets[0].n_units()]
+    masks[1][:] = False  # a layer that keeps nothing
+    out, caches = nets[0].forward(x, masks, mode=mode)
+    assert caches[0].out.shape[0] == int(masks[0].sum())  # stored compact
+    g = rng.standard_normal(out.shape)
+    _, grads = nets[0].backward(g, caches)
+
+    h, live, by_hand, it = x, None, [], iter(masks)
+    for layer in nets[1].layers:
+        mask = next(it) if layer.units is not None else None
+        h, cache = layer.forward(h, mask, live=live, mode=mode)
+        by_hand.append(cache)
+        live = layer.live_outputs(mask, live)
+    np.testing.assert_array_equal(h, out)
+    d, hand_grads = g, {}
+    for i in range(len(nets[1].layers) - 1, -1, -1):
+        d, layer_grads = nets[1].layers[i].backward(d, by_hand[i], need_dx=i > 0)
+        hand_grads.update({f"{i}.{k}": v for k, v in layer_grads.items()})
+    assert sorted(hand_grads) == sorted(grads)
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], hand_grads[name], err_msg=name)
+    for name, value in nets[0].buffers().items():
+        np.testing.assert_array_equal(value, nets[1].buffers()[name], err_msg=name)

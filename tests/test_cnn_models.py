@@ -67,7 +67,9 @@ def test_a_dropped_channel_is_skipped_by_the_next_convolution(rng):
     x = rng.standard_normal((1, 3, 5, 5))
     masks = [np.array([True, False, True, False]), np.ones(4, dtype=bool)]
     _, caches = net.forward(x, masks)
-    assert caches[3].chans.tolist() == [0, 2]  # the second conv reads two channels
+    assert caches[3].w_chans.tolist() == [0, 2]  # the second conv reads two channels
+    assert caches[3].x.shape[0] == 2  # ... stored alone, and the first writes them alone
+    assert caches[0].out.shape[0] == 2
     # ... and computes what the dense network with those channels zeroed computes.
     h = x
     for i, layer in enumerate(net.layers[:3]):

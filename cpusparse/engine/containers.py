@@ -2,19 +2,54 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 
 from .._typing import BoolArray, FloatArray
-from .layers.base import LAYER_TYPES, TRAIN, Layer, Mode, UnitMap, _check_live
+from .._validation import check_array
+from .layers.base import (
+    LAYER_TYPES,
+    TRAIN,
+    Layer,
+    Mode,
+    UnitMap,
+    _check_live,
+    expand_rows,
+    gather_rows,
+)
 from .losses import softmax_cross_entropy
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["Sequential", "Residual", "ResidualCache"]
+__all__ = ["Sequential", "SequentialCache", "Residual", "ResidualCache"]
+
+
+class SequentialCache(list[object]):
+    """One cache per layer (a list), and how the activations were converted between them.
+
+    ``conversions[i]`` says what was done to the activation before layer ``i``: None,
+    ``("expand", live)`` (compact rows scattered into full zeros, for a layer that
+    takes full activations) or ``("gather", live)`` (the live rows taken). ``final``
+    is the conversion after the last layer; ``live_in``/``live_out`` are set by the
+    full-array pass (:meth:`Sequential._forward`).
+    """
+
+    def __init__(self, caches: Iterable[object], conversions: list[Any], final: Any) -> None:
+        super().__init__(caches)
+        self.conversions = conversions
+        self.final = final
+        self.live_in: BoolArray | None = None
+        self.live_out: BoolArray | None = None
+        self.out_shape: tuple[int, ...] | None = None
+
+
+def _convert_back(grad: FloatArray, conversion: Any) -> FloatArray:
+    # The gradient through a conversion of the forward pass: gather <-> expand.
+    kind, live = conversion
+    return gather_rows(grad, live) if kind == "expand" else expand_rows(grad, live)
 
 
 class Sequential(Layer):
@@ -188,14 +223,22 @@ class Sequential(Layer):
         x = self._check_input(x)
         return self._forward(x, self._check_masks(masks), _check_live(live, self.n_in), mode)
 
+    compact_kind = "indexed"
+
     def _forward(
         self,
         x: FloatArray,
         masks: Sequence[BoolArray | None],
         live: BoolArray | None = None,
         mode: Mode = TRAIN,
-    ) -> tuple[FloatArray, list[object]]:
-        out, caches, _ = self._run(x, masks, live, mode)
+    ) -> tuple[FloatArray, SequentialCache]:
+        # Full arrays in and out; compact activations inside.
+        out, caches, live_out = self._run(
+            x if live is None else gather_rows(x, live), masks, live, mode
+        )
+        caches.live_in, caches.live_out = live, live_out
+        out = out if live_out is None else expand_rows(out, live_out)
+        caches.out_shape = out.shape
         return out, caches
 
     def _run(
@@ -204,15 +247,34 @@ class Sequential(Layer):
         masks: Sequence[BoolArray | None],
         live: BoolArray | None,
         mode: Mode,
-    ) -> tuple[FloatArray, list[object], BoolArray | None]:
-        caches = []
+        on_layer: Callable[[int, Layer, FloatArray], object] | None = None,
+    ) -> tuple[FloatArray, SequentialCache, BoolArray | None]:
+        # x is compact (the rows of live) when live is given, and so is the output. A
+        # layer that takes full activations gets them scattered into zeros; the next
+        # compact one gathers its rows again. ``on_layer(i, layer, out)`` sees each
+        # layer's output (as it is stored).
+        caches, conversions = [], []
+        compact = live is not None
         pos = 0
-        for layer in self.layers:
+        for i, layer in enumerate(self.layers):
+            takes_compact = layer.compact_kind is not None
+            conversion = None
+            if live is not None and compact != takes_compact:
+                conversion = ("gather" if takes_compact else "expand", live)
+                x = gather_rows(x, live) if takes_compact else expand_rows(x, live)
+            conversions.append(conversion)
             k = layer.n_masks
             x, cache, live = layer._run(x, masks[pos : pos + k], live, mode)
+            compact = takes_compact and live is not None
             pos += k
             caches.append(cache)
-        return x, caches, live
+            if on_layer is not None:
+                on_layer(i, layer, x)
+        final = None
+        if live is not None and not compact:
+            final = ("gather", live)
+            x = gather_rows(x, live)
+        return x, SequentialCache(caches, conversions, final), live
 
     def backward(
         self, dout: npt.ArrayLike, caches: Sequence[Any], *, need_dx: bool = False
@@ -245,8 +307,13 @@ class Sequential(Layer):
         return x
 
     def _check_dout(self, dout: npt.ArrayLike, cache: Any) -> FloatArray:
-        # The last layer knows the shape of the output its cache belongs to.
-        dout = self.layers[-1]._check_dout(dout, cache[-1])
+        # The output's shape was recorded by the pass (the last layer may have stored
+        # a compact one); the last layer knows its layout.
+        shape = getattr(cache, "out_shape", None)
+        if shape is not None:
+            dout = np.ascontiguousarray(check_array(dout, "dout", shape=shape))
+        else:
+            dout = self.layers[-1]._check_dout(dout, cache[-1])
         dtype = self.dtype
         if dtype is not None and dout.dtype != dtype:
             raise TypeError(
@@ -258,14 +325,30 @@ class Sequential(Layer):
     def _backward(
         self, dout: FloatArray, caches: Sequence[Any], need_dx: bool = False
     ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        live_in = getattr(caches, "live_in", None)
+        live_out = getattr(caches, "live_out", None)
+        d = dout if live_out is None else gather_rows(dout, live_out)
+        dx, grads = self._run_backward(d, caches, need_dx)
+        if dx is not None and live_in is not None:
+            dx = expand_rows(dx, live_in)
+        return dx, grads
+
+    def _run_backward(
+        self, dout: FloatArray, caches: Any, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        # Backward of _run: dout and dx as its output and input are stored.
+        conversions = getattr(caches, "conversions", [None] * len(self.layers))
+        final = getattr(caches, "final", None)
         per_layer: list[dict[str, FloatArray]] = [{}] * len(self.layers)  # all replaced
-        grad: FloatArray | None = dout
+        grad: FloatArray | None = dout if final is None else _convert_back(dout, final)
         for i in range(len(self.layers) - 1, -1, -1):
             if not (grad is not None):
                 raise RuntimeError(
                     "internal error: every layer but the first passes its input gradient"
                 )
-            grad, per_layer[i] = self.layers[i]._backward(grad, caches[i], need_dx or i > 0)
+            grad, per_layer[i] = self.layers[i]._run_backward(grad, caches[i], need_dx or i > 0)
+            if grad is not None and conversions[i] is not None:
+                grad = _convert_back(grad, conversions[i])
         grads = {
             f"{i}.{name}": g
             for i, layer_grads in enumerate(per_layer)
@@ -331,11 +414,31 @@ class Sequential(Layer):
 
 
 class ResidualCache(NamedTuple):
-    """What :meth:`Residual.backward` needs: the branches' caches and the output."""
+    """What :meth:`Residual.backward` needs: the branches' caches and the output.
+
+    ``rows_main``/``rows_shortcut`` are the rows of the (compact) output that each
+    branch's (compact) output fills (None: every row); ``live_in``/``live_out`` are set
+    by the full-array pass.
+    """
 
     main: list[object]
     shortcut: list[object] | None
     out: FloatArray
+    rows_main: npt.NDArray[np.intp] | None = None
+    rows_shortcut: npt.NDArray[np.intp] | None = None
+    live_in: BoolArray | None = None
+    live_out: BoolArray | None = None
+
+
+def _rows_in(live: BoolArray | None, union: BoolArray | None) -> npt.NDArray[np.intp] | None:
+    # The rows of a compact array of ``union`` that a compact array of ``live`` fills
+    # (None: all of them).
+    if union is None:
+        return None if live is None else np.flatnonzero(live)
+    if live is None:
+        raise RuntimeError("internal error: a branch with every row live has a full union")
+    rows = np.flatnonzero(live[union])
+    return None if rows.shape[0] == int(union.sum()) else rows
 
 
 def _prefixed(index: int, named: dict[str, Any]) -> dict[str, Any]:
@@ -466,9 +569,11 @@ class Residual(Layer):
         return self.main._check_input(x)
 
     def _check_dout(self, dout: npt.ArrayLike, cache: Any) -> FloatArray:
-        dout = self.main.layers[-1]._check_dout(dout, cache.main[-1])
-        if dout.shape != cache.out.shape:
-            raise ValueError(f"dout must have shape {cache.out.shape}, got {dout.shape}")
+        n_rows = cache.out.shape[0] if cache.live_out is None else cache.live_out.shape[0]
+        shape = (n_rows, *cache.out.shape[1:])
+        dout = np.ascontiguousarray(check_array(dout, "dout", shape=shape))
+        if dout.dtype != cache.out.dtype:
+            raise TypeError(f"dout must have dtype {cache.out.dtype}, got {dout.dtype}")
         return dout
 
     def forward(
@@ -482,14 +587,19 @@ class Residual(Layer):
         """Forward pass with one mask per prunable layer (see :meth:`Sequential.forward`)."""
         x = self._check_input(x)
         checked = Sequential._check_masks(self, masks)  # type: ignore[arg-type]
-        out, cache, _ = self._run(x, checked, _check_live(live, self.n_in), mode)
-        return out, cache
+        return self._forward(x, checked, _check_live(live, self.n_in), mode)
+
+    compact_kind = "indexed"
 
     def _forward(
         self, x: FloatArray, mask: Any, live: BoolArray | None, mode: Mode
     ) -> tuple[FloatArray, ResidualCache]:
-        out, cache, _ = self._run(x, mask, live, mode)
-        return out, cache
+        # Full arrays in and out; compact activations inside.
+        out, cache, live_out = self._run(
+            x if live is None else gather_rows(x, live), mask, live, mode
+        )
+        cache = cache._replace(live_in=live, live_out=live_out)
+        return (out if live_out is None else expand_rows(out, live_out)), cache
 
     def _run(
         self,
@@ -498,6 +608,8 @@ class Residual(Layer):
         live: BoolArray | None,
         mode: Mode,
     ) -> tuple[FloatArray, ResidualCache, BoolArray | None]:
+        # x is compact (the rows of live) when live is given; so are both branches'
+        # outputs (of their own live rows) and the sum (of the union).
         k = self.main.n_masks
         a, main_cache, live_a = self.main._run(x, masks[:k], live, mode)
         shortcut_cache = None
@@ -505,16 +617,32 @@ class Residual(Layer):
             b, live_b = x, live
         else:
             b, shortcut_cache, live_b = self.shortcut._run(x, masks[k:], live, mode)
-        if a.shape != b.shape:
+        full_a = (a.shape[0] if live_a is None else live_a.shape[0], *a.shape[1:])
+        full_b = (b.shape[0] if live_b is None else live_b.shape[0], *b.shape[1:])
+        if full_a != full_b:
             raise ValueError(
-                f"the main branch outputs {a.shape} but the shortcut {b.shape}; give the "
+                f"the main branch outputs {full_a} but the shortcut {full_b}; give the "
                 "shortcut the main branch's stride and channels"
             )
-        out = a + b
+        live_out = None if live_a is None or live_b is None else live_a | live_b
+        rows_a, rows_b = _rows_in(live_a, live_out), _rows_in(live_b, live_out)
+        if rows_a is None and rows_b is None:
+            out = a + b
+        else:
+            n_rows = full_a[0] if live_out is None else int(live_out.sum())
+            out = np.zeros((n_rows, *a.shape[1:]), dtype=a.dtype)
+            if rows_a is None:
+                out[:] = a
+            else:
+                out[rows_a] = a
+            if rows_b is None:
+                out += b
+            else:
+                out[rows_b] += b
         if self.activation == "relu":
             np.maximum(out, 0, out=out)
-        live_out = None if live_a is None or live_b is None else live_a | live_b
-        return out, ResidualCache(main_cache, shortcut_cache, out), live_out
+        cache = ResidualCache(main_cache, shortcut_cache, out, rows_a, rows_b)
+        return out, cache, live_out
 
     def backward(
         self, dout: npt.ArrayLike, cache: ResidualCache, *, need_dx: bool = True
@@ -525,15 +653,27 @@ class Residual(Layer):
     def _backward(
         self, dout: FloatArray, cache: ResidualCache, need_dx: bool = True
     ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        d = dout if cache.live_out is None else gather_rows(dout, cache.live_out)
+        dx, grads = self._run_backward(d, cache, need_dx)
+        if dx is not None and cache.live_in is not None:
+            dx = expand_rows(dx, cache.live_in)
+        return dx, grads
+
+    def _run_backward(
+        self, dout: FloatArray, cache: ResidualCache, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        # Backward of _run, on compact arrays.
         d = dout * (cache.out > 0) if self.activation == "relu" else dout
-        dx, grads = self.main._backward(d, cache.main, need_dx)
+        d_main = d if cache.rows_main is None else np.ascontiguousarray(d[cache.rows_main])
+        d_short = d if cache.rows_shortcut is None else np.ascontiguousarray(d[cache.rows_shortcut])
+        dx, grads = self.main._run_backward(d_main, cache.main, need_dx)
         grads = _prefixed(0, grads)
         if self.shortcut is None:
-            dx_short: FloatArray | None = d
+            dx_short: FloatArray | None = d_short
         else:
             if not (cache.shortcut is not None):
                 raise RuntimeError("internal error: a block with a shortcut caches it")
-            dx_short, short_grads = self.shortcut._backward(d, cache.shortcut, need_dx)
+            dx_short, short_grads = self.shortcut._run_backward(d_short, cache.shortcut, need_dx)
             grads.update(_prefixed(1, short_grads))
         if need_dx:
             if not (dx is not None and dx_short is not None):

@@ -25,7 +25,7 @@ import numpy as np
 
 from .._threads import run_tasks
 from .._typing import BoolArray, FloatArray
-from ..engine.layers.base import STRAIGHT_THROUGH, TRAIN, Mode
+from ..engine.layers.base import STRAIGHT_THROUGH, TRAIN, Layer, Mode
 from ..engine.losses import softmax_cross_entropy
 from ..method.estimators import get_score_estimator
 from ..method.masks import _sample as sample_masks_unchecked
@@ -139,10 +139,8 @@ def _check_finite(
                 )
     k = int(np.flatnonzero(~np.isfinite(losses))[0])
     mode = mode._replace(update_stats=False)  # the diagnosis moves no running statistics
-    h, live, pos = x, None, 0
-    for i, layer in enumerate(net.layers):
-        h, _, live = layer._run(h, list(pass_masks(k))[pos : pos + layer.n_masks], live, mode)
-        pos += layer.n_masks
+
+    def check(i: int, layer: Layer, h: FloatArray) -> None:
         if not np.isfinite(h).all():
             scale = float(np.abs(x).max())
             hint = (
@@ -154,6 +152,8 @@ def _check_finite(
                 f"{where}: the output of layer {i} ({type(layer).__name__}) of pass {k} "
                 f"overflows; {hint}"
             )
+
+    net._run(x, list(pass_masks(k)), None, mode, on_layer=check)
     raise NonFiniteError(f"{where}: the logits are finite but the loss is not")
 
 

@@ -34,6 +34,8 @@ class ReLU(Layer):
     (array([[0., 2.]]), array([[0., 5.]]))
     """
 
+    compact_kind = "channelwise"
+
     def live_outputs(self, mask: BoolArray | None, live: BoolArray | None) -> BoolArray | None:
         """Output features that may be nonzero (see :meth:`Layer.live_outputs`)."""
         return live

@@ -36,6 +36,21 @@ an evaluation pass (running statistics), and whether it is a straight-through pa
 (every stored entry computed, the mask applied multiplicatively, so that the backward
 pass yields :math:`\partial L / \partial m` in ``grads["mask"]``).
 
+Compact activations. Between the layers of a container, the features known to be
+zero need not be stored at all: a layer whose ``compact_kind`` is ``"channelwise"`` or
+``"indexed"`` takes and returns *compact* activations, the rows of the live features
+only (``x[live]``, shape ``(live.sum(), n_batch, ...)``), when ``live`` is not None.
+A channelwise layer (ReLU, the pools, flattening) computes the same thing on the kept
+rows and ignores ``live``; an indexed layer (convolution, batch norm, linear) reads
+``live`` to pick its parameters' rows and columns, through ``_forward_compact`` and
+``_backward_compact``; its output is compact with respect to its
+:meth:`~Layer.live_outputs`. A layer with ``compact_kind = None`` (the default, e.g. the
+CSR layers) takes full activations with zeros, as the public ``forward`` does. The
+container converts (gathers or scatters the rows) only between layers of different
+kinds, so a channel-sparse CNN carries its kept channels only, from the first
+convolution to the classifier, and no pass touches a dropped channel. The public
+``forward``/``backward`` of every layer and container take and return full arrays.
+
 Containers (:mod:`cpusparse.engine.containers`) are layers too: they report
 ``n_masks`` (the number of prunable layers inside them) and take that many masks, so
 a block with two inputs, such as a residual add, is a container whose ``_run`` sends
@@ -180,6 +195,14 @@ class UnitMap(abc.ABC):
         return np.ascontiguousarray(mask)
 
 
+class ViaFullCache(NamedTuple):
+    """A compact pass computed on full activations: its cache, live inputs and outputs."""
+
+    inner: Any
+    live: BoolArray | None
+    live_out: BoolArray | None
+
+
 class Layer(abc.ABC):
     """Base of every layer; see the module docstring for the contract.
 
@@ -191,6 +214,10 @@ class Layer(abc.ABC):
 
     units: UnitMap | None = None
     """What the mask bits keep; None for a layer that takes no mask."""
+
+    compact_kind: ClassVar[str | None] = None
+    """How the layer takes compact activations (see the module docstring): None (full
+    activations), ``"channelwise"`` or ``"indexed"``."""
 
     def __init_subclass__(cls, **kwargs: object) -> None:
         super().__init_subclass__(**kwargs)
@@ -364,10 +391,61 @@ class Layer(abc.ABC):
         live: BoolArray | None,
         mode: Mode,
     ) -> tuple[FloatArray, object, BoolArray | None]:
-        """One step of a container: ``(out, cache, live_out)`` with ``n_masks`` masks."""
+        """One step of a container: ``(out, cache, live_out)`` with ``n_masks`` masks.
+
+        ``x`` and ``out`` are compact (the rows of ``live`` and ``live_out``) for a
+        layer whose :attr:`compact_kind` is set, full otherwise.
+        """
         mask = masks[0] if masks else None
-        out, cache = self._forward(x, mask, live, mode)
-        return out, cache, (None if mode.straight_through else self.live_outputs(mask, live))
+        live_out = None if mode.straight_through else self.live_outputs(mask, live)
+        if self.compact_kind == "indexed":
+            out, cache = self._forward_compact(x, mask, live, mode)
+        elif self.compact_kind == "channelwise":
+            out, cache = self._forward(x, mask, None, mode)  # every row of x is live
+        else:
+            out, cache = self._forward(x, mask, live, mode)
+        return out, cache, live_out
+
+    def _run_backward(
+        self, dout: FloatArray, cache: Any, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        """Backward of :meth:`_run`: ``dout`` and ``dx`` in the layout of its output and input."""
+        if self.compact_kind == "indexed":
+            return self._backward_compact(dout, cache, need_dx)
+        return self._backward(dout, cache, need_dx)
+
+    def _forward_compact(
+        self, x: FloatArray, mask: Any, live: BoolArray | None, mode: Mode
+    ) -> tuple[FloatArray, object]:
+        """Forward on compact ``x`` (rows of ``live``), compact output (indexed layers)."""
+        raise NotImplementedError(f"{type(self).__name__} takes no compact activations")
+
+    def _backward_compact(
+        self, dout: FloatArray, cache: Any, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        """Backward of :meth:`_forward_compact`."""
+        raise NotImplementedError(f"{type(self).__name__} takes no compact activations")
+
+    def _forward_via_full(
+        self, x: FloatArray, mask: Any, live: BoolArray | None, mode: Mode
+    ) -> tuple[FloatArray, ViaFullCache]:
+        """:meth:`_forward_compact` through the full pass (for the paths without one)."""
+        full = x if live is None else expand_rows(x, live)
+        out, cache = self._forward(full, mask, live, mode)
+        live_out = None if mode.straight_through else self.live_outputs(mask, live)
+        if live_out is not None:
+            out = gather_rows(out, live_out)
+        return out, ViaFullCache(cache, live, live_out)
+
+    def _backward_via_full(
+        self, dout: FloatArray, cache: ViaFullCache, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        """Backward of :meth:`_forward_via_full`."""
+        full = dout if cache.live_out is None else expand_rows(dout, cache.live_out)
+        dx, grads = self._backward(full, cache.inner, need_dx)
+        if dx is not None and cache.live is not None:
+            dx = gather_rows(dx, cache.live)
+        return dx, grads
 
     def _check_input(self, x: npt.ArrayLike) -> FloatArray:
         return _check_activations(x, self.n_in, "x", self.dtype)
@@ -420,6 +498,18 @@ class Layer(abc.ABC):
     def from_config(cls, config: dict[str, Any], arrays: dict[str, np.ndarray]) -> Layer:
         """Rebuild a layer from :meth:`config` and :meth:`arrays`."""
         return cls(**arrays, **config)
+
+
+def expand_rows(x: FloatArray, live: BoolArray) -> FloatArray:
+    """Full activations from compact ones: the rows of ``live`` are ``x``, the rest 0."""
+    full = np.zeros((live.shape[0], *x.shape[1:]), dtype=x.dtype)
+    full[live] = x
+    return full
+
+
+def gather_rows(x: FloatArray, live: BoolArray) -> FloatArray:
+    """Compact activations from full ones: the rows of ``live``, C-contiguous."""
+    return np.ascontiguousarray(x[live])
 
 
 def check_images(

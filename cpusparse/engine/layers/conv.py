@@ -68,7 +68,9 @@ class ConvCache(NamedTuple):
     pass builds them again), ``out`` the layer's output, ``pre`` unused (None),
     ``block`` the weight block ``(kept_out, kept_in*kh*kw)`` and ``active`` the
     active CSR pattern (weight path). ``mask``/``unmasked`` are set by a
-    straight-through pass.
+    straight-through pass. ``w_chans`` (compact input only) are the weight's input
+    channels of the rows of ``x``, which then holds the live channels only; ``out``
+    then holds the kept filters only when a channel mask was given.
     """
 
     x: FloatArray
@@ -81,6 +83,7 @@ class ConvCache(NamedTuple):
     active: csr.ActivePattern | None = None
     mask: BoolArray | None = None
     unmasked: FloatArray | None = None
+    w_chans: IndexArray | None = None
 
 
 class ChannelUnits(UnitMap):
@@ -93,6 +96,7 @@ class ChannelUnits(UnitMap):
     granularity = "channel"
     zeroes_outputs = True
     thins_fan_in = False
+    compact_block = True  # a compact pass is the BLAS block of kept filters
 
     def __init__(self, layer: Conv2d) -> None:
         self.layer = layer
@@ -164,6 +168,7 @@ class ConvWeightUnits(UnitMap):
     """
 
     granularity = "weight"
+    compact_block = False  # a compact pass goes through the masked CSR product
     zeroes_outputs = False
     thins_fan_in = True
 
@@ -463,6 +468,28 @@ class Conv2d(Layer):
             return self.units.straight_through_backward(self, dout, cache, need_dx)
         return self.units.backward(self, dout, cache, need_dx)
 
+    compact_kind = "indexed"
+
+    def _forward_compact(
+        self, x: FloatArray, mask: BoolArray | None, live: BoolArray | None, mode: Mode
+    ) -> tuple[FloatArray, Any]:
+        # The channel path (and a dense convolution) on the live channels as they are
+        # stored, writing the kept filters only; the other paths on full activations.
+        if mode.straight_through or (self.units is not None and not self.units.compact_block):
+            return self._forward_via_full(x, mask, live, mode)
+        rows = _kept(mask, self.n_out)
+        everything_in = np.arange(x.shape[0], dtype=csr.INDEX_DTYPE)
+        return self._block_forward(
+            x, rows, everything_in, w_chans=_kept(live, self.n_in), compact_out=mask is not None
+        )
+
+    def _backward_compact(
+        self, dout: FloatArray, cache: Any, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        if not isinstance(cache, ConvCache):
+            return self._backward_via_full(dout, cache, need_dx)
+        return self._block_backward(dout, cache, need_dx)
+
     def _chunks(
         self, x: FloatArray, budget: int, n_channels: int | None = None
     ) -> tuple[tuple[int, int], list[tuple[int, int]]]:
@@ -527,20 +554,26 @@ class Conv2d(Layer):
         rows: IndexArray,
         chans: IndexArray,
         weight: FloatArray | None = None,
+        *,
+        w_chans: IndexArray | None = None,
+        compact_out: bool = False,
     ) -> tuple[FloatArray, ConvCache]:
         # BLAS on the kept block, chunk by chunk of the batch (BLOCK_CHUNK_BYTES of
         # columns, which stay in cache between im2col and the product), the chunks
         # run as tasks on the n_jobs threads: out[rows] = act(block @ cols + b[rows]).
         # im2col reads the live channels of x where they are, and every task writes
-        # (zeros included) its own samples of the output.
+        # (zeros included) its own samples of the output. ``chans`` index the rows of
+        # x; ``w_chans`` the weight's input channels of those rows (``chans`` if None,
+        # x holding every channel); ``compact_out`` writes the kept filters only.
         weight = self.weight if weight is None else weight
         (ho, wo), chunks = self._chunks(x, BLOCK_CHUNK_BYTES, chans.shape[0])
         keep = self._keeps_cols(x, ho, wo, chans.shape[0])
         n_batch = x.shape[1]
-        block = self._block(weight, rows, chans)
+        block = self._block(weight, rows, chans if w_chans is None else w_chans)
         kept_out = rows.shape[0]
-        every_row = kept_out == self.n_out
-        out = np.empty((self.n_out, n_batch, ho, wo), dtype=x.dtype)
+        every_row = compact_out or kept_out == self.n_out
+        n_rows = kept_out if compact_out else self.n_out
+        out = np.empty((n_rows, n_batch, ho, wo), dtype=x.dtype)
         bias = None if self.bias is None else self.bias[rows, None]
         relu = self.activation == "relu"
 
@@ -561,7 +594,9 @@ class Conv2d(Layer):
             return cols if keep else None
 
         cols = [c for c in run_tasks(task, chunks) if c is not None]
-        return out, ConvCache(x, cols if keep else None, out, None, rows, chans, block)
+        return out, ConvCache(
+            x, cols if keep else None, out, None, rows, chans, block, w_chans=w_chans
+        )
 
     def _block_backward(
         self, dout: FloatArray, cache: ConvCache, need_dx: bool
@@ -574,7 +609,7 @@ class Conv2d(Layer):
             raise RuntimeError("internal error: a block cache holds its block")
         (ho, wo), chunks = self._chunks(x, BLOCK_CHUNK_BYTES, chans.shape[0])
         kept_out = rows.shape[0]
-        every_row = kept_out == self.n_out
+        every_row = kept_out == cache.out.shape[0]  # every filter, or a compact output
         relu = self.activation == "relu"
         dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None
 
@@ -607,7 +642,8 @@ class Conv2d(Layer):
         grads: dict[str, FloatArray] = {}
         dweight = np.zeros(self.weight.shape, dtype=self.weight.dtype)
         kh, kw = self.kernel_size
-        dweight[np.ix_(rows, chans)] = dblock.reshape(kept_out, chans.shape[0], kh, kw)
+        w_chans = chans if cache.w_chans is None else cache.w_chans
+        dweight[np.ix_(rows, w_chans)] = dblock.reshape(kept_out, chans.shape[0], kh, kw)
         grads["weight"] = dweight
         if self.bias is not None:
             dbias = np.zeros(self.n_out, dtype=self.weight.dtype)

@@ -747,8 +747,19 @@ class Linear(Layer):
     ) -> tuple[FloatArray, LinearCache]:
         # Inputs outside live are 0: the product runs on the live columns only.
         cols = None if live is None or live.all() else np.flatnonzero(live)
+        return self._product(x if cols is None else np.take(x, cols, axis=0), cols)
+
+    compact_kind = "indexed"
+
+    def _forward_compact(
+        self, x: FloatArray, mask: BoolArray | None, live: BoolArray | None, mode: Mode
+    ) -> tuple[FloatArray, LinearCache]:
+        # x holds the live rows already.
+        return self._product(x, None if live is None or live.all() else np.flatnonzero(live))
+
+    def _product(self, x: FloatArray, cols: IndexArray | None) -> tuple[FloatArray, LinearCache]:
+        # act(W[:, cols] @ x + b) for the rows ``cols`` of the input (all if None).
         weight = self.weight if cols is None else np.take(self.weight, cols, axis=1)
-        x = x if cols is None else np.take(x, cols, axis=0)
         out = weight @ x
         out += self.bias[:, None]
         if self.activation == "relu":
@@ -758,6 +769,17 @@ class Linear(Layer):
     def _backward(
         self, dout: FloatArray, cache: LinearCache, need_dx: bool = True
     ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        return self._backward_rows(dout, cache, need_dx, compact=False)
+
+    def _backward_compact(
+        self, dout: FloatArray, cache: LinearCache, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        return self._backward_rows(dout, cache, need_dx, compact=True)
+
+    def _backward_rows(
+        self, dout: FloatArray, cache: LinearCache, need_dx: bool, compact: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        # dx on the live rows only when compact, else full with zeros outside them.
         if self.activation == "relu":
             dout = dout * (cache.out > 0)
         dbias = dout.sum(axis=1)
@@ -769,7 +791,9 @@ class Linear(Layer):
         dweight = np.zeros(self.shape, dtype=self.dtype)
         dweight[:, cols] = dout @ cache.x.T
         dx = None
-        if need_dx:
+        if need_dx and compact:
+            dx = weight.T @ dout
+        elif need_dx:
             dx = np.zeros((self.n_in, dout.shape[1]), dtype=self.dtype)
             dx[cols] = weight.T @ dout
         return dx, {"weight": dweight, "bias": dbias}

@@ -38,7 +38,9 @@ class BatchNormCache(NamedTuple):
     ``xhat`` and ``inv_std`` are the normalised input and :math:`1/\sqrt{v + \epsilon}`
     of the channels computed, ``rows`` (None: every channel); ``dead`` are the other
     channels and ``dead_xhat`` their constant normalised value (``"before_norm"`` only,
-    else None); ``batch_stats`` says whether batch statistics were used.
+    else None); ``batch_stats`` says whether batch statistics were used; ``compact``
+    whether the input was compact (the rows of ``rows`` only), and ``shape`` is the
+    input's.
     """
 
     shape: tuple[int, ...]
@@ -48,6 +50,7 @@ class BatchNormCache(NamedTuple):
     dead: IndexArray | None
     dead_xhat: FloatArray | None
     batch_stats: bool
+    compact: bool = False
 
 
 def _check_real(value: Any, name: str, low: float, high: float, *, open_low: bool) -> float:
@@ -197,6 +200,8 @@ class _BatchNorm(Layer):
         self.running_mean[sel] = (1 - m) * self.running_mean[sel] + m * mean
         self.running_var[sel] = (1 - m) * self.running_var[sel] + m * var
 
+    compact_kind = "indexed"
+
     def _forward(
         self,
         x: FloatArray,
@@ -204,8 +209,25 @@ class _BatchNorm(Layer):
         live: BoolArray | None = None,
         mode: Mode = TRAIN,
     ) -> tuple[FloatArray, BatchNormCache]:
+        return self._normalise(x, live, mode, compact=False)
+
+    def _forward_compact(
+        self, x: FloatArray, mask: BoolArray | None, live: BoolArray | None, mode: Mode
+    ) -> tuple[FloatArray, BatchNormCache]:
+        return self._normalise(x, live, mode, compact=True)
+
+    def _backward_compact(
+        self, dout: FloatArray, cache: BatchNormCache, need_dx: bool
+    ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
+        return self._backward(dout, cache, need_dx)
+
+    def _normalise(
+        self, x: FloatArray, live: BoolArray | None, mode: Mode, compact: bool
+    ) -> tuple[FloatArray, BatchNormCache]:
+        # The pass on full x (zeros outside live), or on compact x (the rows of live):
+        # the output is compact too where it is known zero outside live (after_norm).
         n_channels = self.n_channels
-        x2 = x.reshape(n_channels, -1)
+        x2 = x.reshape(x.shape[0], int(np.prod(x.shape[1:])))
         m_values = x2.shape[1]
         batch_stats = mode.training or mode.straight_through
         update = batch_stats and mode.update_stats
@@ -220,7 +242,7 @@ class _BatchNorm(Layer):
             rows = np.flatnonzero(live)
             dead = np.flatnonzero(~live)
         sel = slice(None) if rows is None else rows
-        x_rows = x2 if rows is None else x2[rows]
+        x_rows = x2 if rows is None or compact else x2[rows]
         if batch_stats:
             mean = x_rows.mean(axis=1)
             xhat = x_rows - mean[:, None]
@@ -237,10 +259,10 @@ class _BatchNorm(Layer):
         out_rows += self.bias[sel, None]
 
         dead_xhat = None
-        if rows is None:
+        if rows is None or (compact and self.mask_order == "after_norm"):
             out = out_rows
         else:
-            out = np.zeros_like(x2)
+            out = np.zeros((n_channels, m_values), dtype=x.dtype)
             out[rows] = out_rows
             if self.mask_order == "before_norm":
                 # A dropped channel's input is 0: mean 0, variance 0, normalised value
@@ -255,19 +277,27 @@ class _BatchNorm(Layer):
                     )
                 out[dead] = (self.weight[dead] * dead_xhat + self.bias[dead])[:, None]
         cache = BatchNormCache(
-            x.shape, xhat, inv_std, rows, None if rows is None else dead, dead_xhat, batch_stats
+            x.shape,
+            xhat,
+            inv_std,
+            rows,
+            None if rows is None else dead,
+            dead_xhat,
+            batch_stats,
+            compact,
         )
-        return out.reshape(x.shape), cache
+        return out.reshape(out.shape[0], *x.shape[1:]), cache
 
     def _backward(
         self, dout: FloatArray, cache: BatchNormCache, need_dx: bool = True
     ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
         n_channels = self.n_channels
-        d2 = dout.reshape(n_channels, -1)
+        d2 = dout.reshape(dout.shape[0], int(np.prod(dout.shape[1:])))
         m_values = d2.shape[1]
         rows = cache.rows
         sel = slice(None) if rows is None else rows
-        d_rows = d2 if rows is None else d2[rows]
+        compact_out = cache.compact and self.mask_order == "after_norm"
+        d_rows = d2 if rows is None or compact_out else d2[rows]
         dbias_rows = d_rows.sum(axis=1)
         dweight_rows = (d_rows * cache.xhat).sum(axis=1)
         if rows is None:
@@ -291,7 +321,7 @@ class _BatchNorm(Layer):
             dx_rows *= scale[:, None]
         else:
             dx_rows = d_rows * scale[:, None]
-        if rows is None:
+        if rows is None or cache.compact:
             dx = dx_rows
         else:
             dx = np.zeros_like(d2)

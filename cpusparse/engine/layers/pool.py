@@ -67,6 +67,8 @@ def _check_grad(dout: npt.ArrayLike, shape: tuple[int, ...], dtype: np.dtype) ->
 class _AnyChannels(Layer):
     """A layer without parameters that takes images with any number of channels."""
 
+    compact_kind = "channelwise"
+
     def live_outputs(self, mask: BoolArray | None, live: BoolArray | None) -> BoolArray | None:
         """Output channels that may be nonzero: the live input channels."""
         return live
@@ -356,6 +358,8 @@ class Flatten(Layer):
     array([False, False, False, False,  True,  True,  True,  True])
     """
 
+    compact_kind = "channelwise"
+
     def __init__(self, shape: tuple[int, int, int] | list[int]) -> None:
         if not (
             isinstance(shape, tuple | list)
@@ -407,12 +411,13 @@ class Flatten(Layer):
     ) -> tuple[FloatArray, FlattenCache]:
         n_channels, n_batch, height, width = x.shape
         channels = _channels(live, n_channels)
+        n_out = n_channels * height * width  # the rows of the kept channels if compact
         if channels.shape[0] == n_channels:
-            out = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(self.n_out, n_batch)
+            out = np.ascontiguousarray(x.transpose(0, 2, 3, 1)).reshape(n_out, n_batch)
         else:
             out4 = np.zeros((n_channels, height, width, n_batch), dtype=x.dtype)
             out4[channels] = x[channels].transpose(0, 2, 3, 1)
-            out = out4.reshape(self.n_out, n_batch)
+            out = out4.reshape(n_out, n_batch)
         return out, FlattenCache(x.shape, x.dtype, channels)
 
     def _backward(
