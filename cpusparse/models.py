@@ -247,9 +247,9 @@ def vgg(
         What one mask bit of a convolution keeps (see
         :data:`~cpusparse.engine.layers.conv.CONV_GRANULARITIES`).
     prune_first : bool, default=True
-        Whether the first convolution takes a mask. The paper prunes every layer;
-        the authors' code leaves the first convolution dense (False), outside the
-        budget.
+        Whether the first convolution takes a mask. The paper and the authors'
+        code (``utils/conv_type.py``) prune it; False leaves it dense and outside the
+        budget, as much pruning work does (it has few weights and sees the raw input).
     density : float in (0, 1], default=1.0
         Expected kept fraction: scales the fan-in of layers whose inputs or weights
         are masked, as in :func:`mlp` (He's normal initialisation).

@@ -451,8 +451,8 @@ _CNN_DOC = r"""Convolutional classifier (VGG or ResNet) trained with channel-spa
     granularity : {{"channel", "weight"}}, default="channel"
         One mask bit per output channel of a convolution, or per weight.
     prune_first : bool, default=True
-        Whether the first convolution is prunable (the paper's); False leaves it
-        dense and outside the budget (the authors' code).
+        Whether the first convolution is prunable (as in the paper and the authors'
+        code); False leaves it dense and outside the budget.
     norm_updates : {{"once", "every_pass"}}, default="once"
         When the batch norms' running statistics update: from the first of the K
         passes of a step, or from every pass in order (the authors' train-mode passes).

@@ -180,7 +180,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         "--prune-first",
         action=argparse.BooleanOptionalAction,
         default=defaults.get("prune_first", True),
-        help="make the first convolution prunable (vgg, resnet; the authors leave it dense)",
+        help="make the first convolution prunable (vgg, resnet; as the paper and the authors)",
     )
     model.add_argument(
         "--init",

@@ -271,8 +271,8 @@ class Conv2d(Layer):
         Zero padding on each side.
     granularity : {"channel", "weight"} or None, default="channel"
         One mask bit per output channel, or per weight (see :data:`CONV_GRANULARITIES`);
-        None makes a dense convolution that takes no mask (``units`` is None), as the
-        authors leave the first convolution of their networks.
+        None makes a dense convolution that takes no mask (``units`` is None), e.g. a
+        first convolution left out of the budget.
     activation : {None, "relu"}, default=None
     max_cols_bytes : int, default=MAX_COLS_BYTES
         The layer keeps its im2col columns for the backward pass only if they fit
