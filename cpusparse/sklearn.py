@@ -352,7 +352,7 @@ def _doc(cls: type[_SparseClassifier], template: str) -> str:
         name = entry.split(" :")[0].strip()
         if name in defaults:
             default = defaults[name].default
-            text = repr(default) if isinstance(default, str) else str(default)
+            text = f'"{default}"' if isinstance(default, str) else str(default)
             entries[i] = re.sub(r"default=[^\n]*", f"default={text}", entry, count=1)
     return template.format(training="\n".join(entries) + "\n", attributes=_ATTRIBUTES_DOC)
 
@@ -559,6 +559,10 @@ class _SparseClassifier(ClassifierMixin, BaseEstimator):
         """The settings that size the network, for error messages."""
         raise NotImplementedError
 
+    def _model_extra(self, n_features: int) -> dict[str, Any]:
+        """What a checkpoint records of the network beyond the parameters (none here)."""
+        return {}
+
     def _flat(self, X: npt.ArrayLike, reset: bool) -> npt.ArrayLike:
         """``X`` as ``(n_samples, n_features)`` before validation (unchanged by default).
 
@@ -633,6 +637,8 @@ class _SparseClassifier(ClassifierMixin, BaseEstimator):
 
     def _fit(self, X: npt.ArrayLike, y: npt.ArrayLike) -> None:
         """:meth:`fit`, which undoes a failed call."""
+        for name in _FITTED_ATTRIBUTES:  # nothing of a previous fit carries over
+            self.__dict__.pop(name, None)
         dtype = self._check_params()
         X, y_enc, classes = self._check_data(X, y, dtype)
         ckpt = None
@@ -658,7 +664,9 @@ class _SparseClassifier(ClassifierMixin, BaseEstimator):
         else:
             state, progress = self._restore(ckpt, config)
         extra = {
+            "estimator": type(self).__name__,
             "params": self._run_params(),
+            "model": self._model_extra(X.shape[1]),
             "entropy": entropy,
             "fingerprint": _fingerprint(X, y_enc, classes),
         }
@@ -792,6 +800,14 @@ class _SparseClassifier(ClassifierMixin, BaseEstimator):
             saved, entropy, fingerprint = extra["params"], extra["entropy"], extra["fingerprint"]
         except KeyError:
             raise ValueError(f"{where} was not written by {type(self).__name__}") from None
+        writer = extra.get("estimator", type(self).__name__)
+        if writer != type(self).__name__:
+            raise ValueError(f"{where} was written by {writer}, not {type(self).__name__}")
+        model = json.loads(json.dumps(self._model_extra(X.shape[1])))
+        if extra.get("model", model) != model:
+            raise ValueError(
+                f"{where} was written for another network ({extra['model']} != {model})"
+            )
         current = json.loads(json.dumps(self._run_params()))
         differ = sorted(k for k in set(saved) | set(current) if saved.get(k) != current.get(k))
         if differ:
@@ -1108,9 +1124,7 @@ class SparseCNNClassifier(_SparseClassifier):
 
     def _flat(self, X: npt.ArrayLike, reset: bool) -> npt.ArrayLike:
         """Image batches ``(n, C, H, W)`` as ``(n, C*H*W)`` (C, H, W in PyTorch's order)."""
-        ndim = getattr(X, "ndim", None)
-        if ndim is None and not hasattr(X, "__array__"):
-            ndim = np.ndim(X) if isinstance(X, list) else None
+        ndim = np.ndim(X) if isinstance(X, list | tuple) else getattr(X, "ndim", None)
         if ndim != 4:
             if reset:
                 self._fit_shape = None
@@ -1131,8 +1145,12 @@ class SparseCNNClassifier(_SparseClassifier):
                 )
         return images.reshape(images.shape[0], -1)
 
+    def _model_extra(self, n_features: int) -> dict[str, Any]:
+        """The input shape the network is built for (flat data does not show it)."""
+        return {"input_shape": list(self._image_shape(n_features))}
+
     def _samples(self, X: FloatArray) -> FloatArray:
-        """``(n, C, H, W)`` views of the validated rows."""
+        """``(n, C, H, W)`` views of the validated rows (the fitted shape after fit)."""
         shape = getattr(self, "input_shape_", None) or self._image_shape(X.shape[1])
         return X.reshape(X.shape[0], *shape)
 

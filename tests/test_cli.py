@@ -80,14 +80,16 @@ def test_report_table_and_checkpoint_resume(tmp_path, capsys):
         (["train", "--granularity", "channel"], "(the granularities of --model mlp)"),
         (["train", "--model", "vgg", "--input-shape", "1,8"], "must be three positive ints"),
         (["train", "--model", "vgg", "--norm-updates", "x"], "invalid choice: 'x'"),
-        (["train", "--norm-updates", "once"], "unrecognized arguments: --norm-updates"),
+        (["train", "--norm-updates", "once"], "--norm-updates is for --model vgg or resnet"),
+        (["train", "--prune-first"], "--prune-first is for --model vgg or resnet"),
+        (["train", "--model", "vgg", "--widths", "4,,8"], "must be positive ints such as"),
         (
             ["train", "--model", "vgg", "--input-shape", "1,8,9", "--quiet"],
-            "input_shape (1, 8, 9) has 72 values, but the data has n_features = 64",
+            "--input-shape 1,8,9 has 72 values, but --dataset digits has 64 features",
         ),
         (
             ["train", "--model", "vgg", "--widths", "4,4,4,4,4", "--quiet"],
-            "a 8x8 image, too small for 5 stages",
+            "use fewer --widths, or --input-shape 1,1,64 to read it as a 1-D signal",
         ),
         ([], "required: COMMAND"),
     ],
@@ -259,7 +261,7 @@ def test_train_a_cnn_with_json_checkpoint_and_resume(tmp_path, capsys):
 def test_a_dataset_path_is_mnist_format_data(tmp_path, capsys):
     (tmp_path / "junk.npz").write_bytes(b"junk")
     assert main(["train", "--dataset", str(tmp_path / "junk.npz"), "--quiet"]) == 1
-    assert "cannot load 'mnist'" in capsys.readouterr().err
+    assert f"cannot load {str(tmp_path / 'junk.npz')!r}" in capsys.readouterr().err
     argv = ["train", "--dataset", str(tmp_path), "--data-path", str(tmp_path)]
     assert main(argv) == 2
     assert "--data-path is only used with --dataset mnist" in capsys.readouterr().err

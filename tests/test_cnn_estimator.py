@@ -244,3 +244,32 @@ def test_norm_updates_changes_the_running_statistics(digits):
     assert any(not np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="norm_updates"):
         SparseCNNClassifier(norm_updates="sometimes").fit(X_train, y_train)
+
+
+def test_a_refit_on_other_images_equals_a_fresh_fit(digits):
+    # Nothing of the previous fit (its input shape) carries over.
+    X_train, _, y_train, _ = digits
+    X, y = X_train[:300], y_train[:300]
+    params = dict(widths=(4, 8), max_iter=2, finetune_iter=1, random_state=0)
+    fresh = SparseCNNClassifier(**params).fit(X.reshape(-1, 1, 4, 16), y)
+    reused = SparseCNNClassifier(**params).fit(X, y).fit(X.reshape(-1, 1, 4, 16), y)
+    assert reused.input_shape_ == (1, 4, 16)
+    assert_same_fit(fresh, reused, X)
+    # a tuple of images is images too
+    as_tuple = tuple(map(tuple, X.reshape(-1, 1, 8, 8)[:4].tolist()))
+    np.testing.assert_array_equal(reused.predict(X[:4]), fresh.predict(X[:4]))
+    assert SparseCNNClassifier(**params).fit(X, y).predict(as_tuple).shape == (4,)
+
+
+def test_resume_refuses_another_input_shape_or_classifier(tmp_path, digits):
+    from cpusparse.sklearn import SparseMLPClassifier
+
+    X_train, _, y_train, _ = digits
+    X, y = X_train[:200], y_train[:200]
+    path = tmp_path / "c.npz"
+    params = dict(widths=(4,), max_iter=1, finetune_iter=0, random_state=0)
+    SparseCNNClassifier(**params, checkpoint=path).fit(X.reshape(-1, 4, 4, 4), y)
+    with pytest.raises(ValueError, match=r"another network \(\{'input_shape': \[4, 4, 4\]\}"):
+        SparseCNNClassifier(**params, checkpoint=path, resume=True).fit(X, y)
+    with pytest.raises(ValueError, match="was written by SparseCNNClassifier, not SparseMLP"):
+        SparseMLPClassifier(max_iter=1, checkpoint=path, resume=True, random_state=0).fit(X, y)

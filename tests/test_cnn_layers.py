@@ -415,3 +415,34 @@ def test_compact_activations_give_the_bits_of_full_ones(rng, mode):
         np.testing.assert_array_equal(grads[name], hand_grads[name], err_msg=name)
     for name, value in nets[0].buffers().items():
         np.testing.assert_array_equal(value, nets[1].buffers()[name], err_msg=name)
+
+
+@pytest.mark.parametrize("first", ["relu", "norm", "conv"])
+def test_a_straight_through_pass_with_live_inputs_computes_on_zeros(rng, first):
+    # Straight-through computes every entry: the container runs on x with zeros outside
+    # ``live`` (never on compact rows a layer would take for all of them), and the
+    # input gradient is 0 there, as for any pass with ``live``.
+    from cpusparse.engine.layers.base import STRAIGHT_THROUGH
+
+    head = {
+        "relu": ReLU(),
+        "norm": BatchNorm2d.new(4, dtype=np.float64),
+        "conv": Conv2d.random(4, 4, 1, dtype=np.float64, rng=2),
+    }[first]
+    layers = [head, Conv2d.random(4, 3, 3, padding=1, dtype=np.float64, rng=0)]
+    layers += [GlobalAvgPool2d(), Linear.random(3, 2, dtype=np.float64, rng=1)]
+    net = Sequential(layers)
+    x = rng.standard_normal((4, 5, 8, 8))
+    live = np.array([True, True, False, False])
+    masks = [np.ones(n, dtype=bool) for n in net.n_units()]
+    out, caches = net.forward(x, masks, live=live, mode=STRAIGHT_THROUGH)
+    zeroed = x * live[:, None, None, None]
+    ref, ref_caches = net.forward(zeroed, masks, mode=STRAIGHT_THROUGH)
+    np.testing.assert_array_equal(out, ref)
+    g = rng.standard_normal(out.shape)
+    dx, grads = net.backward(g, caches, need_dx=True)
+    ref_dx, ref_grads = net.backward(g, ref_caches, need_dx=True)
+    np.testing.assert_array_equal(dx[live], ref_dx[live])
+    assert np.all(dx[~live] == 0)
+    for name in grads:
+        np.testing.assert_array_equal(grads[name], ref_grads[name], err_msg=name)

@@ -33,8 +33,9 @@ class SequentialCache(list[object]):
     ``conversions[i]`` says what was done to the activation before layer ``i``: None,
     ``("expand", live)`` (compact rows scattered into full zeros, for a layer that
     takes full activations) or ``("gather", live)`` (the live rows taken). ``final``
-    is the conversion after the last layer; ``live_in``/``live_out`` are set by the
-    full-array pass (:meth:`Sequential._forward`).
+    is the conversion after the last layer; ``live_in``/``live_out`` (compact input and
+    output), ``zero_in`` (a straight-through pass's input zeroed outside ``live``) and
+    ``out_shape`` are set by the full-array pass (:meth:`Sequential._forward`).
     """
 
     def __init__(self, caches: Iterable[object], conversions: list[Any], final: Any) -> None:
@@ -43,7 +44,33 @@ class SequentialCache(list[object]):
         self.final = final
         self.live_in: BoolArray | None = None
         self.live_out: BoolArray | None = None
+        self.zero_in: BoolArray | None = None
         self.out_shape: tuple[int, ...] | None = None
+
+
+def _enter(
+    x: FloatArray, live: BoolArray | None, mode: Mode
+) -> tuple[FloatArray, BoolArray | None, BoolArray | None]:
+    # A full-array pass's input as the compact passes take it: ``(x, live, zero_in)``.
+    # A straight-through pass computes every entry: x with zeros outside live, in full.
+    if live is None:
+        return x, None, None
+    if mode.straight_through:
+        return x * live.reshape(-1, *([1] * (x.ndim - 1))), None, live
+    return gather_rows(x, live), live, None
+
+
+def _leave_dx(
+    dx: FloatArray | None, live_in: BoolArray | None, zero_in: BoolArray | None
+) -> FloatArray | None:
+    # The full-array input gradient: 0 outside live, whose inputs count as zeros.
+    if dx is None:
+        return None
+    if live_in is not None:
+        return expand_rows(dx, live_in)
+    if zero_in is not None:
+        return dx * zero_in.reshape(-1, *([1] * (dx.ndim - 1)))
+    return dx
 
 
 def _convert_back(grad: FloatArray, conversion: Any) -> FloatArray:
@@ -200,7 +227,7 @@ class Sequential(Layer):
         *,
         live: npt.ArrayLike | None = None,
         mode: Mode = TRAIN,
-    ) -> tuple[FloatArray, list[object]]:
+    ) -> tuple[FloatArray, SequentialCache]:
         """Forward pass with one mask per prunable layer.
 
         Parameters
@@ -211,14 +238,15 @@ class Sequential(Layer):
             One per prunable layer, in the order of :meth:`prunable_layers`; None
             keeps every stored weight.
         live : ndarray of bool, shape (n_in,), optional
-            Input features that may be nonzero.
+            Input features that may be nonzero: the pass computes as if ``x`` were
+            zero outside them (and :meth:`backward` gives them a zero gradient).
         mode : Mode, default=TRAIN
 
         Returns
         -------
         out : ndarray of shape (n_out, n_batch)
-        caches : list
-            One cache per layer, for :meth:`backward`.
+        caches : SequentialCache
+            One cache per layer (a list), for :meth:`backward`.
         """
         x = self._check_input(x)
         return self._forward(x, self._check_masks(masks), _check_live(live, self.n_in), mode)
@@ -233,10 +261,9 @@ class Sequential(Layer):
         mode: Mode = TRAIN,
     ) -> tuple[FloatArray, SequentialCache]:
         # Full arrays in and out; compact activations inside.
-        out, caches, live_out = self._run(
-            x if live is None else gather_rows(x, live), masks, live, mode
-        )
-        caches.live_in, caches.live_out = live, live_out
+        x, live_in, zero_in = _enter(x, live, mode)
+        out, caches, live_out = self._run(x, masks, live_in, mode)
+        caches.live_in, caches.live_out, caches.zero_in = live_in, live_out, zero_in
         out = out if live_out is None else expand_rows(out, live_out)
         caches.out_shape = out.shape
         return out, caches
@@ -325,13 +352,11 @@ class Sequential(Layer):
     def _backward(
         self, dout: FloatArray, caches: Sequence[Any], need_dx: bool = False
     ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
-        live_in = getattr(caches, "live_in", None)
         live_out = getattr(caches, "live_out", None)
         d = dout if live_out is None else gather_rows(dout, live_out)
         dx, grads = self._run_backward(d, caches, need_dx)
-        if dx is not None and live_in is not None:
-            dx = expand_rows(dx, live_in)
-        return dx, grads
+        live_in, zero_in = getattr(caches, "live_in", None), getattr(caches, "zero_in", None)
+        return _leave_dx(dx, live_in, zero_in), grads
 
     def _run_backward(
         self, dout: FloatArray, caches: Any, need_dx: bool
@@ -428,6 +453,7 @@ class ResidualCache(NamedTuple):
     rows_shortcut: npt.NDArray[np.intp] | None = None
     live_in: BoolArray | None = None
     live_out: BoolArray | None = None
+    zero_in: BoolArray | None = None
 
 
 def _rows_in(live: BoolArray | None, union: BoolArray | None) -> npt.NDArray[np.intp] | None:
@@ -595,10 +621,9 @@ class Residual(Layer):
         self, x: FloatArray, mask: Any, live: BoolArray | None, mode: Mode
     ) -> tuple[FloatArray, ResidualCache]:
         # Full arrays in and out; compact activations inside.
-        out, cache, live_out = self._run(
-            x if live is None else gather_rows(x, live), mask, live, mode
-        )
-        cache = cache._replace(live_in=live, live_out=live_out)
+        x, live_in, zero_in = _enter(x, live, mode)
+        out, cache, live_out = self._run(x, mask, live_in, mode)
+        cache = cache._replace(live_in=live_in, live_out=live_out, zero_in=zero_in)
         return (out if live_out is None else expand_rows(out, live_out)), cache
 
     def _run(
@@ -655,9 +680,7 @@ class Residual(Layer):
     ) -> tuple[FloatArray | None, dict[str, FloatArray]]:
         d = dout if cache.live_out is None else gather_rows(dout, cache.live_out)
         dx, grads = self._run_backward(d, cache, need_dx)
-        if dx is not None and cache.live_in is not None:
-            dx = expand_rows(dx, cache.live_in)
-        return dx, grads
+        return _leave_dx(dx, cache.live_in, cache.zero_in), grads
 
     def _run_backward(
         self, dout: FloatArray, cache: ResidualCache, need_dx: bool

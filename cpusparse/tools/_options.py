@@ -53,9 +53,12 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 def layer_sizes(text: str) -> list[int]:
     """Parse a comma-separated list of positive ints (an argparse ``type``)."""
+    parts = text.split(",")
+    if parts and not parts[-1].strip():
+        parts = parts[:-1]  # a trailing comma, as in "300,"
     try:
-        sizes = [int(part) for part in text.split(",") if part.strip()]
-    except ValueError:
+        sizes = [int(part) for part in parts]
+    except ValueError:  # also an empty part, as in "4,,8"
         sizes = []
     if not sizes or min(sizes) < 1:
         raise argparse.ArgumentTypeError(f"must be positive ints such as 300,100, got {text!r}")

@@ -99,6 +99,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     from ..engine.layers.conv import CONV_GRANULARITIES
     from ..engine.layers.linear import GRANULARITIES, INITS
     from ..sklearn import SparseCNNClassifier, SparseMLPClassifier
+    from ..training.config import options
     from ._options import (
         HelpFormatter,
         add_options,
@@ -179,8 +180,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     model.add_argument(
         "--prune-first",
         action=argparse.BooleanOptionalAction,
-        default=defaults.get("prune_first", True),
-        help="make the first convolution prunable (vgg, resnet; as the paper and the authors)",
+        default=None,
+        help="make the first convolution prunable (vgg, resnet; as the paper and the authors; "
+        "default: yes)",
     )
     model.add_argument(
         "--init",
@@ -202,6 +204,19 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         {name: preset.get(name, defaults[param]) for name, param in table_names.items()},
         dest=table_names,
     )
+    # The CNN's own training options, with no default for an MLP (a usage error there).
+    cnn_defaults = inspect.signature(SparseCNNClassifier).parameters
+    for row in options():
+        param = {n: p for p, n in SparseCNNClassifier._train_options.items()}.get(row.name)
+        if param is None or row.name in table_names:
+            continue
+        method.add_argument(
+            row.flag,
+            default=None,
+            dest=param,
+            choices=getattr(row.constraint, "values", None),
+            help=f"{row.help}; --model vgg or resnet only (default: {cnn_defaults[param].default})",
+        )
     run = train.add_argument_group("run")
     run.add_argument(
         "--epochs",
@@ -250,7 +265,7 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
         help="start again even if --checkpoint exists (it is replaced after the first epoch)",
     )
     out.add_argument("--quiet", action="store_true", help="no progress bar and no report table")
-    train.set_defaults(handler=_train)
+    train.set_defaults(handler=_train, dataset_is_path=False)
     for name, (_, _, text) in EXTERNAL.items():
         sub.add_parser(name, help=f"{text} (its own options: cpusparse {name} --help)")
     return parser
@@ -416,8 +431,13 @@ def _check_train_args(args: argparse.Namespace) -> dict[str, Any]:
         "--hidden": (args.hidden is not None, not cnn),
         "--widths": (args.widths is not None, cnn),
         "--input-shape": (args.input_shape is not None, cnn),
-        "--no-prune-first": (not args.prune_first, cnn),
+        "--prune-first": (args.prune_first is not None, cnn),
         "--init": (cnn and args.init is not None, not cnn),
+        **{
+            f"--{name.replace('_', '-')}": (getattr(args, param, None) is not None, cnn)
+            for param, name in SparseCNNClassifier._train_options.items()
+            if param not in SparseMLPClassifier._train_options
+        },
     }
     for flag, (given, allowed) in model_flags.items():
         if given and not allowed:
@@ -426,6 +446,8 @@ def _check_train_args(args: argparse.Namespace) -> dict[str, Any]:
                 if flag != "--hidden" and flag != "--init"
                 else ("--model mlp")
             )
+            if flag == "--prune-first":
+                flag = "--prune-first" if args.prune_first else "--no-prune-first"
             raise UsageError(f"{flag} is for {wanted}, got --model {args.model}")
     allowed_granularities = tuple(CONV_GRANULARITIES) if cnn else tuple(GRANULARITIES)
     if args.granularity not in allowed_granularities:
@@ -464,6 +486,7 @@ def _check_train_args(args: argparse.Namespace) -> dict[str, Any]:
                 f"--data-path is only used with --dataset mnist, got --dataset {args.dataset}"
             )
         args.data_path, args.dataset = args.dataset, "mnist"
+        args.dataset_is_path = True
     if args.dataset == "mnist":
         if args.data_path is None:
             raise UsageError("--dataset mnist needs --data-path (nothing is downloaded)")
@@ -592,7 +615,7 @@ def _train_checked(args: argparse.Namespace) -> int:
             "architecture": args.model,
             "widths": widths,
             "input_shape": None if args.input_shape is None else tuple(args.input_shape),
-            "prune_first": args.prune_first,
+            "prune_first": True if args.prune_first is None else args.prune_first,
         }
         classifier = SparseCNNClassifier
     clf = classifier(
@@ -620,7 +643,10 @@ def _train_checked(args: argparse.Namespace) -> int:
     except ImportError as exc:
         raise CommandError(str(exc)) from None
     except (ValueError, TypeError, OSError) as exc:
-        raise CommandError(f"cannot load {args.dataset!r}: {exc}") from None
+        source = args.data_path if args.dataset_is_path else args.dataset
+        raise CommandError(f"cannot load {source!r}: {exc}") from None
+    if args.model != "mlp":
+        _check_image_shape(args, model["widths"], X_train.shape[1])
     t_loaded = time.perf_counter()
     try:
         clf.fit(X_train, y_train)
@@ -686,6 +712,37 @@ def _train_checked(args: argparse.Namespace) -> int:
         except (OSError, ValueError) as exc:
             raise CommandError(f"--json {args.json}: {exc}") from None
     return 0
+
+
+def _check_image_shape(args: argparse.Namespace, widths: tuple[int, ...], n_features: int) -> None:
+    """A usage error, naming the flags, if the CNN cannot take the data's samples."""
+    from ..sklearn import infer_input_shape
+
+    source = f"--dataset {args.data_path if args.dataset_is_path else args.dataset}"
+    if args.input_shape is None:
+        try:
+            shape = infer_input_shape(n_features, len(widths))
+        except ValueError as exc:
+            text = (
+                str(exc)
+                .replace("input_shape=(1, 1, ", "--input-shape 1,1,")
+                .replace(") to read", " to read")
+            )
+            raise UsageError(f"{source}: {text.replace('widths', '--widths')}") from None
+    else:
+        shape = tuple(args.input_shape)
+        if shape[0] * shape[1] * shape[2] != n_features:
+            raise UsageError(
+                f"--input-shape {','.join(map(str, shape))} has {shape[0] * shape[1] * shape[2]}"
+                f" values, but {source} has {n_features} features"
+            )
+    smallest = shape[2] if shape[1] == 1 else min(shape[1], shape[2])
+    if smallest >> (len(widths) - 1) < 1:
+        raise UsageError(
+            f"--input-shape {','.join(map(str, shape))} is too small for the "
+            f"{len(widths)} stages of --widths {','.join(map(str, widths))}: each stage "
+            "after the first halves H and W"
+        )
 
 
 def _flat(groups: list[list[int]]) -> tuple[int, ...]:
