@@ -36,6 +36,8 @@ CLI = [sys.executable, "-m", "cpusparse.tools.cli"]
 SCRIPT = shutil.which("cpusparse")
 ENV = dict(os.environ, NUMBA_NUM_THREADS="1", OMP_NUM_THREADS="1", OPENBLAS_NUM_THREADS="1")
 TRAIN = ["train", "--quiet", "--epochs", "1", "--finetune-epochs", "0", "--hidden", "8"]
+CNN_TRAIN = ["train", "--model", "vgg", "--widths", "4", "--quiet", "--epochs", "1"]
+CNN_TRAIN += ["--finetune-epochs", "0"]
 BENCH = ["bench", "--quick", "--arch", "8,6,4:4", "--densities", "0.5", "--repeats", "1"]
 BENCH += ["--warmup", "0", "--no-startup", "--baselines", "dense-engine"]
 
@@ -287,6 +289,39 @@ CASES = {
         2,
         ["run.npz", "other training data"],
     ),
+    # a CNN run: the same checks, and its own settings
+    "cnn_resume_other_architecture": (
+        lambda d, s: [
+            *CNN_TRAIN[:2],
+            "resnet",
+            *CNN_TRAIN[3:],
+            "--checkpoint",
+            _copy(s, "cnn.npz", d),
+            "--resume",
+        ],
+        2,
+        ["run.npz", "architecture: 'vgg' != 'resnet'"],
+    ),
+    "cnn_resume_mlp_checkpoint": (
+        lambda d, s: [*CNN_TRAIN, "--checkpoint", _copy(s, "good.npz", d), "--resume"],
+        2,
+        ["run.npz", "was written by SparseMLPClassifier, not SparseCNNClassifier"],
+    ),
+    "cnn_json_is_a_directory": (
+        lambda d, s: [*CNN_TRAIN, "--json", d],
+        2,
+        ["--json", "is a directory"],
+    ),
+    "cnn_input_shape_mismatch": (
+        lambda d, s: [*CNN_TRAIN, "--input-shape", "3,8,8"],
+        2,
+        ["--input-shape 3,8,8 has 192 values, but --dataset digits has 64 features"],
+    ),
+    "cnn_flag_for_mlp": (
+        lambda d, s: [*TRAIN, "--widths", "4"],
+        2,
+        ["--widths is for --model vgg or resnet, got --model mlp"],
+    ),
     "resume_and_overwrite": (
         lambda d, s: [*_resume(_copy(s, "good.npz", d)), "--overwrite"],
         2,
@@ -435,6 +470,7 @@ def shared(tmp_path_factory):
 
     s = tmp_path_factory.mktemp("shared")
     assert main([*TRAIN, "--checkpoint", str(s / "good.npz")]) == 0
+    assert main([*CNN_TRAIN, "--checkpoint", str(s / "cnn.npz")]) == 0
     write_trace(s / "trace.npz", layers=(6, 5, 3), steps=1, batch_size=4, n_data=8)
     return s
 
