@@ -107,3 +107,25 @@ def by_layer(flat, n_layers):
         position, name = key.split(".", 1)
         out[int(position)][name] = value
     return out
+
+
+def history_text(history):
+    """A fit's history as JSON without the wall times (everything else is reproducible)."""
+    import json
+
+    return json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in history])
+
+
+def assert_same_fit(a, b, X):
+    """Two fitted classifiers agree bit for bit: history, scores, masks, every array."""
+    assert history_text(a.history_) == history_text(b.history_)
+    np.testing.assert_array_equal(a.keep_prob_, b.keep_prob_)
+    for m, n in zip(a.masks_, b.masks_, strict=True):
+        np.testing.assert_array_equal(m, n)
+    for arrays in ("params", "buffers"):
+        pa, pb = getattr(a.network_, arrays)(), getattr(b.network_, arrays)()
+        assert pa.keys() == pb.keys()
+        for name in pa:
+            assert np.array_equal(pa[name], pb[name]), name
+    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
+    assert (a.n_active_, a.density_, a.n_iter_) == (b.n_active_, b.density_, b.n_iter_)

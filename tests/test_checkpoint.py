@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import pytest
+from conftest import assert_same_fit
 from sklearn.datasets import load_digits
 
 import cpusparse.sklearn as estimator_module
@@ -169,22 +170,6 @@ def interrupt_after(monkeypatch, n_epochs):
         return run_epoch(*args, **kwargs)
 
     monkeypatch.setattr(estimator_module, "run_epoch", run_epoch_then_crash)
-
-
-def history_text(history):
-    return json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in history])
-
-
-def assert_same_fit(a, b, X):
-    assert history_text(a.history_) == history_text(b.history_)
-    np.testing.assert_array_equal(a.keep_prob_, b.keep_prob_)
-    for m, n in zip(a.masks_, b.masks_, strict=True):
-        np.testing.assert_array_equal(m, n)
-    for la, lb in zip(a.network_.layers, b.network_.layers, strict=True):
-        for name, arr in la.params().items():
-            assert np.array_equal(arr, lb.params()[name]), name
-    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
-    assert (a.n_active_, a.density_, a.n_iter_) == (b.n_active_, b.density_, b.n_iter_)
 
 
 @pytest.mark.parametrize(

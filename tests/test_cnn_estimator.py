@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 import warnings
 
 import numpy as np
 import pytest
+from conftest import assert_same_fit
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.utils.estimator_checks import check_estimator
@@ -31,25 +31,6 @@ def digits():
 def fitted(digits):
     X_train, _, y_train, _ = digits
     return SparseCNNClassifier(**SMALL).fit(X_train, y_train)
-
-
-def history_text(history):
-    return json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in history])
-
-
-def assert_same_fit(a, b, X):
-    assert history_text(a.history_) == history_text(b.history_)
-    np.testing.assert_array_equal(a.keep_prob_, b.keep_prob_)
-    for m, n in zip(a.masks_, b.masks_, strict=True):
-        np.testing.assert_array_equal(m, n)
-    pa, pb = a.network_.params(), b.network_.params()
-    assert pa.keys() == pb.keys()
-    for name in pa:
-        assert np.array_equal(pa[name], pb[name]), name
-    ba, bb = a.network_.buffers(), b.network_.buffers()
-    for name in ba:
-        assert np.array_equal(ba[name], bb[name]), name
-    np.testing.assert_array_equal(a.predict_proba(X), b.predict_proba(X))
 
 
 @pytest.mark.parametrize("architecture", ["vgg", "resnet"])

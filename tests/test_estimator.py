@@ -8,6 +8,7 @@ import textwrap
 
 import numpy as np
 import pytest
+from conftest import history_text
 from sklearn.datasets import load_digits
 from sklearn.model_selection import train_test_split
 from sklearn.utils.estimator_checks import check_estimator
@@ -38,11 +39,6 @@ SMALL = dict(
 def fitted(digits):
     X_train, _, y_train, _ = digits
     return SparseMLPClassifier(**SMALL, random_state=0).fit(X_train, y_train)
-
-
-def history_text(history):
-    """History without the wall-clock field, as text (NaN compares equal to NaN)."""
-    return json.dumps([{k: v for k, v in r.items() if k != "seconds"} for r in history])
 
 
 def test_check_estimator():
