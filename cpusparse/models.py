@@ -179,6 +179,21 @@ def _check_cnn(
     return sizes, (c, h, w), _check_size(n_classes, "n_classes")
 
 
+def _per_stage(value: int | Iterable[int], n_stages: int, name: str) -> list[int]:
+    # One positive count for every stage, or one per stage.
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return [_check_size(int(value), name)] * n_stages
+    try:
+        counts = list(value)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{name} must be an int or a sequence of ints, got {value!r}") from None
+    if len(counts) != n_stages:
+        raise ValueError(
+            f"{name} must hold one count per stage ({n_stages}, one per width), got {counts}"
+        )
+    return [_check_size(c, f"{name}[{i}]") for i, c in enumerate(counts)]
+
+
 def _geometry(height: int) -> tuple[Callable[[int], tuple[int, int]], int | tuple[int, int]]:
     # Kernel sizes and the 2x pool of a network on images of this height: an image of
     # height 1 is a 1-D signal, whose kernels are 1 x k and pools 1 x 2.
@@ -221,7 +236,7 @@ def vgg(
     input_shape: Iterable[int],
     n_classes: int,
     *,
-    convs_per_stage: int = 2,
+    convs_per_stage: int | Iterable[int] = 2,
     granularity: str = "channel",
     prune_first: bool = True,
     density: float = 1.0,
@@ -242,7 +257,9 @@ def vgg(
         stay at least 1. ``H = 1`` is a 1-D signal (e.g. MNIST-1D's ``(1, 1, 40)``):
         its kernels are ``1 x 3`` and its pools ``1 x 2``.
     n_classes : int
-    convs_per_stage : int, default=2
+    convs_per_stage : int or sequence of int, default=2
+        Convolutions of every stage, or of each stage: VGG-19's layout is
+        ``(2, 2, 4, 4, 4)``, VGG-11's ``(1, 1, 2, 2, 2)``.
     granularity : {"channel", "weight"}, default="channel"
         What one mask bit of a convolution keeps (see
         :data:`~cpusparse.engine.layers.conv.CONV_GRANULARITIES`).
@@ -267,7 +284,7 @@ def vgg(
     ([4, 4, 8, 8], (10, 2))
     """
     sizes, (c, h, w), n_classes = _check_cnn(widths, input_shape, n_classes, granularity)
-    convs_per_stage = _check_size(convs_per_stage, "convs_per_stage")
+    counts = _per_stage(convs_per_stage, len(sizes), "convs_per_stage")
     rng = check_rng(rng)
     density = check_density(density, "density")
     units = CONV_GRANULARITIES[granularity]
@@ -277,7 +294,7 @@ def vgg(
     for s, width in enumerate(sizes):
         if s > 0:
             layers.append(MaxPool2d(pool))
-        for _ in range(convs_per_stage):
+        for _ in range(counts[s]):
             # The fan-in is scaled where weights are masked, or inputs dropped channels.
             pruned = prune_first or not first
             masked_inputs = (pruned and units.thins_fan_in) or (

@@ -200,3 +200,15 @@ def test_named_leaves_are_the_prefixes_of_the_parameter_names():
     assert [layer for _, layer in leaves if layer.units is not None] == net.prunable_layers()
     conv = net.prunable_layers()[0]
     assert list(conv.named_leaves("x.")) == [("x", conv)]
+
+
+def test_vgg_takes_one_count_of_convolutions_per_stage():
+    # VGG-19's layout is 2, 2, 4, 4, 4 convolutions per stage.
+    net = vgg((2, 4, 8, 8, 8), (3, 32, 32), 10, convs_per_stage=(2, 2, 4, 4, 4), rng=0)
+    convs = net.prunable_layers()
+    assert [c.n_out for c in convs] == [2, 2, 4, 4] + [8] * 12
+    assert net.forward(np.zeros((3, 2, 32, 32), np.float32))[0].shape == (10, 2)
+    with pytest.raises(ValueError, match=r"one count per stage \(2, one per width\), got \[2\]"):
+        vgg((2, 4), (1, 8, 8), 10, convs_per_stage=[2])
+    with pytest.raises(ValueError, match=r"convs_per_stage\[1\] must be a positive int"):
+        vgg((2, 4), (1, 8, 8), 10, convs_per_stage=(2, 0))

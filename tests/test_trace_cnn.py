@@ -32,15 +32,14 @@ VGG = dict(model="vgg", widths=(2, 4), input_shape=(3, 8, 8), n_classes=5, steps
            batch_size=3, n_data=12, n_masks=2, initial_score=0.6)  # fmt: skip
 RESNET = {**VGG, "model": "resnet"}
 
-# The layouts GPU ports build, on 3x32x32 images: a VGG of 5 stages of 2 convolutions
-# (convs_per_stage is one count for all stages: VGG-19's 2, 2, 4, 4, 4 is not
-# expressible) at the paper's settings, and ResNet-20's layout (3 stages of 3 basic
-# blocks) at the authors' settings, whose K passes each update the batch norms.
+# The layouts GPU ports build, on 3x32x32 images: VGG-19's (5 stages of 2, 2, 4, 4, 4
+# convolutions) at the paper's settings, and ResNet-20's (3 stages of 3 basic blocks)
+# at the authors' settings, whose K passes each update the batch norms.
 _GOLDEN_COMMON = dict(input_shape=(3, 32, 32), n_classes=10, steps=1, batch_size=2,
                       n_data=8, n_masks=2, initial_score=0.6)  # fmt: skip
 GOLDEN = {
-    "golden_v3_vgg_channel_adam_f64": dict(
-        model="vgg", widths=(2, 4, 8, 8, 8), convs_per_stage=2, **_GOLDEN_COMMON
+    "golden_v3_vgg19_channel_adam_f64": dict(
+        model="vgg", widths=(2, 4, 8, 8, 8), convs_per_stage=(2, 2, 4, 4, 4), **_GOLDEN_COMMON
     ),
     "golden_v3_resnet20_authors_every_pass_f64": dict(
         model="resnet",
@@ -235,7 +234,7 @@ def test_replay_free_refuses_cnn_traces(vgg_trace):
 @pytest.mark.parametrize("stem", sorted(GOLDEN))
 def test_golden_cnn_trace_rewrites_byte_for_byte(stem, tmp_path):
     path = DATA / f"{stem}.npz"
-    assert path.stat().st_size < 600_000
+    assert path.stat().st_size < 750_000  # float64, about 700 arrays (VGG-19: 16 convolutions)
     ref = load_trace(path)
     options = json.loads(str(ref["meta/options"]))
     expected = {k: list(v) if isinstance(v, tuple) else v for k, v in GOLDEN[stem].items()}
@@ -248,13 +247,17 @@ def test_golden_cnn_trace_rewrites_byte_for_byte(stem, tmp_path):
     same_versions = all(str(ref[k]) == str(trace[k]) for k in VERSION_KEYS)
     if same_versions:  # the versions are written in the file, so then every byte agrees
         assert again.read_bytes() == path.read_bytes()
-    assert _replay()(ref) == []
+    # PyTorch's float64 products round differently: through VGG-19's 16 convolutions
+    # the first layers' weight gradients differ by up to 7e-14 (atol 1e-14 by default).
+    atol = 1e-13 if "vgg19" in stem else None
+    assert _replay()(ref, atol=atol) == []
 
 
 def test_golden_cnn_traces_hold_the_layouts():
-    vgg = load_trace(DATA / "golden_v3_vgg_channel_adam_f64.npz")
+    vgg = load_trace(DATA / "golden_v3_vgg19_channel_adam_f64.npz")
     convs = [la for la in _layers(vgg) if la["type"] == "Conv2d"]
-    assert len(convs) == 10 and vgg["step0/x"].shape == (2, 3, 32, 32)
+    assert len(convs) == 16 and vgg["step0/x"].shape == (2, 3, 32, 32)  # VGG-19's
+    assert [c["n_out"] for c in convs] == [2] * 2 + [4] * 2 + [8] * 12
     resnet = load_trace(DATA / "golden_v3_resnet20_authors_every_pass_f64.npz")
     blocks = json.loads(str(resnet["meta/blocks"]))
     convs = [la for la in _layers(resnet) if la["type"] == "Conv2d"]
@@ -296,6 +299,7 @@ def test_trace_cli_writes_the_api_trace(tmp_path, capsys):
         (["--model", "vgg", "--input-shape", "3,4,4", "--widths", "2,2,2,2"], "too small"),
         (["--model", "resnet", "--blocks-per-stage", "0"], "--blocks-per-stage must be"),
         (["--model", "resnet", "--convs-per-stage", "2"], "--convs-per-stage is for"),
+        (["--model", "vgg", "--widths", "2,4", "--convs-per-stage", "1,2,3"], "one per stage"),
         (["--model", "vgg", "--granularity", "neuron"], "--granularity must be channel or"),
         (["--model", "vgg", "--layers", "4,3,2"], "--layers is for --model mlp"),
         (["--widths", "2,4"], "--widths is for --model vgg or resnet"),

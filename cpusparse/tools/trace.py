@@ -281,6 +281,13 @@ def _train_defaults() -> dict[str, object]:
     }
 
 
+def _one_or_all(counts: int | list[int]) -> int | tuple[int, ...]:
+    # ``--convs-per-stage 2`` is one count for every stage; ``2,2,4`` one per stage.
+    if isinstance(counts, int):
+        return counts
+    return counts[0] if len(counts) == 1 else tuple(counts)
+
+
 def _check_int(value: int, name: str, low: int) -> int:
     if isinstance(value, bool | np.bool_) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an int, got {type(value).__name__}")
@@ -360,7 +367,10 @@ def _cnn_options(opts, model):
     opts["input_shape"] = _int_tuple(opts["input_shape"], "input_shape", 3)
     opts["n_classes"] = _check_int(opts["n_classes"], "n_classes", 1)
     key, _ = _PER_STAGE[model]
-    opts[key] = _check_int(opts[key], key, 1)
+    if key == "convs_per_stage" and not isinstance(opts[key], numbers.Integral):
+        opts[key] = _int_tuple(opts[key], key, len(opts["widths"]))  # one count per stage
+    else:
+        opts[key] = _check_int(opts[key], key, 1)
     check_choice(opts["granularity"], "granularity", tuple(CONV_GRANULARITIES))
     check_choice(opts["mask_order"], "mask_order", MASK_ORDERS)
     if not isinstance(opts["prune_first"], bool | np.bool_):
@@ -1259,7 +1269,11 @@ def build_trace_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentPa
         help=f"CNN: one image's shape (default: {','.join(map(str, c['input_shape']))})",
     )
     model.add_argument(
-        "--convs-per-stage", type=int, help="VGG: convolutions per stage (default: 2)"
+        "--convs-per-stage",
+        type=layer_sizes,
+        metavar="N[,N...]",
+        help="VGG: convolutions per stage, one count or one per stage, e.g. 2,2,4,4,4 for "
+        "VGG-19 (default: 2)",
     )
     model.add_argument(
         "--blocks-per-stage", type=int, help="ResNet: basic blocks per stage (default: 1)"
@@ -1387,7 +1401,7 @@ def main_trace(argv: Sequence[str] | None = None) -> int:
                 c["input_shape"] if args.input_shape is None else args.input_shape
             ),
             "n_classes": c["n_classes"] if args.n_classes is None else args.n_classes,
-            key: default if getattr(args, key) is None else getattr(args, key),
+            key: default if getattr(args, key) is None else _one_or_all(getattr(args, key)),
             "granularity": c["granularity"] if args.granularity is None else args.granularity,
             "prune_first": c["prune_first"] if args.prune_first is None else args.prune_first,
             "mask_order": c["mask_order"] if args.mask_order is None else args.mask_order,
@@ -1397,10 +1411,16 @@ def main_trace(argv: Sequence[str] | None = None) -> int:
             raise UsageError(f"--input-shape must be C,H,W (three positive ints), got {shown}")
         for flag, value in (
             ("--n-classes", cnn["n_classes"]),
-            ("--" + key.replace("_", "-"), cnn[key]),
+            ("--" + key.replace("_", "-"), min(np.atleast_1d(cnn[key]))),
         ):
             if value < 1:
                 raise UsageError(f"{flag} must be an int >= 1, got {value}")
+        counts = cnn[key]
+        if isinstance(counts, tuple) and len(counts) != len(cnn["widths"]):
+            raise UsageError(
+                f"--{key.replace('_', '-')} must give one count, or one per stage "
+                f"({len(cnn['widths'])} widths), got {','.join(map(str, counts))}"
+            )
         if cnn["granularity"] not in CONV_GRANULARITIES:
             raise UsageError(
                 f"--granularity must be channel or weight for --model {args.model}, got "
