@@ -17,7 +17,7 @@ size and epochs:
   :func:`cpusparse.export.narrow` builds it), re-initialised and trained from
   scratch;
 
-for a VGG (the issue's target: cpusparse at least 3x faster than ``torch-dense``)
+for a VGG (the target: cpusparse at least 3x faster than ``torch-dense``)
 and a ResNet of the same widths and density (no target). The cpusparse fit runs
 ``max_iter=epochs`` sparse epochs and no fine-tuning (``finetune_iter=0``); its
 epoch times are ``clf.history_[i]["seconds"]``, PyTorch's are timed around each
