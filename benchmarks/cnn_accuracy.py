@@ -53,8 +53,11 @@ from __future__ import annotations
 import os
 
 # One thread per library, before NumPy and Numba are imported.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# (As a script only: imported, e.g. by the tests, it leaves the process's settings alone;
+# Numba refuses a new thread count once its threads run.)
+if __name__ == "__main__":
+    for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS"):
+        os.environ.setdefault(_var, "1")
 
 import argparse  # noqa: E402
 import dataclasses  # noqa: E402

@@ -169,3 +169,17 @@ def test_speed_script_quick_has_every_row(tmp_path, capsys):
     assert by_key["torch-dense-vgg"]["conv_widths"] == [4, 4, 8, 8, 16, 16]
     assert all(r["per_epoch_s"] > 0 for r in result["rows"])
     assert "Target (cpusparse VGG >= 3x PyTorch dense per epoch)" in text
+
+
+def test_importing_the_scripts_leaves_the_thread_settings_alone(monkeypatch):
+    # Run as scripts they pin every library to one thread; imported (as here) they must
+    # not: Numba refuses a new NUMBA_NUM_THREADS once its threads run, and every later
+    # parallel kernel of the process would fail.
+    names = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")
+    for var in names:
+        monkeypatch.delenv(var, raising=False)
+    for script in ("bench_cnn_fit", "cnn_accuracy"):
+        _load(script)
+    import os
+
+    assert [var for var in names if var in os.environ] == []
