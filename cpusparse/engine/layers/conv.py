@@ -611,9 +611,10 @@ class Conv2d(Layer):
         kept_out = rows.shape[0]
         every_row = kept_out == cache.out.shape[0]  # every filter, or a compact output
         relu = self.activation == "relu"
+        with_bias = self.bias is not None
         dx = np.empty(x.shape, dtype=x.dtype) if need_dx else None
 
-        def task(item: tuple[int, tuple[int, int]]) -> tuple[FloatArray, FloatArray]:
+        def task(item: tuple[int, tuple[int, int]]) -> tuple[FloatArray, FloatArray | None]:
             i, (n0, n1) = item
             cols = cache.cols[i] if cache.cols is not None else self._cols(x, chans, n0, n1, ho, wo)
             width = (n1 - n0) * ho * wo
@@ -631,21 +632,23 @@ class Conv2d(Layer):
             if dx is not None:
                 dx[:, n0:n1] = 0  # dead input channels get 0, live ones the col2im sums
                 self._col2im(block.T @ dpre, chans, n0, ho, wo, dx)
-            return dblock, dpre.sum(axis=1)
+            return dblock, (dpre.sum(axis=1) if with_bias else None)  # the bias gradient
 
         parts = run_tasks(task, list(enumerate(chunks)))
         dblock = parts[0][0].copy()
-        dpre_sum = parts[0][1].copy()
-        for part_dblock, part_sum in parts[1:]:
+        for part_dblock, _ in parts[1:]:
             dblock += part_dblock
-            dpre_sum += part_sum
         grads: dict[str, FloatArray] = {}
         dweight = np.zeros(self.weight.shape, dtype=self.weight.dtype)
         kh, kw = self.kernel_size
         w_chans = chans if cache.w_chans is None else cache.w_chans
         dweight[np.ix_(rows, w_chans)] = dblock.reshape(kept_out, chans.shape[0], kh, kw)
         grads["weight"] = dweight
-        if self.bias is not None:
+        if with_bias:
+            sums = [part_sum for _, part_sum in parts if part_sum is not None]
+            dpre_sum = sums[0].copy()
+            for part_sum in sums[1:]:
+                dpre_sum += part_sum
             dbias = np.zeros(self.n_out, dtype=self.weight.dtype)
             dbias[rows] = dpre_sum
             grads["bias"] = dbias
