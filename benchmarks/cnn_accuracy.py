@@ -34,8 +34,8 @@ the stated architecture, widths and density, with the same epochs for every row:
   1.0) with two hidden layers (h, h), h chosen so that its multiply-adds per sample
   are closest to those the same seed's ``mnist1d-cnn-c0.5`` fit keeps.
 
-Multiply-adds (:func:`count_macs`) are per sample and forward, with the fixed masks:
-a convolution costs ``C_out_kept * C_in_live * kh * kw * H_out * W_out`` (the kept
+Multiply-adds (:func:`cpusparse.models.count_macs`) are per sample and forward, with the
+fixed masks: a convolution costs ``C_out_kept * C_in_live * kh * kw * H_out * W_out`` (the kept
 filters times the input channels that may be nonzero), a linear layer its kept
 weights on live inputs (the dense classifier: all of them). A training step runs K
 such forward passes plus their backward passes (about twice as many), with sampled
@@ -72,6 +72,8 @@ import time  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cpusparse.models import count_macs  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cnn")
 DEFAULT_OUT = os.path.join(RESULTS, "accuracy")
@@ -125,76 +127,6 @@ ROWS = {
 
 
 # ----------------------------------------------------------------- multiply-adds
-
-
-def count_macs(network, masks, input_shape):
-    """Forward multiply-adds per sample of ``network`` with ``masks``, layer by layer.
-
-    Parameters
-    ----------
-    network : Sequential
-        A cpusparse network (convolutions, linear layers, batch norms, ReLU, pools,
-        residual blocks, nested containers).
-    masks : list of (ndarray of bool or None) or None
-        One per prunable layer, in the order of ``network.prunable_layers()``; None
-        keeps every unit.
-    input_shape : (C, H, W) or None
-        One sample's shape (None for an MLP: no spatial size).
-
-    Returns
-    -------
-    dict
-        ``total`` (int), ``conv`` (the convolutions' share) and ``layers``: one
-        ``(name, macs)`` per layer with weights, in forward order. A convolution costs
-        ``n_active * H_out * W_out``, where ``n_active`` (``Conv2d.n_active``) is
-        ``C_out_kept * C_in_live * kh * kw`` for a channel mask; a linear layer its
-        kept weights on live inputs.
-    """
-    from cpusparse.engine.containers import Residual, Sequential
-    from cpusparse.engine.layers.conv import Conv2d
-    from cpusparse.engine.layers.pool import AvgPool2d, Flatten, GlobalAvgPool2d, MaxPool2d
-
-    n_prunable = len(network.prunable_layers())
-    mask_iter = iter([None] * n_prunable if masks is None else list(masks))
-    records = []
-    hw = None if input_shape is None else (int(input_shape[1]), int(input_shape[2]))
-
-    def walk(layers, live, hw, prefix):
-        for i, layer in enumerate(layers):
-            name = f"{prefix}{i}"
-            if isinstance(layer, Residual):
-                live_m, hw_m = walk(layer.main.layers, live, hw, f"{name}.0.")
-                live_s, hw_s = live, hw
-                if layer.shortcut is not None:
-                    live_s, hw_s = walk(layer.shortcut.layers, live, hw, f"{name}.1.")
-                if hw_m != hw_s:
-                    raise ValueError(f"residual branches of {name} disagree: {hw_m} != {hw_s}")
-                live = None if live_m is None or live_s is None else live_m | live_s
-                hw = hw_m
-                continue
-            if isinstance(layer, Sequential):
-                live, hw = walk(layer.layers, live, hw, f"{name}.")
-                continue
-            mask = next(mask_iter) if layer.units is not None else None
-            if isinstance(layer, Conv2d):
-                ho, wo = layer.output_size(*hw)
-                records.append((name, "conv", layer.n_active(mask, live) * ho * wo))
-                hw = (ho, wo)
-            elif isinstance(layer, MaxPool2d | AvgPool2d):
-                hw = layer.output_size(*hw)
-            elif isinstance(layer, GlobalAvgPool2d | Flatten):
-                hw = None
-            elif layer.n_active(mask, live):
-                records.append((name, "linear", layer.n_active(mask, live)))
-            live = layer.live_outputs(mask, live)
-        return live, hw
-
-    walk(network.layers, None, hw, "")
-    return {
-        "total": int(sum(m for _, _, m in records)),
-        "conv": int(sum(m for _, kind, m in records if kind == "conv")),
-        "layers": [(name, int(m)) for name, _, m in records],
-    }
 
 
 def dense_cnn_macs(architecture, widths, input_shape, n_classes):

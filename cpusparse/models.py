@@ -1,4 +1,7 @@
-"""Network builders: :func:`mlp`, and the paper's CNN families :func:`vgg` and :func:`resnet`.
+"""Network builders (:func:`mlp`, :func:`vgg`, :func:`resnet`) and their cost.
+
+:func:`mlp` builds MLPs, :func:`vgg` and :func:`resnet` the paper's CNN families, and
+:func:`count_macs` counts the multiply-adds a network executes with given masks.
 
 The CNNs take channel-major images ``(C, N, H, W)`` (see
 :mod:`cpusparse.engine.layers.base`). Every convolution is prunable (one mask bit per
@@ -9,7 +12,7 @@ channel's output at exactly 0; the classifier stays dense, as in the authors' co
 from __future__ import annotations
 
 import numbers
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, TypedDict
 
 import numpy as np
@@ -22,12 +25,12 @@ from .engine.layers.base import Layer
 from .engine.layers.conv import CONV_GRANULARITIES, Conv2d
 from .engine.layers.linear import GRANULARITIES, Linear, SparseLinear
 from .engine.layers.norm import BatchNorm2d
-from .engine.layers.pool import GlobalAvgPool2d, MaxPool2d
+from .engine.layers.pool import AvgPool2d, Flatten, GlobalAvgPool2d, MaxPool2d
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-__all__ = ["mlp", "vgg", "resnet"]
+__all__ = ["mlp", "vgg", "resnet", "count_macs"]
 
 
 class _InitOptions(TypedDict):
@@ -410,3 +413,93 @@ def resnet(
         Linear.random(n_in, n_classes, dtype=dtype, rng=rng),
     ]
     return Sequential(layers)
+
+
+class MacCount(TypedDict):
+    """What :func:`count_macs` returns."""
+
+    total: int
+    conv: int
+    layers: list[tuple[str, int]]
+
+
+def count_macs(
+    network: Sequential,
+    masks: Sequence[npt.NDArray[np.bool_] | None] | None,
+    input_shape: tuple[int, int, int] | None,
+) -> MacCount:
+    """Forward multiply-adds per sample of ``network`` with ``masks``, layer by layer.
+
+    Parameters
+    ----------
+    network : Sequential
+        A cpusparse network (convolutions, linear layers, batch norms, ReLU, pools,
+        residual blocks, nested containers).
+    masks : list of (ndarray of bool or None) or None
+        One per prunable layer, in the order of ``network.prunable_layers()``; None
+        keeps every unit.
+    input_shape : (C, H, W) or None
+        One sample's shape (None for an MLP: no spatial size).
+
+    Returns
+    -------
+    dict
+        ``total`` (int), ``conv`` (the convolutions' share) and ``layers``: one
+        ``(name, macs)`` per layer with weights, in forward order. A convolution costs
+        ``n_active * H_out * W_out``, where ``n_active`` (``Conv2d.n_active``) is
+        ``C_out_kept * C_in_live * kh * kw`` for a channel mask; a linear layer its
+        kept weights on live inputs.
+
+    Examples
+    --------
+    >>> net = mlp(4, (3,), 2, rng=0)
+    >>> count_macs(net, None, None)["total"]  # 4 * 3 + 3 * 2
+    18
+    """
+    n_prunable = len(network.prunable_layers())
+    mask_iter = iter([None] * n_prunable if masks is None else list(masks))
+    records = []
+    hw = None if input_shape is None else (int(input_shape[1]), int(input_shape[2]))
+
+    def walk(
+        layers: Sequence[Layer],
+        live: npt.NDArray[np.bool_] | None,
+        hw: tuple[int, int] | None,
+        prefix: str,
+    ) -> tuple[npt.NDArray[np.bool_] | None, tuple[int, int] | None]:
+        for i, layer in enumerate(layers):
+            name = f"{prefix}{i}"
+            if isinstance(layer, Residual):
+                live_m, hw_m = walk(layer.main.layers, live, hw, f"{name}.0.")
+                live_s, hw_s = live, hw
+                if layer.shortcut is not None:
+                    live_s, hw_s = walk(layer.shortcut.layers, live, hw, f"{name}.1.")
+                if hw_m != hw_s:
+                    raise ValueError(f"residual branches of {name} disagree: {hw_m} != {hw_s}")
+                live = None if live_m is None or live_s is None else live_m | live_s
+                hw = hw_m
+                continue
+            if isinstance(layer, Sequential):
+                live, hw = walk(layer.layers, live, hw, f"{name}.")
+                continue
+            mask = next(mask_iter) if layer.units is not None else None
+            spatial = isinstance(layer, Conv2d | MaxPool2d | AvgPool2d)
+            if spatial and hw is None:
+                raise ValueError(f"layer {name} is spatial: input_shape must be (C, H, W)")
+            if spatial and hw is not None:
+                hw = layer.output_size(*hw)  # type: ignore[attr-defined]
+                if isinstance(layer, Conv2d):
+                    records.append((name, "conv", layer.n_active(mask, live) * hw[0] * hw[1]))
+            elif isinstance(layer, GlobalAvgPool2d | Flatten):
+                hw = None
+            elif layer.n_active(mask, live):
+                records.append((name, "linear", layer.n_active(mask, live)))
+            live = layer.live_outputs(mask, live)
+        return live, hw
+
+    walk(network.layers, None, hw, "")
+    return {
+        "total": int(sum(m for _, _, m in records)),
+        "conv": int(sum(m for _, kind, m in records if kind == "conv")),
+        "layers": [(name, int(m)) for name, _, m in records],
+    }
