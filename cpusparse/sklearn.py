@@ -248,14 +248,16 @@ _TRAINING_DOC = """\
         :class:`~cpusparse.training.config.TrainConfig`).
     projection : {"exact", "bisection"}, default="exact"
         Solver of the projection onto the budget set.
-    max_iter : int >= 1, default=30
-        Epochs of sparse training (weights and scores).
+    max_iter : int >= 0, default=30
+        Epochs of sparse training (weights and scores); 0 goes straight to the fixed
+        mask (with ``fixed_mask="random"``: the baseline of a mask not learned).
     finetune_iter : int >= 0, default=10
         Epochs of weight training on the fixed mask; 0 skips fine-tuning.
-    fixed_mask : {"topk", "best-of-n"}, default="topk"
+    fixed_mask : {"topk", "best-of-n", "random"}, default="topk"
         How the final mask is chosen (:func:`~cpusparse.training.loop.fixed_mask`):
         the ``floor(k)`` largest scores, or the most accurate of 10 sampled masks
-        on the validation part (the training data without one). A sampled mask
+        on the validation part (the training data without one), or ``floor(k)``
+        units drawn uniformly at random (the scores ignored). A sampled mask
         can exceed the budget; it is then cut to its ``floor(k)`` units of
         largest score, so that ``density_ <= density`` always holds.
     batch_size : int >= 1, default=64
@@ -504,9 +506,9 @@ class _SparseClassifier(ClassifierMixin, BaseEstimator):
 
     _parameter_constraints: dict[str, list[object]] = {
         **_table_constraints(),
-        "max_iter": [Interval(Integral, 1, None, closed="left")],
+        "max_iter": [Interval(Integral, 0, None, closed="left")],
         "finetune_iter": [Interval(Integral, 0, None, closed="left")],
-        "fixed_mask": [StrOptions({"topk", "best-of-n"})],
+        "fixed_mask": [StrOptions({"topk", "best-of-n", "random"})],
         "batch_size": [Interval(Integral, 1, None, closed="left")],
         "dtype": [StrOptions({"float32", "float64"}), type],
         "n_jobs": [
@@ -529,6 +531,11 @@ class _SparseClassifier(ClassifierMixin, BaseEstimator):
     def _check_params(self) -> np.dtype:
         """Validate the parameters; return the dtype."""
         self._validate_params()
+        if self.max_iter + self.finetune_iter < 1:
+            raise ValueError(
+                "max_iter + finetune_iter must be >= 1 (an epoch to train), got "
+                f"max_iter={self.max_iter} and finetune_iter={self.finetune_iter}"
+            )
         self._check_model()
         if isinstance(self.dtype, type) and self.dtype not in (np.float32, np.float64):
             raise ValueError(f"dtype must be 'float32' or 'float64', got {self.dtype!r}")
@@ -848,8 +855,8 @@ class _SparseClassifier(ClassifierMixin, BaseEstimator):
 
     def _final_masks(self, state: TrainState, data: _Data) -> list[BoolArray]:
         """The fixed masks after sparse training, within the budget."""
-        if self.fixed_mask == "topk":
-            return fixed_mask(state, "topk")
+        if self.fixed_mask in ("topk", "random"):
+            return fixed_mask(state, self.fixed_mask, rng=state.mask_rng)
         if data.x_val is None or data.y_val is None:
             x, y = _feature_major(data.x_train), data.y_train
         else:

@@ -203,6 +203,28 @@ def test_best_of_n_stays_within_budget(digits):
     assert clf.n_active_ <= int(0.05 * 64 * 64)
 
 
+def test_random_fixed_mask_without_sparse_epochs_is_the_unlearned_baseline(digits):
+    X_train, X_test, y_train, y_test = digits
+    params = dict(SMALL, max_iter=0, finetune_iter=6, fixed_mask="random", random_state=3)
+    clf = SparseMLPClassifier(**params).fit(X_train, y_train)
+    n_units = 64 * 64
+    # floor(k) units, every epoch on the fixed mask, the scores never trained.
+    assert clf.n_active_ == int(0.2 * n_units) and clf.density_ == int(0.2 * n_units) / n_units
+    assert [r["phase"] for r in clf.history_] == ["finetune"] * 6
+    assert np.all(clf.keep_prob_ == clf.keep_prob_[0])
+    # Uniform draws, not the top scores: the kept units are spread over the whole layer.
+    kept = np.flatnonzero(clf.masks_[0])
+    assert kept.min() < n_units // 10 and kept.max() > n_units - n_units // 10
+    again = SparseMLPClassifier(**params).fit(X_train, y_train)
+    assert np.array_equal(again.masks_[0], clf.masks_[0])
+    other = SparseMLPClassifier(**dict(params, random_state=4)).fit(X_train, y_train)
+    assert not np.array_equal(other.masks_[0], clf.masks_[0])
+    assert clf.score(X_test, y_test) > 0.85  # the weights still learn on a random mask
+    # Density 1 is the dense network trained by the same loop.
+    dense = SparseMLPClassifier(**dict(params, density=1.0)).fit(X_train, y_train)
+    assert dense.n_active_ == n_units and dense.masks_[0].all()
+
+
 def test_neuron_granularity_reports_neurons(digits):
     X_train, X_test, y_train, y_test = digits
     clf = SparseMLPClassifier(
@@ -271,7 +293,15 @@ Y_OK = np.arange(20) % 2
         ),
         ({"granularity": "row"}, X_OK, Y_OK, ValueError, r"'granularity' parameter .* Got 'row'"),
         ({"hidden_layer_sizes": (4, 0)}, X_OK, Y_OK, ValueError, "hidden_layer_sizes must"),
-        ({"max_iter": 0}, X_OK, Y_OK, ValueError, r"'max_iter' parameter .* \[1, inf\). Got 0"),
+        ({"max_iter": -1}, X_OK, Y_OK, ValueError, r"'max_iter' parameter .* \[0, inf\). Got -1"),
+        (
+            {"max_iter": 0, "finetune_iter": 0},
+            X_OK,
+            Y_OK,
+            ValueError,
+            r"max_iter \+ finetune_iter must be >= 1 .* got max_iter=0 and finetune_iter=0",
+        ),
+        ({"fixed_mask": "rand"}, X_OK, Y_OK, ValueError, r"'fixed_mask' parameter .* Got 'rand'"),
         ({"learning_rate_init": -1.0}, X_OK, Y_OK, ValueError, r"'learning_rate_init' parameter"),
         ({"validation_fraction": 1.0}, X_OK, Y_OK, ValueError, r"'validation_fraction' parameter"),
         ({"resume": True}, X_OK, Y_OK, ValueError, "resume=True needs checkpoint"),

@@ -226,9 +226,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     )
     run.add_argument(
         "--fixed-mask",
-        choices=("topk", "best-of-n"),
+        choices=("topk", "best-of-n", "random"),
         default=defaults["fixed_mask"],
-        help="the final mask: the largest scores, or the most accurate of 10 samples",
+        help="the final mask: the largest scores, the most accurate of 10 samples, or random units",
     )
     run.add_argument(
         "--finetune-epochs",

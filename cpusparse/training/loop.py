@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, NamedTuple
 import numpy as np
 
 from .._typing import BoolArray, FloatArray, RNGLike
-from .._validation import check_choice
+from .._validation import check_choice, check_rng
 from ..engine.kernels import elementwise as _elementwise
 from ..engine.layers.base import EVAL
 from ..engine.losses import softmax_cross_entropy
@@ -35,16 +35,18 @@ def fixed_mask(
     n_candidates: int = 10,
     rng: RNGLike = None,
 ) -> list[BoolArray]:
-    """A deterministic mask within the budget, for fine-tuning and inference.
+    """A mask within the budget, fixed for fine-tuning and inference.
 
     Parameters
     ----------
     state : TrainState
-    method : {"topk", "best-of-n"}, default="topk"
+    method : {"topk", "best-of-n", "random"}, default="topk"
         ``"topk"``: the ``floor(budget)`` units with the largest scores (ties by
         position), excluding scores of 0. ``"best-of-n"`` (the authors' code): the
         sampled mask, among ``n_candidates`` draws from ``rng``, with the best
         accuracy on ``(x, y)``; it may exceed the budget by sampling noise.
+        ``"random"``: ``floor(budget)`` units drawn uniformly without replacement
+        from ``rng``, whatever the scores: the baseline of a mask that is not learned.
     x, y : ndarray, optional
         Feature-major data for ``"best-of-n"``.
     n_candidates : int, default=10
@@ -55,8 +57,13 @@ def fixed_mask(
     masks : list of ndarray of bool
         One per prunable layer.
     """
-    check_choice(method, "method", ("topk", "best-of-n"))
+    check_choice(method, "method", ("topk", "best-of-n", "random"))
     score = state.score
+    if method == "random":
+        flat = np.zeros(score.shape[0], dtype=bool)
+        k = min(budget_units(state.budget), score.shape[0])
+        flat[check_rng(rng).choice(score.shape[0], size=k, replace=False)] = True
+        return split_masks(state, flat)
     if method == "topk":
         k = min(budget_units(state.budget), score.shape[0])
         # (Negation and the order are exact in the scores' own dtype: no float64 copy.)
