@@ -11,7 +11,8 @@ ones below it, never one above):
 5. ``cpusparse.testing``
 6. ``cpusparse.sklearn``
 7. ``cpusparse.tools``
-8. ``cpusparse`` itself (the public API)
+8. ``cpusparse.sweep`` (grids of fits: runs the classifiers on the tools' data sets)
+9. ``cpusparse`` itself (the public API)
 """
 
 import ast
@@ -43,7 +44,8 @@ LEVELS = [
     ("cpusparse.testing", 5),
     ("cpusparse.sklearn", 6),
     ("cpusparse.tools", 7),
-    ("cpusparse", 8),
+    ("cpusparse.sweep", 8),
+    ("cpusparse", 9),
 ]
 
 

@@ -4,8 +4,8 @@
 or CNN (``--model vgg|resnet``, :class:`~cpusparse.sklearn.SparseCNNClassifier`) on one
 of the offline data sets of :mod:`cpusparse.tools.datasets` and prints the test accuracy
 and a per-layer density report (channels kept per convolution). ``cpusparse bench``,
-``cpusparse trace`` and ``cpusparse verify`` are handed, with their remaining arguments,
-to the modules that implement them (each parses its own options).
+``cpusparse trace``, ``cpusparse verify`` and ``cpusparse sweep`` are handed, with their
+remaining arguments, to the modules that implement them (each parses its own options).
 
 Errors
 ------
@@ -54,6 +54,7 @@ EXTERNAL = {
     "bench": ("cpusparse.tools.bench", "main", "benchmarks of the sparse kernels and training"),
     "trace": ("cpusparse.tools.trace", "main_trace", "record a reference trace of training"),
     "verify": ("cpusparse.tools.trace", "main_verify", "check an implementation against a trace"),
+    "sweep": ("cpusparse.sweep.command", "main", "run a grid of fits on Dask, and report it"),
 }
 
 _OFFICIAL_SPLIT = ("mnist", "mnist1d")

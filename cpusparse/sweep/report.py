@@ -1,0 +1,330 @@
+"""A sweep's records as a table and plots: what ``cpusparse sweep --report`` writes.
+
+:func:`summarise` groups the finished records by everything but the seed; one summary
+per group holds the mean and standard deviation (``ddof=1``) of the test accuracy over
+the seeds and their number. :func:`write_report` writes, under the sweep's ``out``:
+
+- ``report.md``: per model, data set and granularity, a table of estimators (rows)
+  by densities (columns), each cell ``mean ± std (seeds)`` in %, the dense anchor and
+  the executed multiply-adds;
+- ``summary.json``: the summaries;
+- ``accuracy_vs_density.png``: test accuracy against density (log axis), one line per
+  estimator, the dense anchor as a band;
+- ``grad_variance.png``: the score-gradient variance per epoch of the sparse phase,
+  one line per estimator (median over the seeds), one panel per density.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+from .._io import atomic_write, check_output_dir
+from .grid import ESTIMATORS
+from .run import read_results
+
+__all__ = ["summarise", "markdown", "write_report", "plot_accuracy", "plot_variance"]
+
+_AXES = ("model", "dataset", "granularity", "estimator", "density", "n_masks")
+_ORDER = {name: i for i, name in enumerate(ESTIMATORS)}
+# One style per estimator, the same in every figure.
+_STYLE = {
+    "vrpge": {"color": "C0", "marker": "o"},
+    "vrpge-sqrt": {"color": "C1", "marker": "s"},
+    "reinforce": {"color": "C3", "marker": "v"},
+    "straight-through": {"color": "C2", "marker": "^"},
+    "random-mask": {"color": "0.45", "marker": "x", "linestyle": "--"},
+    "dense": {"color": "k"},
+}
+
+
+def _setup(record: dict[str, Any]) -> str:
+    """The settings a group shares beyond the axes and the seed (a short digest)."""
+    params = dict(record["settings"]["params"])
+    for name in ("random_state", "density", "granularity", "score_estimator", "n_masks",
+                 "fixed_mask", "max_iter", "finetune_iter"):  # fmt: skip
+        params.pop(name, None)
+    epochs = record["settings"]["params"]
+    total = int(epochs["max_iter"]) + int(epochs["finetune_iter"])
+    import hashlib
+
+    digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
+    return f"{total} epochs, {digest}"
+
+
+def summarise(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One summary per group of records that differ only in the seed.
+
+    Parameters
+    ----------
+    records : iterable of dict
+        Cell records (:func:`cpusparse.sweep.run.run_cell`); failed ones are counted.
+
+    Returns
+    -------
+    summaries : list of dict
+        The axes (without the seed), ``setup`` (the epochs and a digest of the other
+        parameters), ``n_seeds``, ``seeds``, ``accuracy_mean`` and ``accuracy_std``
+        (%, ``ddof=1``; 0 for one seed), ``density_mean``, ``macs_mean``,
+        ``fit_seconds_median``, ``n_failed``; sorted by model, data set,
+        granularity, estimator and decreasing density.
+    """
+    groups: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for record in records:
+        s = record["settings"]
+        key = (*(s[a] for a in _AXES), _setup(record))
+        group = groups.setdefault(key, {"ok": [], "failed": 0, "params": s["params"]})
+        if record.get("status") == "ok":
+            group["ok"].append(record)
+        else:
+            group["failed"] += 1
+    out = []
+    for key, group in groups.items():
+        ok = sorted(group["ok"], key=lambda r: r["settings"]["seed"])
+        acc = np.array([100 * r["test_accuracy"] for r in ok])
+        summary = dict(zip(_AXES, key[:-1], strict=True))
+        summary.update(
+            setup=key[-1],
+            epochs=int(group["params"]["max_iter"]) + int(group["params"]["finetune_iter"]),
+            n_seeds=len(ok),
+            seeds=[r["settings"]["seed"] for r in ok],
+            accuracy_mean=float(acc.mean()) if ok else None,
+            accuracy_std=float(acc.std(ddof=1)) if len(ok) > 1 else (0.0 if ok else None),
+            density_mean=float(np.mean([r["density"] for r in ok])) if ok else None,
+            macs_mean=float(np.mean([r["macs"] for r in ok])) if ok else None,
+            fit_seconds_median=float(np.median([r["fit_seconds"] for r in ok])) if ok else None,
+            n_failed=group["failed"],
+        )
+        out.append(summary)
+    out.sort(key=lambda s: (s["model"], s["dataset"], s["granularity"], s["setup"],
+                            _ORDER[s["estimator"]], -s["density"], s["n_masks"]))  # fmt: skip
+    return out
+
+
+def _panels(summaries: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """Summaries by (model, dataset, granularity, setup); dense anchors go to every panel
+    of their model, data set and setup."""
+    panels: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for s in summaries:
+        if s["estimator"] != "dense":
+            panels.setdefault((s["model"], s["dataset"], s["granularity"], s["setup"]), []).append(s)
+    for s in summaries:
+        if s["estimator"] == "dense":
+            targets = [k for k in panels if (k[0], k[1], k[3]) == (s["model"], s["dataset"], s["setup"])]
+            for k in targets or [(s["model"], s["dataset"], s["granularity"], s["setup"])]:
+                panels.setdefault(k, []).append(s)
+    return panels
+
+
+def _cell_text(s: dict[str, Any]) -> str:
+    if not s["n_seeds"]:
+        return f"failed ({s['n_failed']})"
+    text = f"{s['accuracy_mean']:.2f} ± {s['accuracy_std']:.2f} ({s['n_seeds']})"
+    return text + (f", {s['n_failed']} failed" if s["n_failed"] else "")
+
+
+def _macs(value: float | None) -> str:
+    if value is None:
+        return ""
+    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if value >= scale:
+            return f"{value / scale:.3g} {unit}"
+    return f"{value:.0f}"
+
+
+def markdown(summaries: Sequence[dict[str, Any]], *, title: str = "Sweep results") -> str:
+    """The summaries as markdown: one table per model, data set and granularity.
+
+    Rows are estimators, columns densities; a cell is the test accuracy in %,
+    ``mean ± std (number of seeds)``. Below each table: the dense anchor and the
+    executed forward multiply-adds per sample (mean over seeds) at each density.
+    """
+    lines = [f"# {title}", ""]
+    lines += [
+        "Test accuracy in %, mean ± standard deviation (ddof=1) over the seeds, the "
+        "number of seeds in parentheses. Density: the kept fraction of the prunable "
+        "units. Estimators: " + "; ".join(f"`{k}`: {v}" for k, v in ESTIMATORS.items()) + ".",
+        "",
+    ]
+    for (model, dataset, granularity, setup), group in _panels(summaries).items():
+        dense = [s for s in group if s["estimator"] == "dense"]
+        rest = [s for s in group if s["estimator"] != "dense"]
+        densities = sorted({s["density"] for s in rest}, reverse=True)
+        ks = sorted({s["n_masks"] for s in rest})
+        lines += [f"## {model}, {dataset}, {granularity} masks ({setup})", ""]
+        lines.append("| estimator | " + " | ".join(f"density {d:g}" for d in densities) + " |")
+        lines.append("|---|" + "---:|" * len(densities))
+        for estimator in sorted({s["estimator"] for s in rest}, key=_ORDER.__getitem__):
+            for k in ks:
+                row = {s["density"]: s for s in rest if s["estimator"] == estimator and s["n_masks"] == k}
+                if not row:
+                    continue
+                label = estimator if len(ks) == 1 or estimator == "random-mask" else f"{estimator}, K={k}"
+                cells = [_cell_text(row[d]) if d in row else "" for d in densities]
+                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if rest:
+            by_density = {}
+            for s in rest:
+                by_density.setdefault(s["density"], s["macs_mean"])
+            lines.append(
+                "| multiply-adds / sample | "
+                + " | ".join(_macs(by_density.get(d)) for d in densities)
+                + " |"
+            )
+        lines.append("")
+        for s in dense:
+            lines.append(
+                f"Dense anchor (every unit, {s['granularity']} network): {_cell_text(s)}, "
+                f"{_macs(s['macs_mean'])} multiply-adds per sample."
+            )
+            lines.append("")
+    return "\n".join(lines).rstrip() + "\n"
+
+
+def plot_accuracy(summaries: Sequence[dict[str, Any]]) -> Any:
+    """Test accuracy against density, one panel per model, data set and granularity.
+
+    Returns
+    -------
+    figure : matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    panels = {k: v for k, v in _panels(summaries).items() if any(s["estimator"] != "dense" for s in v)}
+    n = max(1, len(panels))
+    cols = min(3, n)
+    rows = math.ceil(n / cols)
+    fig = Figure(figsize=(5.2 * cols, 4.0 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for ax, ((model, dataset, granularity, setup), group) in zip(axes.flat, panels.items()):
+        for estimator in sorted({s["estimator"] for s in group}, key=_ORDER.__getitem__):
+            points = sorted(
+                (s for s in group if s["estimator"] == estimator and s["n_seeds"]),
+                key=lambda s: s["density"],
+            )
+            if not points:
+                continue
+            style = _STYLE.get(estimator, {})
+            if estimator == "dense":
+                mean = np.mean([s["accuracy_mean"] for s in points])
+                std = max(s["accuracy_std"] for s in points)
+                ax.axhline(mean, color="k", linewidth=1.2, label=f"dense ({points[0]['n_seeds']} seeds)")
+                ax.axhspan(mean - std, mean + std, color="k", alpha=0.08, linewidth=0)
+                continue
+            x = [s["density"] for s in points]
+            y = [s["accuracy_mean"] for s in points]
+            e = [s["accuracy_std"] for s in points]
+            ax.errorbar(x, y, yerr=e, capsize=3, label=estimator, **style)
+        ax.set_xscale("log")
+        ax.set_title(f"{model} on {dataset}, {granularity} masks", fontsize=10)
+        ax.set_xlabel("density (kept fraction of prunable units, log scale)")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=8, loc="lower right")
+    for ax in list(axes.flat)[len(panels):]:
+        ax.set_visible(False)
+    fig.suptitle("Test accuracy against density (mean ± std over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_variance(records: Iterable[dict[str, Any]]) -> Any:
+    """Score-gradient variance per epoch of the sparse phase, by estimator.
+
+    One row of panels per model, data set and granularity, one panel per density;
+    each line is the median over the seeds.
+
+    Returns
+    -------
+    figure : matplotlib.figure.Figure
+    """
+    from matplotlib.figure import Figure
+
+    curves: dict[tuple[Any, ...], dict[str, list[list[float]]]] = {}
+    for r in records:
+        if r.get("status") != "ok":
+            continue
+        s = r["settings"]
+        values = [e["grad_variance"] for e in r["epochs"] if e.get("phase") == "sparse"]
+        if not values or all(v is None for v in values):
+            continue
+        key = (s["model"], s["dataset"], s["granularity"], _setup(r), s["density"])
+        curves.setdefault(key, {}).setdefault(s["estimator"], []).append(
+            [np.nan if v is None else v for v in values]
+        )
+    groups = sorted({k[:4] for k in curves})
+    densities = {g: sorted({k[4] for k in curves if k[:4] == g}, reverse=True) for g in groups}
+    cols = max([len(d) for d in densities.values()] or [1])
+    rows = max(1, len(groups))
+    fig = Figure(figsize=(3.6 * cols, 3.0 * rows))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    for i, g in enumerate(groups):
+        for j in range(cols):
+            ax = axes[i, j]
+            if j >= len(densities[g]):
+                ax.set_visible(False)
+                continue
+            d = densities[g][j]
+            for estimator, runs in sorted(curves[(*g, d)].items(), key=lambda t: _ORDER[t[0]]):
+                n = min(len(run) for run in runs)
+                median = np.nanmedian(np.array([run[:n] for run in runs]), axis=0)
+                style = {k: v for k, v in _STYLE.get(estimator, {}).items() if k != "marker"}
+                ax.plot(np.arange(1, n + 1), median, label=estimator, **style)
+            ax.set_yscale("log")
+            ax.set_title(f"{g[0]}, {g[1]}, {g[2]}, density {d:g}", fontsize=9)
+            ax.set_xlabel("epoch (sparse phase)")
+            ax.set_ylabel("score-gradient variance")
+            ax.grid(True, which="both", alpha=0.3)
+            ax.legend(fontsize=7)
+    if not groups:
+        axes[0, 0].set_visible(False)
+    fig.suptitle("Score-gradient variance per epoch (median over seeds)")
+    fig.tight_layout()
+    return fig
+
+
+def write_report(out: str | os.PathLike[str], *, title: str | None = None) -> dict[str, str]:
+    """Write ``report.md``, ``summary.json`` and the two plots under ``out``.
+
+    Parameters
+    ----------
+    out : str or os.PathLike
+        A sweep's output directory (its records are in ``out/cells``).
+    title : str, optional
+        The report's heading (``"Sweep results: <out's name>"`` by default).
+
+    Returns
+    -------
+    paths : dict
+        ``"markdown"``, ``"summary"``, ``"accuracy"`` and ``"variance"`` -> the files
+        written.
+
+    Raises
+    ------
+    ValueError
+        If ``out`` holds no cell record.
+    """
+    out = check_output_dir(os.fspath(out), "out")
+    records = list(read_results(out).values())
+    if not records:
+        raise ValueError(f"out {out}: no cell records under {os.path.join(out, 'cells')}")
+    summaries = summarise(records)
+    name = title or f"Sweep results: {os.path.basename(os.path.abspath(out))}"
+    paths = {
+        "markdown": os.path.join(out, "report.md"),
+        "summary": os.path.join(out, "summary.json"),
+        "accuracy": os.path.join(out, "accuracy_vs_density.png"),
+        "variance": os.path.join(out, "grad_variance.png"),
+    }
+    text = markdown(summaries, title=name)
+    atomic_write(paths["markdown"], lambda f: f.write(text.encode()))
+    blob = json.dumps({"summaries": summaries}, indent=1, sort_keys=True) + "\n"
+    atomic_write(paths["summary"], lambda f: f.write(blob.encode()))
+    for key, fig in (("accuracy", plot_accuracy(summaries)), ("variance", plot_variance(records))):
+        atomic_write(paths[key], lambda f, fig=fig: fig.savefig(f, format="png", dpi=110))
+    return paths
