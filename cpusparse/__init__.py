@@ -20,7 +20,9 @@ Where things live (lower packages never import higher ones):
 - :mod:`cpusparse.testing`: the dense reference and the PyTorch replay of golden
   traces, importable by other implementations;
 - :mod:`cpusparse.tools`: the ``cpusparse`` command (train, bench, trace, verify) and
-  the offline data sets.
+  the offline data sets;
+- :mod:`cpusparse.sweep`: grids of fits on Dask (``cpusparse sweep``), resumable, with
+  reports (imported on its own: ``import cpusparse.sweep``).
 """
 
 from __future__ import annotations

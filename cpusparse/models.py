@@ -25,7 +25,7 @@ from .engine.layers.base import Layer
 from .engine.layers.conv import CONV_GRANULARITIES, Conv2d
 from .engine.layers.linear import GRANULARITIES, Linear, SparseLinear
 from .engine.layers.norm import BatchNorm2d
-from .engine.layers.pool import AvgPool2d, Flatten, GlobalAvgPool2d, MaxPool2d
+from .engine.layers.pool import GlobalAvgPool2d, MaxPool2d
 
 if TYPE_CHECKING:
     import numpy.typing as npt
@@ -444,11 +444,12 @@ def count_macs(
     Returns
     -------
     dict
-        ``total`` (int), ``conv`` (the convolutions' share) and ``layers``: one
-        ``(name, macs)`` per layer with weights, in forward order. A convolution costs
-        ``n_active * H_out * W_out``, where ``n_active`` (``Conv2d.n_active``) is
-        ``C_out_kept * C_in_live * kh * kw`` for a channel mask; a linear layer its
-        kept weights on live inputs.
+        ``total`` (int), ``conv`` (the share of the layers with a spatial output, the
+        convolutions) and ``layers``: one ``(name, macs)`` per layer that multiplies,
+        in forward order, named by its path (:meth:`~cpusparse.engine.Layer.named_leaves`).
+        Each layer counts itself (:meth:`~cpusparse.engine.Layer.macs`): a convolution
+        ``n_active * H_out * W_out``, where ``n_active`` is ``C_out_kept * C_in_live *
+        kh * kw`` for a channel mask; a linear layer its kept weights on live inputs.
 
     Examples
     --------
@@ -456,50 +457,18 @@ def count_macs(
     >>> count_macs(net, None, None)["total"]  # 4 * 3 + 3 * 2
     18
     """
-    n_prunable = len(network.prunable_layers())
-    mask_iter = iter([None] * n_prunable if masks is None else list(masks))
-    records = []
-    hw = None if input_shape is None else (int(input_shape[1]), int(input_shape[2]))
+    n = network.n_masks
+    masks = [None] * n if masks is None else list(masks)
+    if len(masks) != n:
+        raise ValueError(f"masks must hold one entry per prunable layer ({n}), got {len(masks)}")
+    spatial = None if input_shape is None else (int(input_shape[1]), int(input_shape[2]))
+    layers: list[tuple[str, int]] = []
+    conv: list[int] = []
 
-    def walk(
-        layers: Sequence[Layer],
-        live: npt.NDArray[np.bool_] | None,
-        hw: tuple[int, int] | None,
-        prefix: str,
-    ) -> tuple[npt.NDArray[np.bool_] | None, tuple[int, int] | None]:
-        for i, layer in enumerate(layers):
-            name = f"{prefix}{i}"
-            if isinstance(layer, Residual):
-                live_m, hw_m = walk(layer.main.layers, live, hw, f"{name}.0.")
-                live_s, hw_s = live, hw
-                if layer.shortcut is not None:
-                    live_s, hw_s = walk(layer.shortcut.layers, live, hw, f"{name}.1.")
-                if hw_m != hw_s:
-                    raise ValueError(f"residual branches of {name} disagree: {hw_m} != {hw_s}")
-                live = None if live_m is None or live_s is None else live_m | live_s
-                hw = hw_m
-                continue
-            if isinstance(layer, Sequential):
-                live, hw = walk(layer.layers, live, hw, f"{name}.")
-                continue
-            mask = next(mask_iter) if layer.units is not None else None
-            spatial = isinstance(layer, Conv2d | MaxPool2d | AvgPool2d)
-            if spatial and hw is None:
-                raise ValueError(f"layer {name} is spatial: input_shape must be (C, H, W)")
-            if spatial and hw is not None:
-                hw = layer.output_size(*hw)  # type: ignore[attr-defined]
-                if isinstance(layer, Conv2d):
-                    records.append((name, "conv", layer.n_active(mask, live) * hw[0] * hw[1]))
-            elif isinstance(layer, GlobalAvgPool2d | Flatten):
-                hw = None
-            elif layer.n_active(mask, live):
-                records.append((name, "linear", layer.n_active(mask, live)))
-            live = layer.live_outputs(mask, live)
-        return live, hw
+    def record(name: str, macs: int, spatial_out: tuple[int, int] | None) -> None:
+        layers.append((name, int(macs)))
+        if spatial_out is not None:
+            conv.append(int(macs))
 
-    walk(network.layers, None, hw, "")
-    return {
-        "total": int(sum(m for _, _, m in records)),
-        "conv": int(sum(m for _, kind, m in records if kind == "conv")),
-        "layers": [(name, int(m)) for name, _, m in records],
-    }
+    total, _, _ = network.macs(masks, None, spatial, on_leaf=record)
+    return {"total": int(total), "conv": sum(conv), "layers": layers}

@@ -39,9 +39,10 @@ def test_count_macs_neuron_granularity_skips_dropped_columns():
     rows0 = np.array([True, False, True, False])  # 2 rows x 3 inputs = 6 weights
     rows1 = np.array([True, False])  # 1 row x 2 surviving inputs = 2 weights
     got = bench.count_macs(net, [rows0, rows1], N_BATCH)
-    assert got["n_active"] == [6, 2, 4]
-    assert got["forward"] == (6 + 2 + 4) * N_BATCH
-    assert got["backward"] == 6 * N_BATCH + 2 * 2 * N_BATCH + 2 * 4 * N_BATCH
+    # The dense classifier multiplies its 1 live input's column: 2 outputs x 1 = 2.
+    assert got["n_active"] == [6, 2, 2]
+    assert got["forward"] == (6 + 2 + 2) * N_BATCH
+    assert got["backward"] == 6 * N_BATCH + 2 * 2 * N_BATCH + 2 * 2 * N_BATCH
 
 
 @pytest.mark.parametrize("granularity", ["weight", "neuron"])

@@ -6,7 +6,7 @@ from conftest import assert_close
 
 from cpusparse.engine import Conv2d, Residual, Sequential
 from cpusparse.engine.layers import EVAL, TRAIN
-from cpusparse.models import resnet, vgg
+from cpusparse.models import count_macs, mlp, resnet, vgg
 
 
 def _kinds(layers):
@@ -212,3 +212,53 @@ def test_vgg_takes_one_count_of_convolutions_per_stage():
         vgg((2, 4), (1, 8, 8), 10, convs_per_stage=[2])
     with pytest.raises(ValueError, match=r"convs_per_stage\[1\] must be a positive int"):
         vgg((2, 4), (1, 8, 8), 10, convs_per_stage=(2, 0))
+
+
+def _masks(*bits):
+    return [np.array(b, dtype=bool) for b in bits]
+
+
+def test_macs_of_a_tiny_vgg_match_a_hand_count():
+    # vgg((2, 4)) on 1x6x6: conv 1->2, conv 2->2 (6x6), pool to 3x3, conv 2->4, conv 4->4,
+    # global pool, linear 4->3 (dense, on the 2 channels the last conv kept).
+    net = vgg((2, 4), (1, 6, 6), 3, rng=0)
+    masks = _masks([1, 0], [1, 1], [1, 0, 1, 0], [0, 0, 1, 1])
+    macs = count_macs(net, masks, (1, 6, 6))
+    hand = [
+        1 * 1 * 9 * 36,  # 1 kept filter on the 1 input channel
+        2 * 1 * 9 * 36,  # 2 kept filters on the 1 live channel of conv 0
+        2 * 2 * 9 * 9,  # after the pool: 2 kept on 2 live
+        2 * 2 * 9 * 9,  # 2 kept on the 2 channels conv 2 kept
+        2 * 3,
+    ]
+    assert [m for _, m in macs["layers"]] == hand
+    assert macs["total"] == sum(hand) == 1626
+    assert macs["conv"] == sum(hand[:4])
+    dense = 2 * 9 * 36 + 4 * 9 * 36 + 8 * 9 * 9 + 16 * 9 * 9 + 12
+    assert count_macs(net, None, (1, 6, 6))["total"] == dense
+
+
+def test_macs_of_a_residual_block_follow_the_live_channels():
+    # Stem 1->4, block conv 4->4 and conv 4->4 with an identity shortcut, on 1x4x4.
+    net = resnet((4,), (1, 4, 4), 10, rng=0)
+    masks = _masks([1, 1, 0, 0], [0, 0, 0, 1], [0, 1, 1, 0])
+    macs = count_macs(net, masks, (1, 4, 4))
+    # The classifier reads the sum's live channels: the stem's 2 and the block's 2 (3 in all).
+    hand = [2 * 1 * 9 * 16, 1 * 2 * 9 * 16, 2 * 1 * 9 * 16, 3 * 10]
+    assert [m for _, m in macs["layers"]] == hand
+
+
+def test_macs_name_the_layers_by_path_and_need_a_spatial_size_for_a_cnn():
+    net = resnet((4,), (1, 4, 4), 10, rng=0)
+    names = [name for name, _ in count_macs(net, None, (1, 4, 4))["layers"]]
+    assert names == [name for name, layer in net.named_leaves() if layer.n_active()]
+    assert names[1].startswith("3.0.")  # inside the residual block's main branch
+    with pytest.raises(ValueError, match="a convolution needs inputs of a spatial size"):
+        count_macs(net, None, None)
+    with pytest.raises(ValueError, match=r"one entry per prunable layer \(3\), got 2"):
+        count_macs(net, [None, None], (1, 4, 4))
+    # An MLP: the kept weights of each layer on its live inputs.
+    mlp_net = mlp(6, (4,), 3, granularity="neuron", rng=0)
+    keep = np.array([1, 0, 1, 0], dtype=bool)
+    # 2 kept neurons x 6 inputs, then the classifier on the 2 live inputs.
+    assert count_macs(mlp_net, [keep], None)["total"] == 2 * 6 + 2 * 3

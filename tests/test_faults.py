@@ -400,6 +400,67 @@ CASES = {
         2,
         ["--rtol must be a finite number >= 0, got nan"],
     ),
+    # cpusparse sweep
+    "sweep_no_grid": (
+        lambda d, s: ["sweep"],
+        2,
+        ["cpusparse sweep: error:", "expected a grid file"],
+    ),
+    "sweep_grid_missing": (
+        lambda d, s: ["sweep", d / "nope.toml", "--out", d / "o"],
+        2,
+        ["cpusparse sweep: error: cannot read grid file", "nope.toml"],
+    ),
+    "sweep_grid_not_toml": (
+        lambda d, s: ["sweep", write_file(d / "g.toml", b"density = [0.1,"), "--out", d / "o"],
+        2,
+        ["g.toml is not valid TOML"],
+    ),
+    "sweep_grid_unknown_key": (
+        lambda d, s: ["sweep", write_file(d / "g.toml", SWEEP_GRID.replace(b"density", b"densty"))],
+        2,
+        ["g.toml: grid[0].densty: unknown key (expected one of model, dataset"],
+    ),
+    "sweep_grid_bad_value": (
+        lambda d, s: ["sweep", write_file(d / "g.toml", SWEEP_GRID.replace(b"0.5", b"5"))],
+        2,
+        ["g.toml: grid[0].density: expected a number in (0, 1], got 5"],
+    ),
+    "sweep_out_is_a_file": (
+        lambda d, s: [*_sweep(d), "--out", write_file(d / "f", b"x")],
+        2,
+        ["--out", "is a regular file, not a directory"],
+    ),
+    "sweep_out_is_a_device": (
+        lambda d, s: [*_sweep(d), "--out", "/dev/null"],
+        2,
+        ["--out /dev/null: is a character device, not a directory"],
+    ),
+    "sweep_out_dangling_symlink": (
+        lambda d, s: [*_sweep(d), "--out", _symlink(d / "link", d / "gone")],
+        2,
+        ["--out", "link: is a symlink to", "which does not exist"],
+    ),
+    "sweep_workers_zero": (
+        lambda d, s: [*_sweep(d), "--workers", "0"],
+        2,
+        ["argument --workers: must be an int >= 1, got 0"],
+    ),
+    "sweep_workers_with_scheduler": (
+        lambda d, s: [*_sweep(d), "--workers", "2", "--scheduler", "tcp://127.0.0.1:9"],
+        2,
+        ["--workers sizes the LocalCluster: not with --scheduler"],
+    ),
+    "sweep_scheduler_unreachable": (
+        lambda d, s: [*_sweep(d), "--scheduler", "tcp://127.0.0.1:9", "--quiet"],
+        1,
+        ["cpusparse sweep: error: cannot reach the Dask scheduler tcp://127.0.0.1:9"],
+    ),
+    "sweep_report_without_records": (
+        lambda d, s: ["sweep", "--report", "--out", d],
+        2,
+        ["no cell records under"],
+    ),
     # training errors
     "non_finite_loss": (
         lambda d, s: [*TRAIN, "--lr", "1e30"],
@@ -428,7 +489,17 @@ SUBPROCESS_CASES = SCRIPT_CASES | {
     "bench_repeats_zero",
     "verify_malformed_version",
     "non_finite_loss",
+    "sweep_grid_unknown_key",
+    "sweep_out_is_a_device",
+    "sweep_scheduler_unreachable",
 }
+
+
+SWEEP_GRID = b"seeds = 1\n[[grid]]\ndensity = 0.5\n[grid.params]\nhidden_layer_sizes = [8]\n"
+
+
+def _sweep(d):
+    return ["sweep", write_file(d / "g.toml", SWEEP_GRID), "--out", d / "out"]
 
 
 def _symlink(link, target):

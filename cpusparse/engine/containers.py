@@ -166,6 +166,29 @@ class Sequential(Layer):
         """The layers by position: ``("0", first), ("1", second), ...``."""
         return [(str(i), layer) for i, layer in enumerate(self.layers)]
 
+    def macs(
+        self,
+        masks: Sequence[BoolArray | None],
+        live: BoolArray | None = None,
+        spatial: tuple[int, int] | None = None,
+        *,
+        prefix: str = "",
+        on_leaf: Callable[[str, int, tuple[int, int] | None], object] | None = None,
+    ) -> tuple[int, BoolArray | None, tuple[int, int] | None]:
+        """Forward multiply-adds per sample: the layers' in turn (see :meth:`Layer.macs`)."""
+        masks = list(masks)
+        if len(masks) != self.n_masks:
+            raise ValueError(f"expected {self.n_masks} masks, got {len(masks)}")
+        total, start = 0, 0
+        for name, layer in self.children():
+            part = masks[start : start + layer.n_masks]
+            start += layer.n_masks
+            n, live, spatial = layer.macs(
+                part, live, spatial, prefix=f"{prefix}{name}.", on_leaf=on_leaf
+            )
+            total += n
+        return total, live, spatial
+
     def _slots(self) -> Iterator[tuple[Sequential, int, UnitMap]]:
         # (container, position, unit map) of every prunable leaf, depth-first: the mask
         # order.
@@ -544,6 +567,37 @@ class Residual(Layer):
     def children(self) -> list[tuple[str, Layer]]:
         """The branches: ``("0", main)`` and, with a projection, ``("1", shortcut)``."""
         return [(str(b), branch) for b, branch in enumerate(self._branches())]
+
+    def macs(
+        self,
+        masks: Sequence[BoolArray | None],
+        live: BoolArray | None = None,
+        spatial: tuple[int, int] | None = None,
+        *,
+        prefix: str = "",
+        on_leaf: Callable[[str, int, tuple[int, int] | None], object] | None = None,
+    ) -> tuple[int, BoolArray | None, tuple[int, int] | None]:
+        """Forward multiply-adds per sample of both branches (see :meth:`Layer.macs`).
+
+        The live channels of the sum are the union of the branches'.
+        """
+        masks = list(masks)
+        n_main = self.main.n_masks
+        main, shortcut = masks[:n_main], masks[n_main:]
+        total, live_out, size = self.main.macs(
+            main, live, spatial, prefix=f"{prefix}0.", on_leaf=on_leaf
+        )
+        live_s, size_s = live, spatial
+        if self.shortcut is not None:
+            n, live_s, size_s = self.shortcut.macs(
+                shortcut, live, spatial, prefix=f"{prefix}1.", on_leaf=on_leaf
+            )
+            total += n
+        if size != size_s:
+            where = prefix.rstrip(".") or "the block"
+            raise ValueError(f"the branches of {where} disagree: {size} != {size_s}")
+        union = None if live_out is None or live_s is None else live_out | live_s
+        return total, union, size
 
     # ------------------------------------------------------------------ structure
 

@@ -7,7 +7,7 @@ fit starts:
 
 >>> import pathlib, tempfile
 >>> grid = pathlib.Path(tempfile.mkdtemp()) / "grid.toml"
->>> _ = grid.write_text('[[grid]]\\ndensty = 0.1\\n')
+>>> _ = grid.write_text("[[grid]]" + chr(10) + "densty = 0.1" + chr(10))
 >>> main([str(grid)])
 2
 """
@@ -116,6 +116,8 @@ def _main(argv: list[str]) -> int:
         raise UsageError("expected a grid file (or --report with --out DIR)")
     if args.workers is not None and (args.scheduler or args.scheduler_file or args.sequential):
         raise UsageError("--workers sizes the LocalCluster: not with --scheduler or --sequential")
+    if args.scheduler_file is not None and not os.path.isfile(args.scheduler_file):
+        raise UsageError(f"--scheduler-file {args.scheduler_file}: no such file")
     grid = None
     if args.grid is not None:
         try:

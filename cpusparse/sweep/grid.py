@@ -56,10 +56,18 @@ __all__ = [
     "parse_grid",
 ]
 
-MODELS = {"mlp": "SparseMLPClassifier", "vgg": "SparseCNNClassifier", "resnet": "SparseCNNClassifier"}
+MODELS = {
+    "mlp": "SparseMLPClassifier",
+    "vgg": "SparseCNNClassifier",
+    "resnet": "SparseCNNClassifier",
+}
 """``model`` -> the classifier that fits it."""
 
-GRANULARITIES = {"mlp": ("weight", "neuron"), "vgg": ("channel", "weight"), "resnet": ("channel", "weight")}
+GRANULARITIES = {
+    "mlp": ("weight", "neuron"),
+    "vgg": ("channel", "weight"),
+    "resnet": ("channel", "weight"),
+}
 """``model`` -> its mask granularities (the classifier's default first)."""
 
 ESTIMATORS = {
@@ -83,9 +91,25 @@ SWEEP_DATASETS = ("digits", "mnist5k", "mnist1d")
 AXES = ("model", "dataset", "granularity", "density", "estimator", "n_masks", "seed")
 """The axes of a cell, in the order of its name."""
 
-_BLOCK_KEYS = ("model", "dataset", "granularity", "density", "estimator", "n_masks", "seeds", "params")
+_BLOCK_KEYS = (
+    "model",
+    "dataset",
+    "granularity",
+    "density",
+    "estimator",
+    "n_masks",
+    "seeds",
+    "params",
+)
 _TOP_KEYS = ("name", "seeds", "test_fraction", "params", "grid")
-_OWN_PARAMS = ("density", "granularity", "score_estimator", "n_masks", "random_state", "architecture")
+_OWN_PARAMS = (
+    "density",
+    "granularity",
+    "score_estimator",
+    "n_masks",
+    "random_state",
+    "architecture",
+)
 _RUN_PARAMS = ("n_jobs", "verbose", "checkpoint", "resume")
 
 
@@ -139,9 +163,7 @@ class Cell:
     @property
     def key(self) -> str:
         """SHA-256 of the settings and the package version: a result's identity."""
-        text = json.dumps(
-            {"settings": self.settings(), "version": __version__}, sort_keys=True
-        )
+        text = json.dumps({"settings": self.settings(), "version": __version__}, sort_keys=True)
         return hashlib.sha256(text.encode()).hexdigest()
 
     @property
@@ -205,7 +227,9 @@ def load_grid(path: str | os.PathLike[str]) -> Grid:
     return parse_grid(data, source=path, default_name=stem)
 
 
-def parse_grid(data: Mapping[str, Any], *, source: str = "<grid>", default_name: str = "grid") -> Grid:
+def parse_grid(
+    data: Mapping[str, Any], *, source: str = "<grid>", default_name: str = "grid"
+) -> Grid:
     """Check a grid given as a mapping (the parsed TOML) and expand its cells.
 
     Parameters
@@ -241,7 +265,11 @@ def parse_grid(data: Mapping[str, Any], *, source: str = "<grid>", default_name:
     blocks = data.get("grid")
     if blocks is None:
         raise where.error("grid", "missing: add at least one [[grid]] table")
-    if not isinstance(blocks, list) or not blocks or not all(isinstance(b, Mapping) for b in blocks):
+    if (
+        not isinstance(blocks, list)
+        or not blocks
+        or not all(isinstance(b, Mapping) for b in blocks)
+    ):
         raise where.error("grid", "expected one or more [[grid]] tables")
     cells: dict[str, Cell] = {}
     for i, block in enumerate(blocks):
@@ -275,7 +303,9 @@ def _integer(value: object) -> bool:
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
-def _values(block: Mapping[str, Any], key: str, default: object, where: _Where, prefix: str) -> list[Any]:
+def _values(
+    block: Mapping[str, Any], key: str, default: object, where: _Where, prefix: str
+) -> list[Any]:
     value = block.get(key, default)
     values = list(value) if isinstance(value, list) else [value]
     if not values:
@@ -300,7 +330,11 @@ def _table(value: object, where: _Where, key: str) -> dict[str, Any]:
         raise where.error(key, f"expected a table, got {value!r}")
     for name in value:
         if name in _OWN_PARAMS:
-            axis = {"score_estimator": "estimator", "random_state": "seeds", "architecture": "model"}
+            axis = {
+                "score_estimator": "estimator",
+                "random_state": "seeds",
+                "architecture": "model",
+            }
             raise where.error(
                 f"{key}.{name}", f"is set by the grid's axes: use {axis.get(name, name)!r}"
             )
@@ -367,7 +401,17 @@ def _expand(
             datasets, granularities, densities, estimators, ks, block_seeds
         ):
             cells.append(
-                _cell(model, dataset, g, float(density), estimator, int(k), seed, test_fraction, resolved)
+                _cell(
+                    model,
+                    dataset,
+                    g,
+                    float(density),
+                    estimator,
+                    int(k),
+                    seed,
+                    test_fraction,
+                    resolved,
+                )
             )
     for cell in cells:  # the classifiers' own checks, before any fit starts
         _check_cell(cell, where, prefix)
@@ -385,9 +429,7 @@ def _resolve_params(model: str, params: dict[str, Any], where: _Where, key: str)
         out[name] = value
     for name, value in params.items():
         if name not in defaults:
-            raise where.error(
-                f"{key}.{name}", f"is not a parameter of {classifier.__name__}"
-            )
+            raise where.error(f"{key}.{name}", f"is not a parameter of {classifier.__name__}")
         out[name] = value
     if model != "mlp":
         out["architecture"] = model
@@ -453,13 +495,20 @@ def _cell(
 def _classifier_class(model: str) -> type:
     from .. import sklearn as _sk
 
-    return getattr(_sk, MODELS[model])  # type: ignore[no-any-return]
+    classifier: type = getattr(_sk, MODELS[model])
+    return classifier
 
 
 def classifier_for(cell: Cell, **run: Any) -> Any:
     """A new, unfitted classifier of ``cell``'s parameters (``run``: n_jobs, verbose)."""
     params = dict(cell.params)
-    for name in ("hidden_layer_sizes", "widths", "convs_per_stage", "blocks_per_stage", "input_shape"):
+    for name in (
+        "hidden_layer_sizes",
+        "widths",
+        "convs_per_stage",
+        "blocks_per_stage",
+        "input_shape",
+    ):
         if isinstance(params.get(name), list):
             params[name] = tuple(params[name])
     return _classifier_class(cell.model)(**params, **run)

@@ -16,6 +16,7 @@ the seeds and their number. :func:`write_report` writes, under the sweep's ``out
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -46,15 +47,23 @@ _STYLE = {
 def _setup(record: dict[str, Any]) -> str:
     """The settings a group shares beyond the axes and the seed (a short digest)."""
     params = dict(record["settings"]["params"])
-    for name in ("random_state", "density", "granularity", "score_estimator", "n_masks",
-                 "fixed_mask", "max_iter", "finetune_iter"):  # fmt: skip
+    for name in (
+        "random_state",
+        "density",
+        "granularity",
+        "score_estimator",
+        "n_masks",
+        "fixed_mask",
+        "max_iter",
+        "finetune_iter",
+    ):
         params.pop(name, None)
-    epochs = record["settings"]["params"]
-    total = int(epochs["max_iter"]) + int(epochs["finetune_iter"])
-    import hashlib
-
+    p = record["settings"]["params"]
+    total = int(p["max_iter"]) + int(p["finetune_iter"])
+    sizes = p.get("hidden_layer_sizes") or p.get("widths") or ()
+    name = "hidden" if "hidden_layer_sizes" in p else "widths"
     digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:8]
-    return f"{total} epochs, {digest}"
+    return f"{name} {'-'.join(map(str, sizes))}, {total} epochs, settings {digest}"
 
 
 def summarise(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -101,22 +110,42 @@ def summarise(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
             n_failed=group["failed"],
         )
         out.append(summary)
-    out.sort(key=lambda s: (s["model"], s["dataset"], s["granularity"], s["setup"],
-                            _ORDER[s["estimator"]], -s["density"], s["n_masks"]))  # fmt: skip
+    out.sort(
+        key=lambda s: (
+            s["model"],
+            s["dataset"],
+            s["granularity"],
+            s["setup"],
+            _ORDER[s["estimator"]],
+            -s["density"],
+            s["n_masks"],
+        )
+    )
     return out
 
 
 def _panels(summaries: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
-    """Summaries by (model, dataset, granularity, setup); dense anchors go to every panel
-    of their model, data set and setup."""
+    """Summaries by (model, dataset, granularity, setup), each with its dense anchor.
+
+    The anchor of a panel is the dense fit of the same granularity's layers, else one
+    of the same model, data set and setup.
+    """
     panels: dict[tuple[str, ...], list[dict[str, Any]]] = {}
     for s in summaries:
         if s["estimator"] != "dense":
-            panels.setdefault((s["model"], s["dataset"], s["granularity"], s["setup"]), []).append(s)
+            panels.setdefault((s["model"], s["dataset"], s["granularity"], s["setup"]), []).append(
+                s
+            )
     for s in summaries:
-        if s["estimator"] == "dense":
-            targets = [k for k in panels if (k[0], k[1], k[3]) == (s["model"], s["dataset"], s["setup"])]
-            for k in targets or [(s["model"], s["dataset"], s["granularity"], s["setup"])]:
+        if s["estimator"] != "dense":
+            continue
+        own = (s["model"], s["dataset"], s["granularity"], s["setup"])
+        if own in panels:  # the dense network of the same layers
+            panels[own].append(s)
+            continue
+        same = [k for k in panels if (k[0], k[1], k[3]) == (own[0], own[1], own[3])]
+        for k in same or [own]:
+            if not any(d["estimator"] == "dense" for d in panels.get(k, [])):
                 panels.setdefault(k, []).append(s)
     return panels
 
@@ -161,14 +190,22 @@ def markdown(summaries: Sequence[dict[str, Any]], *, title: str = "Sweep results
         lines.append("|---|" + "---:|" * len(densities))
         for estimator in sorted({s["estimator"] for s in rest}, key=_ORDER.__getitem__):
             for k in ks:
-                row = {s["density"]: s for s in rest if s["estimator"] == estimator and s["n_masks"] == k}
+                row = {
+                    s["density"]: s
+                    for s in rest
+                    if s["estimator"] == estimator and s["n_masks"] == k
+                }
                 if not row:
                     continue
-                label = estimator if len(ks) == 1 or estimator == "random-mask" else f"{estimator}, K={k}"
+                label = (
+                    estimator
+                    if len(ks) == 1 or estimator == "random-mask"
+                    else f"{estimator}, K={k}"
+                )
                 cells = [_cell_text(row[d]) if d in row else "" for d in densities]
                 lines.append(f"| {label} | " + " | ".join(cells) + " |")
         if rest:
-            by_density = {}
+            by_density: dict[float, float | None] = {}
             for s in rest:
                 by_density.setdefault(s["density"], s["macs_mean"])
             lines.append(
@@ -195,13 +232,16 @@ def plot_accuracy(summaries: Sequence[dict[str, Any]]) -> Any:
     """
     from matplotlib.figure import Figure
 
-    panels = {k: v for k, v in _panels(summaries).items() if any(s["estimator"] != "dense" for s in v)}
+    panels = {
+        k: v for k, v in _panels(summaries).items() if any(s["estimator"] != "dense" for s in v)
+    }
     n = max(1, len(panels))
     cols = min(3, n)
     rows = math.ceil(n / cols)
     fig = Figure(figsize=(5.2 * cols, 4.0 * rows))
     axes = fig.subplots(rows, cols, squeeze=False)
-    for ax, ((model, dataset, granularity, setup), group) in zip(axes.flat, panels.items()):
+    shown = list(axes.flat)[: len(panels)]
+    for ax, ((model, dataset, granularity, _), group) in zip(shown, panels.items(), strict=True):
         for estimator in sorted({s["estimator"] for s in group}, key=_ORDER.__getitem__):
             points = sorted(
                 (s for s in group if s["estimator"] == estimator and s["n_seeds"]),
@@ -213,7 +253,9 @@ def plot_accuracy(summaries: Sequence[dict[str, Any]]) -> Any:
             if estimator == "dense":
                 mean = np.mean([s["accuracy_mean"] for s in points])
                 std = max(s["accuracy_std"] for s in points)
-                ax.axhline(mean, color="k", linewidth=1.2, label=f"dense ({points[0]['n_seeds']} seeds)")
+                ax.axhline(
+                    mean, color="k", linewidth=1.2, label=f"dense ({points[0]['n_seeds']} seeds)"
+                )
                 ax.axhspan(mean - std, mean + std, color="k", alpha=0.08, linewidth=0)
                 continue
             x = [s["density"] for s in points]
@@ -226,7 +268,7 @@ def plot_accuracy(summaries: Sequence[dict[str, Any]]) -> Any:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8, loc="lower right")
-    for ax in list(axes.flat)[len(panels):]:
+    for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle("Test accuracy against density (mean ± std over seeds)")
     fig.tight_layout()
@@ -326,5 +368,10 @@ def write_report(out: str | os.PathLike[str], *, title: str | None = None) -> di
     blob = json.dumps({"summaries": summaries}, indent=1, sort_keys=True) + "\n"
     atomic_write(paths["summary"], lambda f: f.write(blob.encode()))
     for key, fig in (("accuracy", plot_accuracy(summaries)), ("variance", plot_variance(records))):
-        atomic_write(paths[key], lambda f, fig=fig: fig.savefig(f, format="png", dpi=110))
+        _save(fig, paths[key])
     return paths
+
+
+def _save(fig: Any, path: str) -> None:
+    """Write ``fig`` as a PNG, atomically."""
+    atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=110))

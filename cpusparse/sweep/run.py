@@ -72,9 +72,7 @@ def _split(cell: Cell) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     X, y, n_train = _dataset(cell.dataset)
     if n_train is not None:  # the official split
         return X[:n_train], X[n_train:], y[:n_train], y[n_train:]
-    return train_test_split(
-        X, y, test_size=cell.test_fraction, stratify=y, random_state=cell.seed
-    )
+    return train_test_split(X, y, test_size=cell.test_fraction, stratify=y, random_state=cell.seed)
 
 
 def run_cell(cell: Cell) -> dict[str, Any]:
@@ -88,7 +86,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     -------
     record : dict
         ``key``, ``name``, ``status`` (``"ok"`` or ``"failed"``), ``settings``, the
-        package ``version``, ``worker`` (host and process), ``fit_seconds`` and, when
+        package ``version``, ``worker`` (host, process and the number of data sets it
+        has loaded: one per name), ``fit_seconds`` and, when
         the fit finished: ``test_accuracy``, ``density`` (``density_``), ``n_active``,
         ``n_units``, ``macs`` (forward multiply-adds per sample with the fixed mask,
         :func:`cpusparse.models.count_macs`) and ``epochs``, one record per epoch
@@ -108,6 +107,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
     t0 = time.perf_counter()
     try:
         X_train, X_test, y_train, y_test = _split(cell)
+        record["worker"]["datasets_loaded"] = load_count()
         clf = classifier_for(cell, n_jobs=1, verbose=False)
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -136,8 +136,16 @@ def run_cell(cell: Cell) -> dict[str, Any]:
 
 
 def _epoch(history: dict[str, Any]) -> dict[str, Any]:
-    keep = ("epoch", "phase", "loss", "grad_variance", "expected_density", "realised_density",
-            "val_accuracy", "seconds")  # fmt: skip
+    keep = (
+        "epoch",
+        "phase",
+        "loss",
+        "grad_variance",
+        "expected_density",
+        "realised_density",
+        "val_accuracy",
+        "seconds",
+    )
     return {k: _plain(history[k]) for k in keep if k in history}
 
 
@@ -186,7 +194,7 @@ def read_results(out: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
 
 def _write(out: str, record: dict[str, Any]) -> str:
     path = os.path.join(cells_dir(out), record["name"] + ".json")
-    text = json.dumps(record, indent=1, sort_keys=True, allow_nan=False) + "\n"
+    text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
     return path
 
@@ -270,8 +278,15 @@ def run_grid(
 def _bar(total: int, initial: int, enabled: bool) -> Any:
     from tqdm.auto import tqdm
 
-    return tqdm(total=total, initial=initial, desc="sweep", unit="cell", disable=not enabled,
-                file=sys.stderr, dynamic_ncols=True)  # fmt: skip
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc="sweep",
+        unit="cell",
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+    )
 
 
 def _import_distributed() -> Any:
@@ -299,8 +314,15 @@ class _client:
 
         if self.scheduler is None:
             n = self.n_workers or os.cpu_count() or 1
-            one_thread = {v: "1" for v in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS",
-                                            "MKL_NUM_THREADS", "NUMBA_NUM_THREADS")}  # fmt: skip
+            one_thread = {
+                v: "1"
+                for v in (
+                    "OMP_NUM_THREADS",
+                    "OPENBLAS_NUM_THREADS",
+                    "MKL_NUM_THREADS",
+                    "NUMBA_NUM_THREADS",
+                )
+            }
             self.cluster = distributed.LocalCluster(
                 n_workers=n,
                 threads_per_worker=1,
@@ -313,16 +335,24 @@ class _client:
         else:
             try:
                 if os.path.isfile(self.scheduler):
-                    self.client = distributed.Client(scheduler_file=self.scheduler, timeout="10s")
+                    self.client = distributed.Client(scheduler_file=self.scheduler, timeout="5s")
                 else:
-                    self.client = distributed.Client(self.scheduler, timeout="10s")
+                    self.client = distributed.Client(self.scheduler, timeout="5s")
             except (OSError, TimeoutError, ValueError) as exc:
-                raise SweepError(f"cannot reach the Dask scheduler {self.scheduler}: {exc}") from None
+                raise SweepError(
+                    f"cannot reach the Dask scheduler {self.scheduler}: {exc}"
+                ) from None
             self._check_workers()
         return self.client
 
     def _check_workers(self) -> None:
-        versions = self.client.run(_worker_version)
+        try:
+            versions = self.client.run(_worker_version)
+        except Exception as exc:  # a worker without cpusparse cannot unpickle the call
+            raise SweepError(
+                f"the workers of {self.scheduler} cannot run cpusparse ({exc}): install the "
+                f"same version ({__version__}) on every worker host"
+            ) from None
         if not versions:
             raise SweepError(f"the Dask scheduler {self.scheduler} has no workers")
         other = {w: v for w, v in versions.items() if v != __version__}
@@ -341,14 +371,13 @@ class _client:
 
 
 def _worker_version() -> str:
-    try:
-        from cpusparse import __version__ as version
-    except ImportError:
-        return "none (not installed)"
-    return version
+    """The version of cpusparse where this runs (a worker's, through ``client.run``)."""
+    return __version__
 
 
-def _run_on(client: Any, cells: Iterable[Cell], done: Callable[[Cell, dict[str, Any]], None]) -> None:
+def _run_on(
+    client: Any, cells: Iterable[Cell], done: Callable[[Cell, dict[str, Any]], None]
+) -> None:
     """Submit the cells; hand each record to ``done`` as soon as it arrives."""
     import distributed
 

@@ -60,7 +60,7 @@ one input through two branches and adds them.
 from __future__ import annotations
 
 import abc
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 
 import numpy as np
@@ -313,6 +313,54 @@ class Layer(abc.ABC):
         only ``live`` may be nonzero. 0 for a layer without weights (the default).
         """
         return 0
+
+    def output_spatial(self, spatial: tuple[int, int] | None) -> tuple[int, int] | None:
+        """The spatial size ``(H, W)`` of the output for inputs of size ``spatial``.
+
+        None is no spatial size (feature vectors). The default keeps the input's;
+        convolutions and pools change it, global pooling and flattening drop it.
+        """
+        return spatial
+
+    def macs(
+        self,
+        masks: Sequence[BoolArray | None],
+        live: BoolArray | None = None,
+        spatial: tuple[int, int] | None = None,
+        *,
+        prefix: str = "",
+        on_leaf: Callable[[str, int, tuple[int, int] | None], object] | None = None,
+    ) -> tuple[int, BoolArray | None, tuple[int, int] | None]:
+        """Forward multiply-adds per sample with ``masks``: the executed cost.
+
+        Parameters
+        ----------
+        masks : sequence of (ndarray of bool or None)
+            The layer's :attr:`n_masks` masks (None keeps every unit).
+        live : ndarray of bool, optional
+            Input features (channels) that may be nonzero; None means every one.
+        spatial : (H, W) or None
+            The inputs' spatial size (None for feature vectors).
+        prefix : str, default=""
+            The layer's path with a trailing dot (:meth:`named_leaves`), for ``on_leaf``.
+        on_leaf : callable, optional
+            Called as ``on_leaf(name, macs, spatial_out)`` for every leaf that multiplies.
+
+        Returns
+        -------
+        macs : int
+            :meth:`n_active` times the output positions (``H_out * W_out``, or 1).
+        live : ndarray of bool or None
+            The outputs that may be nonzero (:meth:`live_outputs`).
+        spatial : (H, W) or None
+            The outputs' spatial size (:meth:`output_spatial`).
+        """
+        mask = masks[0] if self.n_masks else None
+        out = self.output_spatial(spatial)
+        n = self.n_active(mask, live) * (1 if out is None else out[0] * out[1])
+        if n and on_leaf is not None:
+            on_leaf(prefix.rstrip("."), n, out)
+        return n, self.live_outputs(mask, live), out
 
     # ------------------------------------------------------------------ passes
 

@@ -409,6 +409,12 @@ class Conv2d(Layer):
         """``(H_out, W_out)`` for an input of ``height x width``; ValueError if it is empty."""
         return output_size(height, width, self.kernel_size, self.stride, self.padding)
 
+    def output_spatial(self, spatial: tuple[int, int] | None) -> tuple[int, int]:
+        """``(H_out, W_out)``; a convolution needs a spatial input."""
+        if spatial is None:
+            raise ValueError("a convolution needs inputs of a spatial size (H, W), got None")
+        return self.output_size(*spatial)
+
     def live_outputs(self, mask: BoolArray | None, live: BoolArray | None) -> BoolArray | None:
         """Output channels that may be nonzero: the kept ones (channel granularity)."""
         return None if mask is None or self.units is None else self.units.live_outputs(mask)

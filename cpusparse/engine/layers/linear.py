@@ -805,8 +805,10 @@ class Linear(Layer):
     def n_active(
         self, mask: BoolArray | None = None, live: BoolArray | None = None, mode: Mode = TRAIN
     ) -> int:
-        """Every weight (the dense product skips nothing)."""
-        return int(self.weight.size)
+        """The weights of the live inputs (the product skips known-zero inputs' columns)."""
+        if live is None or mode.straight_through:
+            return int(self.weight.size)
+        return int(self.shape[0] * np.count_nonzero(live))
 
     def config(self) -> dict[str, Any]:
         """JSON-ready settings that, with :meth:`arrays`, rebuild the layer."""

@@ -126,6 +126,12 @@ class _Pool2d(_AnyChannels):
         """``(H_out, W_out)`` for inputs of ``height`` by ``width``; an error if too small."""
         return output_size(height, width, self.kernel_size, self.stride, self.padding)
 
+    def output_spatial(self, spatial: tuple[int, int] | None) -> tuple[int, int]:
+        """``(H_out, W_out)``; a pool needs a spatial input."""
+        if spatial is None:
+            raise ValueError("a pool needs inputs of a spatial size (H, W), got None")
+        return self.output_size(*spatial)
+
     def _geometry(self) -> tuple[int, int, int, int, int, int]:
         (kh, kw), (sh, sw), (ph, pw) = self.kernel_size, self.stride, self.padding
         return kh, kw, sh, sw, ph, pw
@@ -291,6 +297,10 @@ class GlobalAvgPool2d(_AnyChannels):
            [0.25, 0.25]])
     """
 
+    def output_spatial(self, spatial: tuple[int, int] | None) -> None:
+        """None: the outputs are feature vectors."""
+        return None
+
     def _forward(
         self,
         x: FloatArray,
@@ -373,6 +383,10 @@ class Flatten(Layer):
         if min(shape) < 1:
             raise ValueError(f"shape must be positive (C, H, W), got {tuple(shape)}")
         self.shape: tuple[int, int, int] = (int(shape[0]), int(shape[1]), int(shape[2]))
+
+    def output_spatial(self, spatial: tuple[int, int] | None) -> None:
+        """None: the outputs are feature vectors."""
+        return None
 
     @property
     def n_in(self) -> int:
