@@ -520,14 +520,17 @@ def test_the_command_runs_resumes_and_reports(sequential, tmp_path, capsys):
     assert main(["sweep", grid.source, "--out", str(out), "--sequential", "--quiet"]) == 0
     text = capsys.readouterr().out
     assert "sweep tiny: 12 cells, 0 finished" in text and "12 of 12 cells finished" in text
-    assert (out / "report.md").exists()
+    # The run reports its grid's cells in files named after it.
+    assert "| vrpge | " in (out / "tiny.md").read_text()
+    assert (out / "tiny-accuracy_vs_density.png").exists() and not (out / "report.md").exists()
     got = [read_results(out)[c.key] for c in grid.cells]
     assert [comparable(r) for r in got] == [comparable(r) for r in records]
     assert main(["sweep", grid.source, "--out", str(out), "--dry-run"]) == 0
     assert "12 finished in" in capsys.readouterr().out
-    (out / "report.md").unlink()
-    assert main(["sweep", "--report", "--out", str(out)]) == 0
-    assert (out / "report.md").exists()
+    assert main(["sweep", "--report", "--out", str(out)]) == 0  # every record under out
+    assert (out / "report.md").read_text().replace("Sweep results: out", "") == (
+        (out / "tiny.md").read_text().replace("Sweep results: tiny", "")
+    )
 
 
 def test_a_failed_cell_does_not_stop_the_sweep_and_exits_1(tmp_path, capsys):

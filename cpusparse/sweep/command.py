@@ -22,7 +22,7 @@ from collections.abc import Sequence
 
 from .._io import OutputPathError, check_output_dir
 from ..tools.cli import CommandError, UsageError, parse_args, run_command
-from .grid import ESTIMATORS, GridError, load_grid
+from .grid import ESTIMATORS, Grid, GridError, load_grid
 from .run import INSTALL_HINT, SweepError, read_results, run_grid
 
 __all__ = ["main", "build_parser"]
@@ -80,7 +80,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--report",
         action="store_true",
-        help="write OUT/report.md and the plots from the records, and run nothing",
+        help="write the table and plots of the records (of GRID's cells, if given), run nothing",
     )
     parser.add_argument(
         "--dry-run", action="store_true", help="say how many cells would run, and run nothing"
@@ -130,7 +130,7 @@ def _main(argv: list[str]) -> int:
     except OutputPathError as exc:
         raise UsageError(str(exc)) from None
     if args.report:
-        return _report(out)
+        return _report(out, grid)
     if grid is None:  # (--report returned above)
         raise UsageError("expected a grid file")
     found = read_results(out) if os.path.isdir(out) else {}
@@ -165,7 +165,7 @@ def _main(argv: list[str]) -> int:
         f"records in {os.path.join(out, 'cells')}",
         flush=True,
     )
-    _report(out)
+    _report(out, grid)
     if failed:
         raise CommandError(
             f"{len(failed)} cells failed, first {failed[0]['name']}: {failed[0]['error']} "
@@ -174,11 +174,11 @@ def _main(argv: list[str]) -> int:
     return 0
 
 
-def _report(out: str) -> int:
+def _report(out: str, grid: Grid | None) -> int:
     from .report import write_report
 
     try:
-        paths = write_report(out)
+        paths = write_report(out, grid=grid)
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     print(f"report: {paths['markdown']}, {paths['accuracy']}, {paths['variance']}")

@@ -12,6 +12,8 @@ the seeds and their number. :func:`write_report` writes, under the sweep's ``out
   estimator, the dense anchor as a band;
 - ``grad_variance.png``: the score-gradient variance per epoch of the sparse phase,
   one line per estimator (median over the seeds), one panel per density.
+
+With a grid, only its cells, in files named after it (``<name>.md``, ...).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_write, check_output_dir
-from .grid import ESTIMATORS
+from .grid import ESTIMATORS, Grid
 from .run import read_results
 
 __all__ = ["summarise", "markdown", "write_report", "plot_accuracy", "plot_variance"]
@@ -330,15 +332,26 @@ def plot_variance(records: Iterable[dict[str, Any]]) -> Any:
     return fig
 
 
-def write_report(out: str | os.PathLike[str], *, title: str | None = None) -> dict[str, str]:
-    """Write ``report.md``, ``summary.json`` and the two plots under ``out``.
+def write_report(
+    out: str | os.PathLike[str],
+    *,
+    grid: Grid | None = None,
+    title: str | None = None,
+) -> dict[str, str]:
+    """Write the markdown table, the summaries and the two plots under ``out``.
 
     Parameters
     ----------
     out : str or os.PathLike
         A sweep's output directory (its records are in ``out/cells``).
+    grid : Grid, optional
+        Report only this grid's cells, in files named after it (``<name>.md``,
+        ``<name>-summary.json``, ``<name>-accuracy_vs_density.png``,
+        ``<name>-grad_variance.png``); by default every record under ``out``, in
+        ``report.md``, ``summary.json``, ``accuracy_vs_density.png`` and
+        ``grad_variance.png``. Grids that share cells can share a directory.
     title : str, optional
-        The report's heading (``"Sweep results: <out's name>"`` by default).
+        The report's heading (``"Sweep results: <grid or directory name>"``).
 
     Returns
     -------
@@ -349,21 +362,34 @@ def write_report(out: str | os.PathLike[str], *, title: str | None = None) -> di
     Raises
     ------
     ValueError
-        If ``out`` holds no cell record.
+        If ``out`` holds no record (of ``grid``'s cells).
     """
     out = check_output_dir(os.fspath(out), "out")
-    records = list(read_results(out).values())
+    found = read_results(out)
+    if grid is None:
+        records = list(found.values())
+        stem, name = "", os.path.basename(os.path.abspath(out))
+        paths = {
+            "markdown": "report.md",
+            "summary": "summary.json",
+            "accuracy": "accuracy_vs_density.png",
+            "variance": "grad_variance.png",
+        }
+    else:
+        records = [found[c.key] for c in grid.cells if c.key in found]
+        stem, name = grid.name, grid.name
+        paths = {
+            "markdown": f"{stem}.md",
+            "summary": f"{stem}-summary.json",
+            "accuracy": f"{stem}-accuracy_vs_density.png",
+            "variance": f"{stem}-grad_variance.png",
+        }
     if not records:
-        raise ValueError(f"out {out}: no cell records under {os.path.join(out, 'cells')}")
+        what = f"of grid {grid.name} " if grid is not None else ""
+        raise ValueError(f"out {out}: no cell records {what}under {os.path.join(out, 'cells')}")
+    paths = {k: os.path.join(out, v) for k, v in paths.items()}
     summaries = summarise(records)
-    name = title or f"Sweep results: {os.path.basename(os.path.abspath(out))}"
-    paths = {
-        "markdown": os.path.join(out, "report.md"),
-        "summary": os.path.join(out, "summary.json"),
-        "accuracy": os.path.join(out, "accuracy_vs_density.png"),
-        "variance": os.path.join(out, "grad_variance.png"),
-    }
-    text = markdown(summaries, title=name)
+    text = markdown(summaries, title=title or f"Sweep results: {name}")
     atomic_write(paths["markdown"], lambda f: f.write(text.encode()))
     blob = json.dumps({"summaries": summaries}, indent=1, sort_keys=True) + "\n"
     atomic_write(paths["summary"], lambda f: f.write(blob.encode()))
