@@ -226,8 +226,7 @@ def vrpge_grad(
     :math:`k = 1, \dots, K` in order from 0; divided by :math:`K - 1`, then by
     :math:`s(1-s)` (or its square root). Where every mask agrees on a unit,
     :math:`m_k - \bar m` is exactly 0 and so is the estimate, not a rounding
-    residue of the paper's form (which Adam would turn into a step of about its
-    learning rate).
+    residue of the paper's form.
 
     **The sqrt variant.** With ``scaling="sqrt"`` each :math:`g_k` is
     multiplied elementwise by :math:`\sqrt{s(1-s)}`, a constant given

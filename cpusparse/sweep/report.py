@@ -22,7 +22,7 @@ import hashlib
 import json
 import math
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import numpy as np
@@ -35,6 +35,7 @@ __all__ = ["summarise", "markdown", "write_report", "plot_accuracy", "plot_varia
 
 _AXES = ("model", "dataset", "granularity", "estimator", "density", "n_masks")
 _ORDER = {name: i for i, name in enumerate(ESTIMATORS)}
+_NO_K = ("random-mask", "dense")  # no sampled masks: K does not apply
 # One style per estimator, the same in every figure.
 _STYLE = {
     "vrpge": {"color": "C0", "marker": "o"},
@@ -159,6 +160,35 @@ def _cell_text(s: dict[str, Any]) -> str:
     return text + (f", {s['n_failed']} failed" if s["n_failed"] else "")
 
 
+def _seconds(s: dict[str, Any]) -> str:
+    return "" if s["fit_seconds_median"] is None else f"{s['fit_seconds_median']:.1f}"
+
+
+def _table(
+    rest: Sequence[dict[str, Any]],
+    densities: Sequence[float],
+    ks: Sequence[int],
+    text: Callable[[dict[str, Any]], str],
+) -> list[str]:
+    """Markdown rows: one per estimator (and K), one column per density."""
+    lines = ["| estimator | " + " | ".join(f"density {d:g}" for d in densities) + " |"]
+    lines.append("|---|" + "---:|" * len(densities))
+    for estimator in sorted({s["estimator"] for s in rest}, key=_ORDER.__getitem__):
+        for k in ks:
+            row = {
+                s["density"]: s for s in rest if s["estimator"] == estimator and s["n_masks"] == k
+            }
+            if not row:
+                continue
+            label = estimator if len(ks) == 1 or estimator in _NO_K else f"{estimator}, K={k}"
+            lines.append(
+                f"| {label} | "
+                + " | ".join(text(row[d]) if d in row else "" for d in densities)
+                + " |"
+            )
+    return lines
+
+
 def _macs(value: float | None) -> str:
     if value is None:
         return ""
@@ -172,8 +202,9 @@ def markdown(summaries: Sequence[dict[str, Any]], *, title: str = "Sweep results
     """The summaries as markdown: one table per model, data set and granularity.
 
     Rows are estimators, columns densities; a cell is the test accuracy in %,
-    ``mean ± std (number of seeds)``. Below each table: the dense anchor and the
-    executed forward multiply-adds per sample (mean over seeds) at each density.
+    ``mean ± std (number of seeds)``. Then the same table of the executed forward
+    multiply-adds per sample (mean over seeds) and of the median fit time, and the
+    dense anchor.
     """
     lines = [f"# {title}", ""]
     lines += [
@@ -188,33 +219,12 @@ def markdown(summaries: Sequence[dict[str, Any]], *, title: str = "Sweep results
         densities = sorted({s["density"] for s in rest}, reverse=True)
         ks = sorted({s["n_masks"] for s in rest})
         lines += [f"## {model}, {dataset}, {granularity} masks ({setup})", ""]
-        lines.append("| estimator | " + " | ".join(f"density {d:g}" for d in densities) + " |")
-        lines.append("|---|" + "---:|" * len(densities))
-        for estimator in sorted({s["estimator"] for s in rest}, key=_ORDER.__getitem__):
-            for k in ks:
-                row = {
-                    s["density"]: s
-                    for s in rest
-                    if s["estimator"] == estimator and s["n_masks"] == k
-                }
-                if not row:
-                    continue
-                label = (
-                    estimator
-                    if len(ks) == 1 or estimator == "random-mask"
-                    else f"{estimator}, K={k}"
-                )
-                cells = [_cell_text(row[d]) if d in row else "" for d in densities]
-                lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        lines += _table(rest, densities, ks, _cell_text)
         if rest:
-            by_density: dict[float, float | None] = {}
-            for s in rest:
-                by_density.setdefault(s["density"], s["macs_mean"])
-            lines.append(
-                "| multiply-adds / sample | "
-                + " | ".join(_macs(by_density.get(d)) for d in densities)
-                + " |"
-            )
+            lines += ["", "Forward multiply-adds per sample with the fixed mask (mean):", ""]
+            lines += _table(rest, densities, ks, lambda s: _macs(s["macs_mean"]))
+            lines += ["", "Median fit time (s, one thread; indicative: fits shared the cores):", ""]
+            lines += _table(rest, densities, ks, _seconds)
         lines.append("")
         for s in dense:
             lines.append(
@@ -233,6 +243,7 @@ def plot_accuracy(summaries: Sequence[dict[str, Any]]) -> Any:
     figure : matplotlib.figure.Figure
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import NullFormatter
 
     panels = {
         k: v for k, v in _panels(summaries).items() if any(s["estimator"] != "dense" for s in v)
@@ -265,6 +276,9 @@ def plot_accuracy(summaries: Sequence[dict[str, Any]]) -> Any:
             e = [s["accuracy_std"] for s in points]
             ax.errorbar(x, y, yerr=e, capsize=3, label=estimator, **style)
         ax.set_xscale("log")
+        ticks = sorted({s["density"] for s in group if s["estimator"] != "dense"})
+        ax.set_xticks(ticks, [f"{d:g}" for d in ticks])
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_title(f"{model} on {dataset}, {granularity} masks", fontsize=10)
         ax.set_xlabel("density (kept fraction of prunable units, log scale)")
         ax.set_ylabel("test accuracy (%)")
@@ -288,6 +302,7 @@ def plot_variance(records: Iterable[dict[str, Any]]) -> Any:
     figure : matplotlib.figure.Figure
     """
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
     curves: dict[tuple[Any, ...], dict[str, list[list[float]]]] = {}
     for r in records:
@@ -321,8 +336,9 @@ def plot_variance(records: Iterable[dict[str, Any]]) -> Any:
                 ax.plot(np.arange(1, n + 1), median, label=estimator, **style)
             ax.set_yscale("log")
             ax.set_title(f"{g[0]}, {g[1]}, {g[2]}, density {d:g}", fontsize=9)
+            ax.xaxis.set_major_locator(MaxNLocator(integer=True))
             ax.set_xlabel("epoch (sparse phase)")
-            ax.set_ylabel("score-gradient variance")
+            ax.set_ylabel("score-gradient variance\n(mean over units)")
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     if not groups:

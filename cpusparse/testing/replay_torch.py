@@ -84,7 +84,7 @@ class Checker:
             err = np.abs(got.astype(np.float64) - ref.astype(np.float64))
             bad = err > self.atol + self.rtol * np.abs(ref.astype(np.float64))
             if bad.any():
-                where = np.unravel_index(np.argmax(bad), bad.shape)
+                where = tuple(int(i) for i in np.unravel_index(np.argmax(bad), bad.shape))
                 self.failures.append(f"{name}: max abs error {err.max():.3g}, first at {where}")
 
 
