@@ -37,7 +37,7 @@ the stated architecture, widths and density, with the same epochs for every row:
 Multiply-adds (:func:`cpusparse.models.count_macs`) are per sample and forward, with the
 fixed masks: a convolution costs ``C_out_kept * C_in_live * kh * kw * H_out * W_out`` (the kept
 filters times the input channels that may be nonzero), a linear layer its kept
-weights on live inputs (the dense classifier: all of them). A training step runs K
+weights on live inputs (the dense classifier: its live inputs' columns). A training step runs K
 such forward passes plus their backward passes (about twice as many), with sampled
 rather than fixed masks.
 

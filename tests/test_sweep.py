@@ -5,7 +5,9 @@ started ``dask scheduler`` and ``dask worker``, and a sweep whose worker and the
 client are killed mid-way.
 """
 
+import datetime
 import json
+import math
 import os
 import shutil
 import signal
@@ -28,6 +30,7 @@ from cpusparse.sweep import (
     summarise,
     write_report,
 )
+from cpusparse.sweep import run as run_module
 from cpusparse.sweep.report import markdown
 from cpusparse.sweep.run import TIMING_FIELDS
 
@@ -119,8 +122,9 @@ def test_the_key_covers_every_setting_and_the_version(monkeypatch):
     split = parse_grid({"test_fraction": 0.3, "grid": [{"density": 0.1}]}).cells[0]
     keys = {base.key, other_param.key, other_seed.key, split.key}
     assert len(keys) == 4
+    before = base.key
     monkeypatch.setattr("cpusparse.sweep.grid.__version__", __version__ + ".other")
-    assert base.key != parse_grid({"grid": [{"density": 0.1}]}).cells[0].key
+    assert base.key != before
     assert base.name.startswith("mlp-digits-weight-d0.1-vrpge-K2-s0-")
 
 
@@ -153,7 +157,7 @@ BAD_GRIDS = {
     ),
     "model": ({"grid": [{"density": 0.1, "model": "lenet"}]}, "grid[0].model: expected one of"),
     "dataset": (
-        {"grid": [{}, {"density": 0.1, "dataset": "mnist"}]},
+        {"grid": [{"density": 0.1}, {"density": 0.1, "dataset": "mnist"}]},
         "grid[1].dataset: expected one of digits, mnist5k, mnist1d, got 'mnist'",
     ),
     "granularity of the model": (
@@ -183,6 +187,43 @@ BAD_GRIDS = {
         {"grid": [{"density": 0.1, "params": {"max_iter": -2}}]},
         "grid[0].params: The 'max_iter' parameter of SparseMLPClassifier must be",
     ),
+    "a name with a separator": (
+        {"name": "../up", "grid": [{"density": 0.1}]},
+        "name: expected a name of letters, digits, '.', '_' and '-'",
+    ),
+    "a name with a null": ({"name": "a\x00b", "grid": [{"density": 0.1}]}, "name: expected"),
+    "a nested axis value": (
+        {"grid": [{"density": 0.1, "model": [["mlp"]]}]},
+        "grid[0].model: expected a string or a number, or a list of them, got ['mlp']",
+    ),
+    "a table as an axis": (
+        {"grid": [{"density": 0.1, "estimator": {"a": 1}}]},
+        "grid[0].estimator: expected a string or a number",
+    ),
+    "a date in params": (
+        {"grid": [{"density": 0.1, "params": {"batch_size": datetime.date(1979, 5, 27)}}]},
+        "grid[0].params.batch_size: expected a finite number, a string, a boolean or a list",
+    ),
+    "an infinite param": (
+        {"params": {"weight_decay": math.inf}, "grid": [{"density": 0.1}]},
+        "params.weight_decay: expected a finite number",
+    ),
+    "a boolean for an int": (
+        {"grid": [{"density": 0.1, "params": {"batch_size": True}}]},
+        "grid[0].params.batch_size: expected a value like 64, got True",
+    ),
+    "a string epoch count for a baseline": (
+        {"grid": [{"density": 0.1, "estimator": "random-mask", "params": {"max_iter": "3"}}]},
+        "grid[0].params: The 'max_iter' parameter of SparseMLPClassifier must be",
+    ),
+    "a negative epoch count for a baseline": (
+        {"grid": [{"density": 0.1, "estimator": "dense", "params": {"max_iter": -5}}]},
+        "The 'max_iter' parameter of SparseMLPClassifier must be an int in the range [0, inf)",
+    ),
+    "a seed beyond 2**32": (
+        {"seeds": [2**32], "grid": [{"density": 0.1}]},
+        "seeds: expected a number of seeds or a list of ints in [0, 2**32 - 1]",
+    ),
     "a bad model setting": (
         {"grid": [{"density": 0.1, "params": {"hidden_layer_sizes": [0]}}]},
         "grid[0].params: hidden_layer_sizes must",
@@ -202,7 +243,7 @@ def test_a_malformed_grid_names_the_key(case):
 def test_grid_files_that_cannot_be_read(tmp_path):
     with pytest.raises(GridError, match="cannot read grid file .*nope.toml"):
         load_grid(tmp_path / "nope.toml")
-    with pytest.raises(GridError, match=r"bad.toml is not valid TOML: .*line 1"):
+    with pytest.raises(GridError, match=r"bad.toml is not valid TOML: Invalid value"):
         load_grid(grid_file(tmp_path, "density = [0.1,\n", "bad.toml"))
 
 
@@ -260,6 +301,59 @@ def test_failed_cells_run_again(tmp_path):
     assert read_results(tmp_path)[cell.key]["status"] == "ok"
 
 
+def test_files_that_are_not_whole_records_are_skipped_and_their_cells_run_again(
+    sequential, tmp_path
+):
+    grid, records, out = sequential
+    shutil.copytree(out, tmp_path / "out")
+    cells = tmp_path / "out" / "cells"
+    names = sorted(p.name for p in cells.glob("*.json"))
+    truncated = json.loads((cells / names[0]).read_text())
+    del truncated["test_accuracy"]  # still says "ok"
+    (cells / names[0]).write_text(json.dumps(truncated))
+    forged = json.loads((cells / names[1]).read_text())
+    forged["settings"]["params"]["batch_size"] = 7  # settings no longer match the key
+    (cells / names[1]).write_text(json.dumps(forged))
+    (cells / "junk.json").write_text("[1, 2")
+    os.mkfifo(cells / "fifo.json")  # would block a reader
+    problems = []
+    found = read_results(tmp_path / "out", problems=problems)
+    assert len(found) == len(records) - 2
+    assert sorted(p.split(": ", 1)[1].split(" (")[0] for p in problems) == sorted(
+        [
+            "a finished record without test_accuracy",
+            "its key is not that of its settings and version",
+            "not a regular file",
+            "Expecting ',' delimiter: line 1 column 6",
+        ]
+    )
+    ran = []
+    run_grid(grid, tmp_path / "out", scheduler="sequential", progress=False, on_record=ran.append)
+    assert sorted(r["name"] + ".json" for r in ran) == names[:2]
+
+
+def test_a_record_of_another_version_is_not_reused_and_not_reported(sequential, tmp_path):
+    grid, records, out = sequential
+    shutil.copytree(out, tmp_path / "out")
+    cells = tmp_path / "out" / "cells"
+    path = sorted(cells.glob("*.json"))[0]
+    old = json.loads(path.read_text())
+    old["version"] = "0.1.0"
+    old["key"] = run_module.record_key(old)
+    old["test_accuracy"] = 0.0
+    (cells / "old.json").write_text(json.dumps(old))
+    found = read_results(tmp_path / "out")
+    assert len(found) == len(records) + 1  # a valid record, of its own version
+    ran = []
+    run_grid(grid, tmp_path / "out", scheduler="sequential", progress=False, on_record=ran.append)
+    assert ran == []  # this version's records are all there
+    write_report(tmp_path / "out")
+    text = (tmp_path / "out" / "report.md").read_text()
+    assert "1 records of other cpusparse versions under" in text
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())["summaries"]
+    assert {s["n_seeds"] for s in summary} == {2}  # the old record is in no group
+
+
 def test_an_output_directory_that_cannot_be_written_is_refused_before_any_fit(tmp_path):
     cell = parse_grid({"grid": [{"density": 0.2}]}).cells[0]
     (tmp_path / "file").write_text("x")
@@ -267,6 +361,10 @@ def test_an_output_directory_that_cannot_be_written_is_refused_before_any_fit(tm
         run_grid([cell], tmp_path / "file", scheduler="sequential")
     with pytest.raises(ValueError, match="directory .*missing does not exist"):
         run_grid([cell], tmp_path / "missing" / "out", scheduler="sequential")
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "cells").write_text("x")
+    with pytest.raises(ValueError, match="out .*cells: is a regular file, not a directory"):
+        run_grid([cell], tmp_path / "out", scheduler="sequential")
 
 
 def test_without_dask_the_error_says_how_to_install_it(tmp_path, monkeypatch):
@@ -445,7 +543,8 @@ def _record(estimator, density, seed, accuracy, *, status="ok", granularity="wei
             "grid": [{"density": density, "estimator": estimator, "granularity": granularity}],
         }
     ).cells[0]
-    record = {"settings": cell.settings(), "status": status, "key": cell.key}
+    record = {"settings": cell.settings(), "status": status, "key": cell.key,
+              "version": __version__}  # fmt: skip
     if status == "ok":
         epochs = [{"phase": "sparse", "grad_variance": 10.0 / (e + 1)} for e in range(3)]
         record.update(
@@ -456,6 +555,30 @@ def _record(estimator, density, seed, accuracy, *, status="ok", granularity="wei
             epochs=[*epochs, {"phase": "finetune", "grad_variance": None}],
         )
     return record
+
+
+def test_records_that_differ_in_more_than_the_seed_are_never_one_group():
+    a = _record("vrpge", 0.1, 0, 0.70)
+    b = _record("vrpge", 0.1, 0, 0.30)
+    b["settings"]["params"].update(max_iter=35, finetune_iter=5)  # same total epochs
+    summaries = summarise([a, b])
+    assert [s["n_seeds"] for s in summaries] == [1, 1]
+    assert summaries[0]["setup"] == summaries[1]["setup"]  # one label ...
+    text = markdown(summaries)
+    assert text.count("## mlp, digits, weight masks") == 2  # ... but two panels, not one mean
+    assert "| vrpge | 70.00 ± 0.00 (1) |" in text and "| vrpge | 30.00 ± 0.00 (1) |" in text
+    assert "group " in text
+
+
+def test_a_dense_only_grid_reports_its_anchors():
+    summaries = summarise([_record("dense", 1.0, 0, 0.9),
+                           _record("dense", 1.0, 0, 0.8, granularity="neuron")])  # fmt: skip
+    text = markdown(summaries)
+    assert "| estimator |" not in text
+    assert "Dense anchor (every unit, weight network): 90.00" in text
+    assert "Dense anchor (every unit, neuron network): 80.00" in text
+    failed = markdown(summarise([_record("dense", 1.0, 0, 0.9, status="failed")]))
+    assert "all failed (1)." in failed
 
 
 def test_summaries_are_means_and_sample_deviations_over_seeds():
@@ -505,7 +628,7 @@ def test_the_report_writes_a_table_a_summary_and_two_plots(sequential, tmp_path)
     width, height = _png_size(tmp_path / "out" / "grad_variance.png")
     assert width > 600  # a panel per density
     assert set(paths) == {"markdown", "summary", "accuracy", "variance"}
-    with pytest.raises(ValueError, match="no cell records"):
+    with pytest.raises(ValueError, match="no cell records of cpusparse"):
         write_report(tmp_path)
 
 
@@ -541,7 +664,7 @@ def test_a_failed_cell_does_not_stop_the_sweep_and_exits_1(tmp_path, capsys):
     captured = capsys.readouterr()
     assert status == 1
     records = read_results(tmp_path / "out")
-    # The random-mask baseline keeps no unit either: 2 estimators' cells fail at 1e-6.
+    # No estimator keeps a unit at 1e-6: its 3 estimators x 2 seeds fail, the rest finish.
     assert sum(r["status"] == "ok" for r in records.values()) == 6
     assert (
         captured.err.strip()

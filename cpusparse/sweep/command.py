@@ -20,10 +20,11 @@ import sys
 import time
 from collections.abc import Sequence
 
-from .._io import OutputPathError, check_output_dir
+from .._io import OutputPathError, check_output_path
 from ..tools.cli import CommandError, UsageError, parse_args, run_command
 from .grid import ESTIMATORS, Grid, GridError, load_grid
-from .run import INSTALL_HINT, SweepError, read_results, run_grid
+from .report import report_paths, write_report
+from .run import INSTALL_HINT, SweepError, check_out, read_results, run_grid
 
 __all__ = ["main", "build_parser"]
 
@@ -116,6 +117,8 @@ def _main(argv: list[str]) -> int:
         raise UsageError("expected a grid file (or --report with --out DIR)")
     if args.workers is not None and (args.scheduler or args.scheduler_file or args.sequential):
         raise UsageError("--workers sizes the LocalCluster: not with --scheduler or --sequential")
+    if args.scheduler is not None and not args.scheduler.strip():
+        raise UsageError("--scheduler: expected an address such as tcp://HOST:8786, got ''")
     if args.scheduler_file is not None and not os.path.isfile(args.scheduler_file):
         raise UsageError(f"--scheduler-file {args.scheduler_file}: no such file")
     grid = None
@@ -125,15 +128,25 @@ def _main(argv: list[str]) -> int:
         except GridError as exc:
             raise UsageError(str(exc)) from None
     out = args.out or f"sweep-{grid.name if grid else 'results'}"
-    try:
-        check_output_dir(out, "--out")
+    try:  # every output path, before any work
+        check_out(out, "--out")
+        if os.path.isdir(out):
+            for path in report_paths(out, grid).values():
+                check_output_path(path, "--out")
     except OutputPathError as exc:
         raise UsageError(str(exc)) from None
+    problems: list[str] = []
+    found = read_results(out, problems=problems) if os.path.isdir(out) else {}
+    if problems:
+        print(
+            f"cpusparse sweep: skipped {len(problems)} files under {os.path.join(out, 'cells')} "
+            f"that are not cell records (their cells run again); first: {problems[0]}",
+            file=sys.stderr,
+        )
     if args.report:
         return _report(out, grid)
     if grid is None:  # (--report returned above)
         raise UsageError("expected a grid file")
-    found = read_results(out) if os.path.isdir(out) else {}
     finished = sum(1 for c in grid.cells if found.get(c.key, {}).get("status") == "ok")
     print(
         f"sweep {grid.name}: {len(grid.cells)} cells, {finished} finished in {out}, "
@@ -142,11 +155,15 @@ def _main(argv: list[str]) -> int:
     )
     if args.dry_run:
         return 0
-    scheduler = "sequential" if args.sequential else (args.scheduler or args.scheduler_file)
     t0 = time.perf_counter()
     try:
         records = run_grid(
-            grid, out, scheduler=scheduler, n_workers=args.workers, progress=not args.quiet
+            grid,
+            out,
+            scheduler="sequential" if args.sequential else args.scheduler,
+            scheduler_file=args.scheduler_file,
+            n_workers=args.workers,
+            progress=not args.quiet,
         )
     except SweepError as exc:
         raise CommandError(str(exc)) from None
@@ -175,8 +192,6 @@ def _main(argv: list[str]) -> int:
 
 
 def _report(out: str, grid: Grid | None) -> int:
-    from .report import write_report
-
     try:
         paths = write_report(out, grid=grid)
     except ValueError as exc:

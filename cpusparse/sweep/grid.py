@@ -38,6 +38,7 @@ import json
 import math
 import numbers
 import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -76,8 +77,8 @@ ESTIMATORS = {
     "reinforce": "the plain policy gradient (score_estimator='reinforce')",
     "straight-through": "the straight-through estimator (score_estimator='straight-through')",
     "random-mask": (
-        "a random fixed mask of floor(k) units, the weights trained for all epochs "
-        "(max_iter=0, fixed_mask='random')"
+        "a random fixed mask of floor(k) units, the weights trained on it for all epochs "
+        "as in fine-tuning (max_iter=0, fixed_mask='random')"
     ),
     "dense": "every unit kept (density 1.0), trained like random-mask: the dense anchor",
 }
@@ -111,6 +112,8 @@ _OWN_PARAMS = (
     "architecture",
 )
 _RUN_PARAMS = ("n_jobs", "verbose", "checkpoint", "resume")
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+_MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's RandomState seeds
 
 
 class GridError(ValueError):
@@ -143,7 +146,7 @@ class Cell:
     n_masks: int
     seed: int
     test_fraction: float
-    params: Mapping[str, Any] = dataclasses.field(hash=False, compare=False)
+    params: Mapping[str, Any] = dataclasses.field(hash=False)
 
     @property
     def classifier(self) -> str:
@@ -255,8 +258,12 @@ def parse_grid(
         raise where.error("", f"expected a table, got {type(data).__name__}")
     where.unknown(data, _TOP_KEYS, "")
     name = data.get("name", default_name)
-    if not isinstance(name, str) or not name:
-        raise where.error("name", f"expected a non-empty string, got {name!r}")
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise where.error(
+            "name",
+            "expected a name of letters, digits, '.', '_' and '-' that starts with a letter "
+            f"or digit (it names the report's files), got {name!r}",
+        )
     seeds = _seeds(data.get("seeds", 1), where, "seeds")
     test_fraction = data.get("test_fraction", 0.2)
     if not _number(test_fraction) or not 0 < test_fraction < 1:
@@ -310,6 +317,11 @@ def _values(
     values = list(value) if isinstance(value, list) else [value]
     if not values:
         raise where.error(f"{prefix}.{key}", "expected a value or a non-empty list, got []")
+    for v in values:
+        if v is not None and not isinstance(v, str | int | float):
+            raise where.error(
+                f"{prefix}.{key}", f"expected a string or a number, or a list of them, got {v!r}"
+            )
     return values
 
 
@@ -318,11 +330,17 @@ def _seeds(value: object, where: _Where, key: str) -> list[int]:
         if not 1 <= value <= 10_000:  # type: ignore[operator]
             raise where.error(key, f"expected a number of seeds in [1, 10000], got {value!r}")
         return list(range(int(value)))  # type: ignore[call-overload]
-    if isinstance(value, list) and value and all(_integer(v) and v >= 0 for v in value):
+    if (
+        isinstance(value, list)
+        and value
+        and all(_integer(v) and 0 <= v <= _MAX_SEED for v in value)
+    ):
         if len(set(value)) != len(value):
             raise where.error(key, f"expected distinct seeds, got {value!r}")
         return [int(v) for v in value]
-    raise where.error(key, f"expected a number of seeds or a list of ints >= 0, got {value!r}")
+    raise where.error(
+        key, f"expected a number of seeds or a list of ints in [0, 2**32 - 1], got {value!r}"
+    )
 
 
 def _table(value: object, where: _Where, key: str) -> dict[str, Any]:
@@ -419,20 +437,31 @@ def _expand(
 
 
 def _resolve_params(model: str, params: dict[str, Any], where: _Where, key: str) -> dict[str, Any]:
-    """The classifier's parameters with the grid's values (defaults filled in)."""
+    """The classifier's parameters with the grid's values (defaults filled in), checked."""
     classifier = _classifier_class(model)
     defaults = classifier().get_params(deep=False)
-    out = {}
-    for name, value in defaults.items():
-        if name in _RUN_PARAMS:
-            continue
-        out[name] = value
+    out = {name: value for name, value in defaults.items() if name not in _RUN_PARAMS}
     for name, value in params.items():
         if name not in defaults:
             raise where.error(f"{key}.{name}", f"is not a parameter of {classifier.__name__}")
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError):
+            raise where.error(
+                f"{key}.{name}",
+                f"expected a finite number, a string, a boolean or a list, got {value!r}",
+            ) from None
+        if isinstance(value, bool) and not isinstance(defaults[name], bool):
+            raise where.error(
+                f"{key}.{name}", f"expected a value like {defaults[name]!r}, got {value!r}"
+            )
         out[name] = value
     if model != "mlp":
         out["architecture"] = model
+    try:  # the classifier's own checks, before any derived value is computed from them
+        _make(model, out)._validate_params()
+    except (ValueError, TypeError) as exc:
+        raise where.error(key, str(exc)) from None
     return _json(out)
 
 
@@ -467,8 +496,9 @@ def _cell(
         density = 1.0
     p.update(density=density, granularity=granularity, n_masks=n_masks, random_state=seed)
     if estimator in _BASELINES:
-        # No sparse epochs: every epoch trains the weights on the fixed mask, with the
-        # same cosine schedule over as many epochs as the learned masks get.
+        # No sparse epochs: every epoch is a fine-tuning epoch on the fixed mask (the
+        # cosine schedule over all of them, or finetune_lr if set), as many epochs as
+        # the learned masks get in both phases.
         p.update(
             score_estimator="vrpge",
             n_masks=2,
@@ -501,7 +531,11 @@ def _classifier_class(model: str) -> type:
 
 def classifier_for(cell: Cell, **run: Any) -> Any:
     """A new, unfitted classifier of ``cell``'s parameters (``run``: n_jobs, verbose)."""
-    params = dict(cell.params)
+    return _make(cell.model, {**cell.params, **run})
+
+
+def _make(model: str, params: Mapping[str, Any]) -> Any:
+    params = dict(params)
     for name in (
         "hidden_layer_sizes",
         "widths",
@@ -511,7 +545,7 @@ def classifier_for(cell: Cell, **run: Any) -> Any:
     ):
         if isinstance(params.get(name), list):
             params[name] = tuple(params[name])
-    return _classifier_class(cell.model)(**params, **run)
+    return _classifier_class(model)(**params)
 
 
 def _check_cell(cell: Cell, where: _Where, prefix: str) -> None:

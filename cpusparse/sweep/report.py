@@ -28,10 +28,18 @@ from typing import Any
 import numpy as np
 
 from .._io import atomic_write, check_output_dir
+from .._version import __version__
 from .grid import ESTIMATORS, Grid
 from .run import read_results
 
-__all__ = ["summarise", "markdown", "write_report", "plot_accuracy", "plot_variance"]
+__all__ = [
+    "summarise",
+    "markdown",
+    "write_report",
+    "report_paths",
+    "plot_accuracy",
+    "plot_variance",
+]
 
 _AXES = ("model", "dataset", "granularity", "estimator", "density", "n_masks")
 _ORDER = {name: i for i, name in enumerate(ESTIMATORS)}
@@ -69,6 +77,15 @@ def _setup(record: dict[str, Any]) -> str:
     return f"{name} {'-'.join(map(str, sizes))}, {total} epochs, settings {digest}"
 
 
+def _group(record: dict[str, Any]) -> str:
+    """Digest of everything but the seed: records of one group differ in the seed only."""
+    settings = dict(record["settings"])
+    settings["params"] = {k: v for k, v in settings["params"].items() if k != "random_state"}
+    settings.pop("seed")
+    text = json.dumps({"settings": settings, "version": record["version"]}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
 def summarise(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     """One summary per group of records that differ only in the seed.
 
@@ -81,15 +98,16 @@ def summarise(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     -------
     summaries : list of dict
         The axes (without the seed), ``setup`` (the epochs and a digest of the other
-        parameters), ``n_seeds``, ``seeds``, ``accuracy_mean`` and ``accuracy_std``
-        (%, ``ddof=1``; 0 for one seed), ``density_mean``, ``macs_mean``,
-        ``fit_seconds_median``, ``n_failed``; sorted by model, data set,
-        granularity, estimator and decreasing density.
+        parameters), ``group`` (a digest of every setting but the seed, and the
+        version: records of one summary differ in their seed only), ``n_seeds``,
+        ``seeds``, ``accuracy_mean`` and ``accuracy_std`` (%, ``ddof=1``; 0 for one
+        seed), ``density_mean``, ``macs_mean``, ``fit_seconds_median``, ``n_failed``;
+        sorted by model, data set, granularity, estimator and decreasing density.
     """
     groups: dict[tuple[Any, ...], dict[str, Any]] = {}
     for record in records:
         s = record["settings"]
-        key = (*(s[a] for a in _AXES), _setup(record))
+        key = (*(s[a] for a in _AXES), _setup(record), _group(record))
         group = groups.setdefault(key, {"ok": [], "failed": 0, "params": s["params"]})
         if record.get("status") == "ok":
             group["ok"].append(record)
@@ -99,9 +117,10 @@ def summarise(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     for key, group in groups.items():
         ok = sorted(group["ok"], key=lambda r: r["settings"]["seed"])
         acc = np.array([100 * r["test_accuracy"] for r in ok])
-        summary = dict(zip(_AXES, key[:-1], strict=True))
+        summary = dict(zip(_AXES, key[:-2], strict=True))
         summary.update(
-            setup=key[-1],
+            setup=key[-2],
+            group=key[-1],
             epochs=int(group["params"]["max_iter"]) + int(group["params"]["finetune_iter"]),
             n_seeds=len(ok),
             seeds=[r["settings"]["seed"] for r in ok],
@@ -130,32 +149,38 @@ def summarise(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
 def _panels(summaries: Sequence[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
     """Summaries by (model, dataset, granularity, setup), each with its dense anchor.
 
-    The anchor of a panel is the dense fit of the same granularity's layers, else one
-    of the same model, data set and setup.
+    Two groups that would share a table cell (same estimator, density and K, but other
+    settings) go to separate panels. The anchor of a panel is the dense fit of the same
+    granularity's layers, else one of the same model, data set and setup; a dense fit
+    without sparse panels has a panel of its own.
     """
     panels: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    slots: dict[tuple[Any, ...], str] = {}
     for s in summaries:
+        key = (s["model"], s["dataset"], s["granularity"], s["setup"])
+        slot = (*key, s["estimator"], s["density"], s["n_masks"])
+        if slots.setdefault(slot, s["group"]) != s["group"]:
+            key = (*key[:3], f"{key[3]}, group {s['group'][:6]}")
         if s["estimator"] != "dense":
-            panels.setdefault((s["model"], s["dataset"], s["granularity"], s["setup"]), []).append(
-                s
-            )
+            panels.setdefault(key, []).append(s)
+    sparse = dict(panels)
     for s in summaries:
         if s["estimator"] != "dense":
             continue
         own = (s["model"], s["dataset"], s["granularity"], s["setup"])
-        if own in panels:  # the dense network of the same layers
+        if own in sparse:  # the dense network of the same layers
             panels[own].append(s)
             continue
-        same = [k for k in panels if (k[0], k[1], k[3]) == (own[0], own[1], own[3])]
-        for k in same or [own]:
-            if not any(d["estimator"] == "dense" for d in panels.get(k, [])):
-                panels.setdefault(k, []).append(s)
+        same = [k for k in sparse if (k[0], k[1], k[3]) == (own[0], own[1], own[3])]
+        targets = [k for k in same if not any(d["estimator"] == "dense" for d in panels[k])]
+        for k in targets if same else [own]:
+            panels.setdefault(k, []).append(s)
     return panels
 
 
 def _cell_text(s: dict[str, Any]) -> str:
     if not s["n_seeds"]:
-        return f"failed ({s['n_failed']})"
+        return f"all failed ({s['n_failed']})"
     text = f"{s['accuracy_mean']:.2f} ± {s['accuracy_std']:.2f} ({s['n_seeds']})"
     return text + (f", {s['n_failed']} failed" if s["n_failed"] else "")
 
@@ -219,17 +244,17 @@ def markdown(summaries: Sequence[dict[str, Any]], *, title: str = "Sweep results
         densities = sorted({s["density"] for s in rest}, reverse=True)
         ks = sorted({s["n_masks"] for s in rest})
         lines += [f"## {model}, {dataset}, {granularity} masks ({setup})", ""]
-        lines += _table(rest, densities, ks, _cell_text)
         if rest:
+            lines += _table(rest, densities, ks, _cell_text)
             lines += ["", "Forward multiply-adds per sample with the fixed mask (mean):", ""]
             lines += _table(rest, densities, ks, lambda s: _macs(s["macs_mean"]))
             lines += ["", "Median fit time (s, one thread; indicative: fits shared the cores):", ""]
             lines += _table(rest, densities, ks, _seconds)
         lines.append("")
         for s in dense:
+            cost = f", {_macs(s['macs_mean'])} multiply-adds per sample" if s["n_seeds"] else ""
             lines.append(
-                f"Dense anchor (every unit, {s['granularity']} network): {_cell_text(s)}, "
-                f"{_macs(s['macs_mean'])} multiply-adds per sample."
+                f"Dense anchor (every unit, {s['granularity']} network): {_cell_text(s)}{cost}."
             )
             lines.append("")
     return "\n".join(lines).rstrip() + "\n"
@@ -283,7 +308,8 @@ def plot_accuracy(summaries: Sequence[dict[str, Any]]) -> Any:
         ax.set_xlabel("density (kept fraction of prunable units, log scale)")
         ax.set_ylabel("test accuracy (%)")
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8, loc="lower right")
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=8, loc="lower right")
     for ax in list(axes.flat)[len(panels) :]:
         ax.set_visible(False)
     fig.suptitle("Test accuracy against density (mean ± std over seeds)")
@@ -340,7 +366,8 @@ def plot_variance(records: Iterable[dict[str, Any]]) -> Any:
             ax.set_xlabel("epoch (sparse phase)")
             ax.set_ylabel("score-gradient variance\n(mean over units)")
             ax.grid(True, which="both", alpha=0.3)
-            ax.legend(fontsize=7)
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=7)
     if not groups:
         axes[0, 0].set_visible(False)
     fig.suptitle("Score-gradient variance per epoch (median over seeds)")
@@ -382,36 +409,48 @@ def write_report(
     """
     out = check_output_dir(os.fspath(out), "out")
     found = read_results(out)
-    if grid is None:
-        records = list(found.values())
-        stem, name = "", os.path.basename(os.path.abspath(out))
-        paths = {
-            "markdown": "report.md",
-            "summary": "summary.json",
-            "accuracy": "accuracy_vs_density.png",
-            "variance": "grad_variance.png",
-        }
+    paths = report_paths(out, grid)
+    if grid is None:  # every record of this version
+        records = [r for r in found.values() if r["version"] == __version__]
+        other = len(found) - len(records)
+        name = os.path.basename(os.path.abspath(out))
     else:
         records = [found[c.key] for c in grid.cells if c.key in found]
-        stem, name = grid.name, grid.name
-        paths = {
-            "markdown": f"{stem}.md",
-            "summary": f"{stem}-summary.json",
-            "accuracy": f"{stem}-accuracy_vs_density.png",
-            "variance": f"{stem}-grad_variance.png",
-        }
+        other, name = 0, grid.name
     if not records:
-        what = f"of grid {grid.name} " if grid is not None else ""
+        what = f"of grid {grid.name} " if grid is not None else f"of cpusparse {__version__} "
         raise ValueError(f"out {out}: no cell records {what}under {os.path.join(out, 'cells')}")
-    paths = {k: os.path.join(out, v) for k, v in paths.items()}
     summaries = summarise(records)
     text = markdown(summaries, title=title or f"Sweep results: {name}")
+    if other:
+        text += (
+            f"\n{other} records of other cpusparse versions under {out} are left out "
+            f"(this report: {__version__}).\n"
+        )
+    sources = sorted({str(r.get("sources")) for r in records})
+    if len(sources) > 1:
+        text += (
+            f"\nThe records come from {len(sources)} different source trees "
+            f"({', '.join(sources)}; 'None': not recorded): the same version, other code.\n"
+        )
     atomic_write(paths["markdown"], lambda f: f.write(text.encode()))
     blob = json.dumps({"summaries": summaries}, indent=1, sort_keys=True) + "\n"
     atomic_write(paths["summary"], lambda f: f.write(blob.encode()))
     for key, fig in (("accuracy", plot_accuracy(summaries)), ("variance", plot_variance(records))):
         _save(fig, paths[key])
     return paths
+
+
+def report_paths(out: str, grid: Grid | None = None) -> dict[str, str]:
+    """The files :func:`write_report` writes under ``out`` (for ``grid``, or for all)."""
+    if grid is None:
+        names = ("report.md", "summary.json", "accuracy_vs_density.png", "grad_variance.png")
+    else:
+        stem = grid.name
+        names = (f"{stem}.md", f"{stem}-summary.json", f"{stem}-accuracy_vs_density.png",
+                 f"{stem}-grad_variance.png")  # fmt: skip
+    keys = ("markdown", "summary", "accuracy", "variance")
+    return {k: os.path.join(out, v) for k, v in zip(keys, names, strict=True)}
 
 
 def _save(fig: Any, path: str) -> None:

@@ -13,10 +13,12 @@ from __future__ import annotations
 
 import functools
 import glob
+import hashlib
 import json
 import math
 import os
 import socket
+import stat
 import sys
 import time
 import traceback
@@ -35,8 +37,9 @@ __all__ = ["SCHEMA", "TIMING_FIELDS", "run_cell", "run_grid", "read_results", "S
 SCHEMA = 1
 """The version of a cell record's layout."""
 
-TIMING_FIELDS = ("fit_seconds", "seconds", "worker", "finished_at")
-"""Fields of a record (and of its epochs) that differ between runs of the same cell."""
+TIMING_FIELDS = ("fit_seconds", "seconds", "worker", "finished_at", "sources")
+"""Fields of a record (and of its epochs) that differ between runs of the same cell
+(``sources``: between checkouts)."""
 
 INSTALL_HINT = "pip install 'cpusparse[distributed]'"
 
@@ -59,6 +62,22 @@ def _dataset(name: str) -> tuple[np.ndarray, np.ndarray, int | None]:
         return np.concatenate([train.X, test.X]), np.concatenate([train.y, test.y]), len(train.y)
     ds = load_dataset(name)
     return ds.X, ds.y, None
+
+
+@functools.cache
+def source_digest() -> str:
+    """SHA-256 (16 hex digits) of this process's cpusparse sources, read once.
+
+    Recorded in every record (not in its key): records made by different code under
+    one version can be told apart.
+    """
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    h = hashlib.sha256()
+    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
+        h.update(os.path.relpath(path, root).encode())
+        with open(path, "rb") as f:
+            h.update(f.read())
+    return h.hexdigest()[:16]
 
 
 def load_count() -> int:
@@ -94,6 +113,8 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         (``phase``, ``loss``, ``grad_variance``, ``expected_density``, ``seconds``).
         A failed fit has ``error`` (one line) and ``traceback``.
     """
+    from threadpoolctl import threadpool_limits
+
     from ..models import count_macs
 
     record: dict[str, Any] = {
@@ -102,6 +123,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         "name": cell.name,
         "settings": cell.settings(),
         "version": __version__,
+        "sources": source_digest(),
         "worker": {"host": socket.gethostname(), "pid": os.getpid()},
     }
     t0 = time.perf_counter()
@@ -109,7 +131,7 @@ def run_cell(cell: Cell) -> dict[str, Any]:
         X_train, X_test, y_train, y_test = _split(cell)
         record["worker"]["datasets_loaded"] = load_count()
         clf = classifier_for(cell, n_jobs=1, verbose=False)
-        with warnings.catch_warnings():
+        with warnings.catch_warnings(), threadpool_limits(1):
             warnings.simplefilter("ignore")
             clf.fit(X_train, y_train)
         fit_seconds = time.perf_counter() - t0
@@ -166,13 +188,48 @@ def cells_dir(out: str) -> str:
     return os.path.join(out, "cells")
 
 
-def read_results(out: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
-    """The records under ``out/cells``, by key (files that are not records are skipped).
+def check_out(out: str | os.PathLike[str], what: str = "out") -> str:
+    """Check that records can be written under ``out`` (and ``out/cells``); return ``out``.
+
+    Raises
+    ------
+    cpusparse._io.OutputPathError
+        Naming ``what``: ``out`` or ``out/cells`` exists and is not a writable directory
+        (a file, a device, a dangling symlink), or cannot be created.
+    """
+    out = check_output_dir(os.fspath(out), what)
+    if os.path.lexists(cells_dir(out)) or os.path.isdir(out):
+        check_output_dir(cells_dir(out), what)
+    return out
+
+
+_OK_FIELDS = ("test_accuracy", "density", "n_active", "macs", "epochs", "fit_seconds")
+
+
+def record_key(record: dict[str, Any]) -> str:
+    """The key of a record, from its settings and version (as :attr:`Cell.key`)."""
+    text = json.dumps(
+        {"settings": record["settings"], "version": record["version"]}, sort_keys=True
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def read_results(
+    out: str | os.PathLike[str], *, problems: list[str] | None = None
+) -> dict[str, dict[str, Any]]:
+    """The records under ``out/cells``, by key; files that are not records are skipped.
+
+    A record counts if it is a regular file holding a JSON object of this
+    :data:`SCHEMA` whose key is that of its settings and version and, when finished,
+    with every field of a finished record. Anything else is skipped (and so run
+    again by a sweep of its cell).
 
     Parameters
     ----------
     out : str or os.PathLike
         The sweep's ``--out`` directory.
+    problems : list, optional
+        Gets one line per skipped file.
 
     Returns
     -------
@@ -181,18 +238,42 @@ def read_results(out: str | os.PathLike[str]) -> dict[str, dict[str, Any]]:
     """
     found: dict[str, dict[str, Any]] = {}
     for path in sorted(glob.glob(os.path.join(cells_dir(os.fspath(out)), "*.json"))):
+        reason = None
         try:
+            if not stat.S_ISREG(os.stat(path).st_mode):
+                raise ValueError("not a regular file")
             with open(path, encoding="utf-8") as f:
                 record = json.load(f)
-        except (OSError, ValueError) as exc:
-            warnings.warn(f"skipping {path}: not a readable cell record ({exc})", stacklevel=2)
+            if not isinstance(record, dict) or record.get("schema") != SCHEMA:
+                raise ValueError(f"not a cell record of schema {SCHEMA}")
+            if record.get("key") != record_key(record):
+                raise ValueError("its key is not that of its settings and version")
+            missing = [k for k in _OK_FIELDS if k not in record]
+            if record.get("status") == "ok" and missing:
+                raise ValueError(f"a finished record without {', '.join(missing)}")
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            reason = f"{type(exc).__name__}: {exc}" if isinstance(exc, KeyError) else str(exc)
+        if reason is not None:
+            if problems is not None:
+                problems.append(f"{path}: {reason}")
             continue
-        if isinstance(record, dict) and record.get("schema") == SCHEMA and "key" in record:
-            found[record["key"]] = record
+        found[record["key"]] = record
     return found
 
 
+def _finite(value: Any) -> Any:
+    """``value`` with every non-finite float as None (JSON has no NaN)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
 def _write(out: str, record: dict[str, Any]) -> str:
+    record = _finite(record)
     path = os.path.join(cells_dir(out), record["name"] + ".json")
     text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
@@ -207,6 +288,7 @@ def run_grid(
     out: str | os.PathLike[str],
     *,
     scheduler: str | None = None,
+    scheduler_file: str | os.PathLike[str] | None = None,
     n_workers: int | None = None,
     progress: bool = True,
     on_record: Callable[[dict[str, Any]], None] | None = None,
@@ -219,10 +301,13 @@ def run_grid(
     out : str or os.PathLike
         Directory of the records (created if missing; its parent must exist).
     scheduler : str, optional
-        None: a Dask ``LocalCluster`` of ``n_workers`` processes with one thread each.
-        ``"tcp://HOST:PORT"``: an existing Dask scheduler; a path to a file: its
-        scheduler file (``dask scheduler --scheduler-file``). ``"sequential"``: this
-        process, one cell after another, without Dask.
+        None: a Dask ``LocalCluster`` of ``n_workers`` processes with one thread each
+        (unless ``scheduler_file`` is given). ``"tcp://HOST:PORT"``: an existing Dask
+        scheduler. ``"sequential"``: this process, one cell after another, without
+        Dask.
+    scheduler_file : str or os.PathLike, optional
+        The scheduler file of an existing Dask scheduler (``dask scheduler
+        --scheduler-file``), instead of ``scheduler``.
     n_workers : int, optional
         Workers of the local cluster; the number of cores by default.
     progress : bool, default=True
@@ -245,15 +330,23 @@ def run_grid(
         If ``out`` cannot be written (checked before any fit).
     """
     cells = list(grid.cells if isinstance(grid, Grid) else grid)
-    out = check_output_dir(os.fspath(out), "out")
+    out = check_out(out)
     os.makedirs(cells_dir(out), exist_ok=True)
-    check_output_dir(cells_dir(out), "out")
     done = {k: r for k, r in read_results(out).items() if r.get("status") == "ok"}
     todo = [c for c in cells if c.key not in done]
     new: dict[str, dict[str, Any]] = {}
     bar = _bar(len(cells), len(cells) - len(todo), progress)
 
     def finish(cell: Cell, record: dict[str, Any]) -> None:
+        if record.get("version") != __version__:  # a worker of another version
+            record = _failed(
+                cell,
+                SweepError(
+                    f"the worker ran cpusparse {record.get('version')}, this client {__version__}"
+                ),
+            )
+        # The cell's identity is the client's, whatever the worker computed.
+        record.update(key=cell.key, name=cell.name, settings=cell.settings())
         _write(out, record)
         new[cell.key] = record
         bar.update(1)
@@ -267,7 +360,7 @@ def run_grid(
             for cell in todo:
                 finish(cell, run_cell(cell))
         elif todo:
-            with _client(scheduler, n_workers) as client:
+            with _client(scheduler, n_workers, scheduler_file) as client:
                 _run_on(client, todo, finish)
     finally:
         bar.close()
@@ -303,8 +396,19 @@ def _import_distributed() -> Any:
 class _client:
     """A Dask client: of a new LocalCluster, or of the scheduler given."""
 
-    def __init__(self, scheduler: str | None, n_workers: int | None) -> None:
-        self.scheduler, self.n_workers = scheduler, n_workers
+    def __init__(
+        self,
+        scheduler: str | None,
+        n_workers: int | None,
+        scheduler_file: str | os.PathLike[str] | None = None,
+    ) -> None:
+        if scheduler is not None and scheduler_file is not None:
+            raise ValueError("expected a scheduler or a scheduler file, got both")
+        if scheduler is not None and not scheduler.strip():
+            raise ValueError("scheduler must be an address such as tcp://HOST:8786, got ''")
+        self.scheduler = scheduler if scheduler_file is None else os.fspath(scheduler_file)
+        self.from_file = scheduler_file is not None
+        self.n_workers = n_workers
         self.cluster: Any = None
         self.client: Any = None
 
@@ -327,14 +431,14 @@ class _client:
                 n_workers=n,
                 threads_per_worker=1,
                 processes=True,
-                dashboard_address=None,
+                dashboard_address=":0",  # any free port: never a clash
                 silence_logs=logging.ERROR,
                 env=one_thread,
             )
             self.client = distributed.Client(self.cluster)
         else:
             try:
-                if os.path.isfile(self.scheduler):
+                if self.from_file:
                     self.client = distributed.Client(scheduler_file=self.scheduler, timeout="5s")
                 else:
                     self.client = distributed.Client(self.scheduler, timeout="5s")
@@ -390,17 +494,22 @@ def _run_on(
         try:
             record = future.result()
         except Exception as exc:  # the worker died (KilledWorker) or the task was lost
-            record = {
-                "schema": SCHEMA,
-                "key": cell.key,
-                "name": cell.name,
-                "settings": cell.settings(),
-                "version": __version__,
-                "status": "failed",
-                "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}",
-                "traceback": "".join(traceback.format_exception(exc)),
-                "worker": None,
-                "fit_seconds": None,
-                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-            }
+            record = _failed(cell, exc)
         done(cell, record)
+
+
+def _failed(cell: Cell, exc: BaseException) -> dict[str, Any]:
+    """The record of a cell that produced no result of its own."""
+    return {
+        "schema": SCHEMA,
+        "key": cell.key,
+        "name": cell.name,
+        "settings": cell.settings(),
+        "version": __version__,
+        "status": "failed",
+        "error": f"{type(exc).__name__}: {' '.join(str(exc).split())}",
+        "traceback": "".join(traceback.format_exception(exc)),
+        "worker": None,
+        "fit_seconds": None,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }

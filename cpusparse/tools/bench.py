@@ -172,7 +172,8 @@ def count_macs(
     :math:`a B`. Active weights follow the engine: an entry is active when its
     own bit (weight granularity) or its row's bit (neuron granularity) is set and
     its column was not dropped by the previous neuron-granularity layer. Dense
-    :class:`~cpusparse.engine.layers.Linear` layers count every weight.
+    :class:`~cpusparse.engine.layers.Linear` layers count the weights of their live
+    inputs (every weight after a weight-granularity layer).
     Element-wise work (bias, ReLU, loss, optimizer) is not counted.
 
     Examples
