@@ -44,6 +44,7 @@ __all__ = [
 _AXES = ("model", "dataset", "granularity", "estimator", "density", "n_masks")
 _ORDER = {name: i for i, name in enumerate(ESTIMATORS)}
 _NO_K = ("random-mask", "dense")  # no sampled masks: K does not apply
+_GRANULARITY_ORDER = {"weight": 0, "neuron": 1, "channel": 2}
 # One style per estimator, the same in every figure.
 _STYLE = {
     "vrpge": {"color": "C0", "marker": "o"},
@@ -136,7 +137,7 @@ def summarise(records: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
         key=lambda s: (
             s["model"],
             s["dataset"],
-            s["granularity"],
+            _GRANULARITY_ORDER.get(s["granularity"], 9),
             s["setup"],
             _ORDER[s["estimator"]],
             -s["density"],
@@ -237,6 +238,11 @@ def markdown(summaries: Sequence[dict[str, Any]], *, title: str = "Sweep results
         "number of seeds in parentheses. Density: the kept fraction of the prunable "
         "units. Estimators: " + "; ".join(f"`{k}`: {v}" for k, v in ESTIMATORS.items()) + ".",
         "",
+        "The score-gradient variances (the plot) compare like with like within one "
+        "scaling only: `vrpge` and `reinforce` estimate the same gradient, `vrpge-sqrt`'s "
+        "is scaled by sqrt(s(1-s)) (which shrinks as the scores polarise) and "
+        "`straight-through`'s is another quantity.",
+        "",
     ]
     for (model, dataset, granularity, setup), group in _panels(summaries).items():
         dense = [s for s in group if s["estimator"] == "dense"]
@@ -321,7 +327,9 @@ def plot_variance(records: Iterable[dict[str, Any]]) -> Any:
     """Score-gradient variance per epoch of the sparse phase, by estimator.
 
     One row of panels per model, data set and granularity, one panel per density;
-    each line is the median over the seeds.
+    each line is the median over the seeds. Only estimators of one scaling compare:
+    ``vrpge`` and ``reinforce`` estimate the same gradient; ``vrpge-sqrt``'s estimate
+    is scaled by ``sqrt(s(1-s))`` and ``straight-through``'s is another quantity.
 
     Returns
     -------

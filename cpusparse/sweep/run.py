@@ -272,12 +272,13 @@ def _finite(value: Any) -> Any:
     return value
 
 
-def _write(out: str, record: dict[str, Any]) -> str:
+def _write(out: str, record: dict[str, Any]) -> dict[str, Any]:
+    """Write ``record`` atomically under ``out/cells``; return it as written."""
     record = _finite(record)
     path = os.path.join(cells_dir(out), record["name"] + ".json")
     text = json.dumps(record, sort_keys=True, separators=(",", ":"), allow_nan=False) + "\n"
     atomic_write(path, lambda f: f.write(text.encode()))
-    return path
+    return record
 
 
 # ------------------------------------------------------------------------ a grid
@@ -333,7 +334,7 @@ def run_grid(
     out = check_out(out)
     os.makedirs(cells_dir(out), exist_ok=True)
     done = {k: r for k, r in read_results(out).items() if r.get("status") == "ok"}
-    todo = [c for c in cells if c.key not in done]
+    todo = list({c.key: c for c in cells if c.key not in done}.values())  # each cell once
     new: dict[str, dict[str, Any]] = {}
     bar = _bar(len(cells), len(cells) - len(todo), progress)
 
@@ -347,7 +348,7 @@ def run_grid(
             )
         # The cell's identity is the client's, whatever the worker computed.
         record.update(key=cell.key, name=cell.name, settings=cell.settings())
-        _write(out, record)
+        record = _write(out, record)
         new[cell.key] = record
         bar.update(1)
         if record["status"] != "ok":
