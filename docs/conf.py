@@ -18,6 +18,7 @@ import importlib
 import inspect
 import json
 import pkgutil
+import re
 import sys
 from pathlib import Path
 
@@ -114,7 +115,11 @@ def _read_linked_notebook(app, docname, source):
         return
     target = _link_target(path, source[0])
     app.env.note_dependency(str(target))
-    source[0] = target.read_text(encoding="utf-8")
+    # The notebooks link to each other and to their index as files next to them
+    # (``03_x.ipynb``, ``README.rst``); here those are the pages of their links.
+    text = target.read_text(encoding="utf-8")
+    text = re.sub(r"\]\((\d\d_[A-Za-z0-9_]+)\.ipynb\)", r"](\1.nblink)", text)
+    source[0] = text.replace("](README.rst)", "](index.rst)")
 
 
 def _check_notebook_links(app):
