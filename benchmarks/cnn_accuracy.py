@@ -74,6 +74,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from cpusparse.models import count_macs  # noqa: E402
+from cpusparse.sweep.run import source_digest  # noqa: E402
 
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "cnn")
 DEFAULT_OUT = os.path.join(RESULTS, "accuracy")
@@ -383,26 +384,6 @@ def _jsonable(value):
 
 
 # --------------------------------------------------------------------- the cells
-
-
-@functools.cache
-def source_digest():
-    """SHA-256 (first 16 hex digits) of the cpusparse sources, read once per process.
-
-    Recorded in every cell, so that cells run on different versions of the library
-    (the table may be built over several sessions) can be told apart.
-    """
-    import hashlib
-
-    import cpusparse
-
-    root = os.path.dirname(os.path.abspath(cpusparse.__file__))
-    h = hashlib.sha256()
-    for path in sorted(glob.glob(os.path.join(root, "**", "*.py"), recursive=True)):
-        h.update(os.path.relpath(path, root).encode())
-        with open(path, "rb") as f:
-            h.update(f.read())
-    return h.hexdigest()[:16]
 
 
 def cell_path(out, row, seed, epochs, finetune_epochs):
