@@ -656,6 +656,12 @@ def test_overwrite_starts_again_and_keeps_the_file_mode(tmp_path, shared):
 LONG = ["train", "--epochs", "100000", "--finetune-epochs", "0", "--hidden", "16"]
 
 
+def _default_sigint():
+    # A suite started in the background (nohup, `cmd &`) inherits an ignored SIGINT,
+    # and Python then installs no KeyboardInterrupt handler: restore the default.
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_says_where_the_checkpoint_is(tmp_path):
     path = tmp_path / "run.npz"
     proc = subprocess.Popen(
@@ -665,6 +671,7 @@ def test_ctrl_c_says_where_the_checkpoint_is(tmp_path):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=_default_sigint,
     )
     try:
         deadline = time.monotonic() + 120
@@ -691,6 +698,7 @@ def test_ctrl_c_without_checkpoint_says_how_to_get_one(tmp_path):
         env=ENV,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        preexec_fn=_default_sigint,
     )
     watchdog = threading.Timer(120, proc.kill)
     watchdog.start()
