@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 
 from .._io import OutputPathError, check_output_path
+from ..tools._options import int_at_least
 from ..tools.cli import CommandError, UsageError, parse_args, run_command
 from .grid import ESTIMATORS, Grid, GridError, load_grid
 from .report import report_paths, write_report
@@ -74,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--workers",
-        type=_positive,
+        type=int_at_least(1),
         metavar="N",
         help="workers of the LocalCluster, one thread each (default: the number of cores)",
     )
@@ -88,16 +89,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {value}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:
